@@ -1,0 +1,464 @@
+"""Data for the Siamese melanoma study.
+
+Reads the split layout that to_subdirectories.py writes,
+
+    DATA/{train_data,validation_data,test_data}/{0,1}/*.jpg     (0 benign, 1 malignant)
+
+checks the image files once, decodes them with torchvision (libjpeg-turbo) or reads them from a
+uint8 cache, applies the study's transforms, and serves them either as the design's pairs (two
+images and a same-class target) or as single images in batches from which pairs are drawn
+(embed-once training and the metric-learning losses).
+
+    python dataset.py --synthetic data/demo      # writes the synthetic demo data set
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+SPLITS = {"train": "train_data", "validation": "validation_data", "test": "test_data"}
+CLASSES = ("0", "1")  # folder names: 0 benign, 1 malignant
+CLASS_NAMES = ("benign", "malignant")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_PIXELS = 64_000_000  # larger files are excluded: decoding them would stall a worker for seconds
+EXPECTED_TREE = """expected layout:
+  DATA/train_data/0/*.jpg        benign
+  DATA/train_data/1/*.jpg        malignant
+  DATA/validation_data/{0,1}/*.jpg
+  DATA/test_data/{0,1}/*.jpg
+make it from the ISIC download with:
+  python to_subdirectories.py --csv train-metadata.csv --images train-image/image --out DATA"""
+
+
+class DataError(Exception):
+    """A problem with the user's data; the message names the file or folder and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and checking the images
+
+
+def list_split(data_dir, split):
+    """All files of one split as (paths, labels), sorted so the order never depends on the disk."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: no such folder\n{EXPECTED_TREE}")
+    paths, labels = [], []
+    for label, name in enumerate(CLASSES):
+        folder = data_dir / SPLITS[split] / name
+        if not folder.is_dir():
+            raise DataError(f"{folder}: missing folder\n{EXPECTED_TREE}")
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        paths += files
+        labels += [label] * len(files)
+    return paths, labels
+
+
+def check_image(path):
+    """Why the file cannot be used, or None. Header-level: fast enough for 33k files at start-up."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            width, height = image.size
+            image_format = image.format
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, Image.DecompressionBombError) as error:
+        return f"unreadable ({error.__class__.__name__}: {error})"
+    if width * height > MAX_PIXELS:
+        return f"too large ({width}x{height}); resize it below {MAX_PIXELS:,} pixels"
+    if image_format == "JPEG":
+        # A truncated download lacks the end-of-image marker; decoding it would fail mid-epoch.
+        with open(path, "rb") as file:
+            file.seek(max(0, path.stat().st_size - 64))
+            if b"\xff\xd9" not in file.read():
+                return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
+def check_images(paths, workers=8):
+    """[(path, reason)] for the files that cannot be used, checked in parallel threads."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(check_image, paths))
+    return [(path, reason) for path, reason in zip(paths, reasons) if reason]
+
+
+def read_rgb(path):
+    """A uint8 RGB tensor (3, H, W) from any image file: JPEG, PNG, grayscale, CMYK, RGBA."""
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        pass  # torchvision does not decode every variant (CMYK JPEG, some PNG); PIL does
+    try:
+        with Image.open(path) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path}: cannot decode the image ({error}); delete or replace the file") from None
+
+
+class ImageSplit:
+    """The usable images of one split: paths, labels, and a reader (the JPEG or the uint8 cache)."""
+
+    def __init__(self, name, paths, labels, excluded):
+        self.name, self.paths, self.labels, self.excluded = name, paths, np.asarray(labels), excluded
+        self.cache = None  # a (N, 3, S, S) uint8 memmap once use_cache() ran
+
+    def __len__(self):
+        return len(self.paths)
+
+    def counts(self):
+        return [int((self.labels == c).sum()) for c in range(len(CLASSES))]
+
+    def read(self, index):
+        if self.cache is not None:
+            return torch.from_numpy(np.array(self.cache[index]))
+        return read_rgb(self.paths[index])
+
+
+def load_split(data_dir, split, benign_limit=0, seed=0, workers=8):
+    """One split: list it, exclude broken files, cap the benign images (the study's dataset_size)."""
+    paths, labels = list_split(data_dir, split)
+    excluded = check_images(paths, workers)
+    bad = {path for path, _ in excluded}
+    labels = [label for path, label in zip(paths, labels) if path not in bad]
+    paths = [path for path in paths if path not in bad]
+    labels = np.asarray(labels, dtype=np.int64)
+    if benign_limit and (labels == 0).sum() > benign_limit:
+        # A seeded random subset, the same in every run with this seed.
+        rng = np.random.default_rng(seed)
+        benign = np.flatnonzero(labels == 0)
+        keep = np.sort(np.concatenate([rng.choice(benign, benign_limit, replace=False),
+                                       np.flatnonzero(labels == 1)]))
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    folder = Path(data_dir) / SPLITS[split]
+    for label, name in enumerate(CLASSES):
+        if not (labels == label).any():
+            raise DataError(f"{folder / name}: no usable {CLASS_NAMES[label]} images; every split "
+                            f"needs both classes (re-run to_subdirectories.py or add images)")
+    return ImageSplit(split, paths, labels, excluded)
+
+
+def write_excluded(splits, path):
+    """The excluded files and why, one per line; returns how many."""
+    rows = [f"{file}\t{reason}" for split in splits for file, reason in split.excluded]
+    if rows:
+        Path(path).write_text("\n".join(rows) + "\n")
+    return len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The uint8 cache: images decoded and resized once, memory-mapped by every later epoch and run
+
+
+def cache_size(image_size):
+    """Images are cached a little above the training size so the random crop still has room."""
+    return int(math.ceil(image_size * 8 / 7))
+
+
+class _ResizedImages(Dataset):
+    def __init__(self, split, size):
+        self.split, self.size = split, size
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        image = read_rgb(self.split.paths[index])
+        return v2.functional.resize(image, [self.size, self.size], antialias=True)
+
+
+def use_cache(split, cache_dir, image_size, workers=0):
+    """Attach a memory-mapped uint8 copy of the split, building it when it is missing or stale."""
+    size = cache_size(image_size)
+    # The key changes when any file, its size or its time, or the cache size changes.
+    digest = hashlib.sha1(str(size).encode())
+    for path in split.paths:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    key = f"{split.name}-{size}px-{digest.hexdigest()[:16]}"
+    cache_dir = Path(cache_dir)
+    array_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
+    shape = (len(split), 3, size, size)
+    if not (array_path.exists() and meta_path.exists()):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = cache_dir / f"{key}.u8.partial-{os.getpid()}"
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        loader = DataLoader(_ResizedImages(split, size), batch_size=64, num_workers=workers)
+        start = 0
+        for batch in loader:
+            array[start:start + len(batch)] = batch.numpy()
+            start += len(batch)
+        array.flush()
+        del array
+        os.replace(partial, array_path)  # only a complete cache ever has the final name
+        meta_path.write_text(json.dumps({"split": split.name, "images": len(split), "size": size}))
+    split.cache = np.load(array_path, mmap_mode="r")
+    return array_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def train_transform(image_size):
+    """The study's augmentation, on uint8 tensors."""
+    return v2.Compose([
+        v2.RandomAffine(degrees=20, translate=(0.2, 0.2), shear=0.2),
+        v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(image_size):
+    """Deterministic, so a validation or test score does not change from run to run."""
+    return v2.Compose([
+        v2.Resize((image_size, image_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def denormalize(image):
+    """A normalised (3, H, W) tensor back to an (H, W, 3) array in [0, 1] for plotting."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs and datasets
+
+
+def sample_seed(seed, epoch, index):
+    """One seed per (run, epoch, image): augmentation that does not depend on worker or order."""
+    return (seed * 1_000_003 + epoch * 100_003 + index) % (2 ** 63)
+
+
+def make_pairs(labels, seed):
+    """The design's pairs: each image gets target 1 (same class) or 0 (other class) with
+    probability 1/2 and a random partner of that class. Returns (partners, targets)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, 2, len(labels))
+    partner_class = np.where(targets == 1, labels, 1 - labels)
+    draws = rng.random(len(labels))
+    partners = np.empty(len(labels), dtype=np.int64)
+    for c in range(len(CLASSES)):
+        pool, need = np.flatnonzero(labels == c), partner_class == c
+        partners[need] = pool[(draws[need] * len(pool)).astype(np.int64)]
+    return partners, targets.astype(np.float32)
+
+
+def batch_pairs(labels, is_anchor, generator):
+    """The design's pairs drawn inside a batch (embed-once): for every anchor, target 1 or 0 with
+    probability 1/2 and a random other member of the batch of that class.
+    Returns (anchor positions, partner positions, targets)."""
+    anchors = torch.nonzero(is_anchor).squeeze(1)
+    targets = torch.randint(0, 2, (len(anchors),), generator=generator)
+    wanted = torch.where(targets == 1, labels[anchors], 1 - labels[anchors])
+    # Candidates: batch members of the wanted class, never the anchor itself; random scores pick one.
+    candidate = labels[None, :] == wanted[:, None]
+    candidate[torch.arange(len(anchors)), anchors] = False
+    scores = torch.rand(candidate.shape, generator=generator).masked_fill(~candidate, -1)
+    partners = scores.argmax(1)
+    return anchors, partners, targets.float()
+
+
+class ImageDataset(Dataset):
+    """Single images. Items are indices, or (index, epoch, is_anchor) from the batch samplers, so
+    the epoch reaches persistent workers and the augmentation can be seeded per image."""
+
+    def __init__(self, split, transform, seed=0, augment=False):
+        self.split, self.transform, self.seed, self.augment = split, transform, seed, augment
+
+    def __len__(self):
+        return len(self.split)
+
+    def image(self, index, epoch):
+        image = self.split.read(index)
+        if not self.augment:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random stream untouched
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image)
+
+    def __getitem__(self, item):
+        index, epoch, is_anchor = item if isinstance(item, tuple) else (item, 0, True)
+        return self.image(index, epoch), int(self.split.labels[index]), index, is_anchor
+
+
+class PairDataset(ImageDataset):
+    """The design's pair dataset: (image, partner image, target). Training pairs are redrawn
+    every epoch; validation and test pairs are fixed by the seed (epoch is always 0)."""
+
+    def __init__(self, split, transform, seed=0, augment=False):
+        super().__init__(split, transform, seed, augment)
+        self._pairs_epoch, self._pairs = None, None
+
+    def pairs(self, epoch):
+        if self._pairs_epoch != epoch:
+            self._pairs_epoch, self._pairs = epoch, make_pairs(self.split.labels, self.seed + epoch)
+        return self._pairs
+
+    def __getitem__(self, item):
+        index, epoch, _ = item if isinstance(item, tuple) else (item, 0, True)
+        partners, targets = self.pairs(epoch)
+        partner = int(partners[index])
+        return self.image(index, epoch), self.image(partner, epoch), targets[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch samplers. Each yields lists of (index, epoch, is_anchor). The full epoch is planned from
+# (seed, epoch) alone, identically on every rank, and each rank takes every world_size-th batch:
+# that is the distributed sampler, and it lets a resumed run skip the batches already done.
+
+
+class _EpochBatches:
+    def __init__(self, labels, seed, rank=0, world_size=1):
+        self.labels = np.asarray(labels)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        """start: batches of this epoch already done (resuming mid-epoch)."""
+        self.epoch, self.start = epoch, start
+
+    def plan(self, rng):
+        raise NotImplementedError
+
+    def batches(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        plan = self.plan(rng)
+        per_rank = len(plan) // self.world_size  # equal on every rank, or DDP would wait forever
+        return plan[self.rank::self.world_size][:per_rank]
+
+    def __len__(self):
+        return len(self.batches())
+
+    def __iter__(self):
+        for batch in self.batches()[self.start:]:
+            yield [(int(i), self.epoch, bool(a)) for i, a in batch]
+
+
+class ShuffledBatches(_EpochBatches):
+    """Every image once per epoch as an anchor, in random order, batch_size at a time. Each batch
+    gets partners_per_class extra random images of each class that serve only as pair partners,
+    so every anchor finds a partner of either class inside the batch (embed-once)."""
+
+    def __init__(self, labels, batch_size, seed, partners_per_class=0, drop_last=True, **kw):
+        super().__init__(labels, seed, **kw)
+        self.batch_size, self.partners_per_class, self.drop_last = batch_size, partners_per_class, drop_last
+
+    def plan(self, rng):
+        order = rng.permutation(len(self.labels))
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        stop = stop or len(order)  # a split smaller than one batch is still one batch
+        by_class = [np.flatnonzero(self.labels == c) for c in range(len(CLASSES))]
+        plan = []
+        for begin in range(0, stop, self.batch_size):
+            batch = [(i, True) for i in order[begin:begin + self.batch_size]]
+            for pool in by_class if self.partners_per_class else []:
+                batch += [(i, False) for i in rng.choice(pool, self.partners_per_class)]
+            plan.append(batch)
+        return plan
+
+
+class BalancedBatches(_EpochBatches):
+    """per_class images of each class in every batch (metric learning needs positives and
+    negatives in each). An epoch visits every benign image once; malignant images are drawn
+    from reshuffled passes over the malignant set, so they repeat within an epoch."""
+
+    def __init__(self, labels, per_class, seed, **kw):
+        super().__init__(labels, seed, **kw)
+        self.per_class = per_class
+
+    def plan(self, rng):
+        benign = rng.permutation(np.flatnonzero(self.labels == 0))
+        malignant = np.flatnonzero(self.labels == 1)
+        n_batches = max(1, len(benign) // self.per_class)
+        passes = math.ceil(n_batches * self.per_class / len(malignant))
+        malignant = np.concatenate([rng.permutation(malignant) for _ in range(passes)])
+        plan = []
+        for b in range(n_batches):
+            window = slice(b * self.per_class, (b + 1) * self.per_class)
+            plan.append([(i, True) for i in np.concatenate([benign[window], malignant[window]])])
+        return plan
+
+
+def collate_images(batch):
+    images, labels, indices, is_anchor = zip(*batch)
+    return (torch.stack(images), torch.tensor(labels), torch.tensor(indices), torch.tensor(is_anchor))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic demo data: benign = round, symmetric, one even colour; malignant = irregular border,
+# asymmetric, several colours (the ABCD rule of dermoscopy, exaggerated so a CPU can learn it).
+
+SYNTHETIC_COUNTS = {"train": (160, 80), "validation": (40, 20), "test": (60, 30)}  # benign, malignant
+
+
+def synthetic_lesion(rng, malignant, size):
+    """One (size, size, 3) uint8 image of a lesion on skin."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    skin = np.array([0.93, 0.76, 0.65]) + rng.normal(0, 0.03, 3)
+    image = skin + rng.normal(0, 0.02, (size, size, 3))
+    cx, cy = 0.5 + rng.normal(0, 0.04, 2)
+    radius = rng.uniform(0.2, 0.3)
+    angle = np.arctan2(yy - cy, xx - cx)
+    distance = np.hypot(xx - cx, yy - cy)
+    if malignant:
+        # Irregular border: a few random harmonics on the radius, and an off-centre bulge.
+        harmonics = sum(rng.uniform(0.06, 0.16) * np.cos(k * angle + rng.uniform(0, 2 * np.pi))
+                        for k in rng.choice(np.arange(2, 9), 3, replace=False))
+        border = radius * (1 + harmonics + 0.25 * np.cos(angle - rng.uniform(0, 2 * np.pi)))
+    else:
+        border = radius * (1 + 0.03 * np.cos(2 * angle + rng.uniform(0, np.pi)))
+    inside = distance < border
+    brown = np.array([0.55, 0.35, 0.22]) + rng.normal(0, 0.03, 3)
+    image[inside] = brown + rng.normal(0, 0.015, (inside.sum(), 3))
+    if malignant:
+        # Several colours: dark brown, black and blue-grey blotches inside the lesion.
+        for colour in ([0.3, 0.18, 0.1], [0.08, 0.06, 0.06], [0.45, 0.5, 0.6], [0.7, 0.3, 0.3]):
+            bx, by = cx + rng.normal(0, radius / 2, 2)
+            blotch = inside & (np.hypot(xx - bx, yy - by) < rng.uniform(0.3, 0.6) * radius)
+            image[blotch] = np.array(colour) + rng.normal(0, 0.03, (blotch.sum(), 3))
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+def make_synthetic(out, size=96, seed=0, counts=None):
+    """Writes the synthetic data set in the split layout; returns the number of images."""
+    out, rng, total = Path(out), np.random.default_rng(seed), 0
+    for split, per_class in (counts or SYNTHETIC_COUNTS).items():
+        for label, count in enumerate(per_class):
+            folder = out / SPLITS[split] / CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(synthetic_lesion(rng, label == 1, size)).save(
+                    folder / f"SYN_{split}_{label}_{i:04d}.jpg", quality=92)
+                total += 1
+    return total
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write the synthetic demo data set in the split layout.")
+    parser.add_argument("--synthetic", required=True, metavar="DIR", help="output folder (the --data of train.py)")
+    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args()
+    if Path(args.synthetic).exists() and any(Path(args.synthetic).iterdir()):
+        raise SystemExit(f"dataset.py: error: --synthetic {args.synthetic} is not empty; choose a new folder")
+    n = make_synthetic(args.synthetic, args.size, args.seed)
+    print(f"wrote {n} synthetic images to {args.synthetic}")

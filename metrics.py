@@ -1,0 +1,57 @@
+"""Image-level and pair metrics, computed by scikit-learn: the numbers the ISIC challenge and a
+dermatology reader look at (ROC AUC with a bootstrap interval, balanced accuracy, sensitivity,
+specificity at a threshold chosen on validation), next to the study's pair accuracy and loss."""
+import numpy as np
+from sklearn.metrics import (average_precision_score, balanced_accuracy_score, confusion_matrix,
+                             log_loss, roc_auc_score, roc_curve)
+
+
+def pair_metrics(similarity, targets):
+    """The study's numbers: accuracy at similarity 0.5 and the BCE loss."""
+    similarity, targets = np.asarray(similarity, dtype=np.float64), np.asarray(targets)
+    return {"pair_accuracy": float(((similarity > 0.5) == (targets == 1)).mean()),
+            "pair_loss": float(log_loss(targets, np.clip(similarity, 1e-7, 1 - 1e-7), labels=[0, 1]))}
+
+
+def auc_or_nan(labels, scores):
+    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
+
+
+def bootstrap_auc(labels, scores, n=1000, seed=0, level=0.95):
+    """Percentile interval of the AUC over n resamples of the images (with replacement)."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n):
+        sample = rng.integers(0, len(labels), len(labels))
+        if labels[sample].min() != labels[sample].max():  # a resample needs both classes
+            aucs.append(roc_auc_score(labels[sample], scores[sample]))
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
+
+
+def choose_threshold(labels, scores, target_sensitivity=None):
+    """On validation: the threshold maximising Youden's J (sensitivity + specificity - 1), or
+    the highest threshold whose sensitivity reaches target_sensitivity."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    thresholds = np.minimum(thresholds, 1.0)  # sklearn puts +inf first
+    if target_sensitivity is None:
+        return float(thresholds[np.argmax(tpr - fpr)])
+    return float(thresholds[np.argmax(tpr >= target_sensitivity)])  # tpr rises as threshold falls
+
+
+def image_metrics(labels, scores, threshold, seed=0, n_bootstrap=1000):
+    """Flat dict of the image-level metrics at a fixed threshold (P(malignant) >= threshold)."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    predicted = (scores >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    low, high = bootstrap_auc(labels, scores, n_bootstrap, seed)
+    return {
+        "auc": auc_or_nan(labels, scores), "auc_ci_low": low, "auc_ci_high": high,
+        "average_precision": float(average_precision_score(labels, scores)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "sensitivity": float(tp / max(1, tp + fn)), "specificity": float(tn / max(1, tn + fp)),
+        "threshold": float(threshold),
+        "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+        "n_benign": int((labels == 0).sum()), "n_malignant": int((labels == 1).sum()),
+    }

@@ -1,0 +1,213 @@
+"""The networks: a ResNet18 backbone shared by both images, the design's similarity head, the
+metric-learning embedding and the plain-classifier baseline; their losses; and checkpoints.
+
+Every model has the same two calls that evaluation needs:
+    embed(images)            -> one feature row per image (computed once per image)
+    pair_similarity(e1, e2)  -> P(same class) in [0, 1] for rows of stored features
+"""
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pytorch_metric_learning import losses, miners
+from torchvision.models import ResNet18_Weights, resnet18
+
+METRIC_LOSSES = ("contrastive", "triplet")
+LOSSES = ("bce",) + METRIC_LOSSES + ("ce",)
+DEFAULT_MARGIN = {"contrastive": 0.5, "triplet": 0.2}
+
+
+class WeightsError(Exception):
+    """Pretrained weights or a checkpoint that cannot be used; the message says what to do."""
+
+
+def resnet18_backbone(weights):
+    """torchvision's ResNet18 with its 1000-d fc output, as the study used it.
+    weights: 'imagenet' (torchvision's weights API, downloaded once), 'none', or a file path."""
+    if weights == "imagenet":
+        try:
+            return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
+        except Exception as error:  # no network, proxy, or a corrupt file in the torch hub cache
+            raise WeightsError(
+                f"--weights imagenet: could not fetch the ImageNet ResNet18 weights ({error}); "
+                f"pass --weights none to train from random weights, or --weights PATH to a local "
+                f"resnet18 .pth file") from None
+    model = resnet18(weights=None)
+    if weights in (None, "none"):
+        return model
+    state = load_state(weights, "--weights")
+    state = state.get("model", state)  # one of our checkpoints, or a plain resnet18 state_dict
+    state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "projection.", "classifier."))}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise WeightsError(f"--weights {weights}: not a ResNet18 state_dict (keys or shapes differ); "
+                           f"pass torchvision resnet18 weights or one of this repo's checkpoints") from None
+    return model
+
+
+class SiameseNetwork(nn.Module):
+    """The design: f = ResNet18(x) (1000-d); head(concat(f1, f2, f1 * f2)) -> similarity.
+    The final Sigmoid is applied in pair_similarity; training uses BCE-with-logits, which is
+    Sigmoid + BCE fused into one numerically stable (and autocast-safe) function."""
+
+    def __init__(self, weights="none"):
+        super().__init__()
+        self.backbone = resnet18_backbone(weights)
+        self.head = nn.Sequential(
+            nn.Linear(3000, 64),
+            nn.BatchNorm1d(64, momentum=0.25),
+            nn.LeakyReLU(),
+            nn.AlphaDropout(0.5),
+            nn.Linear(64, 1),
+        )
+
+    def embed(self, images):
+        return self.backbone(images)
+
+    def pair_logits(self, f1, f2):
+        return self.head(torch.cat([f1, f2, f1 * f2], dim=1)).squeeze(1)
+
+    def pair_similarity(self, f1, f2):
+        return torch.sigmoid(self.pair_logits(f1, f2))
+
+    def forward(self, images, partner_images=None, pairs=None):
+        """Similarity logits. Two-pass (the study): forward(x1, x2). Embed-once: forward(x,
+        pairs=(anchors, partners)) embeds the batch once and scores the pairs of its rows."""
+        if partner_images is not None:
+            return self.pair_logits(self.embed(images), self.embed(partner_images))
+        features = self.embed(images)
+        anchors, partners = pairs
+        return self.pair_logits(features[anchors], features[partners])
+
+
+class EmbeddingNetwork(nn.Module):
+    """Contrastive / triplet: ResNet18 -> Linear(1000, embed_dim) -> L2-normalised embedding."""
+
+    def __init__(self, weights="none", embed_dim=128):
+        super().__init__()
+        self.backbone = resnet18_backbone(weights)
+        self.projection = nn.Linear(1000, embed_dim)
+
+    def embed(self, images):
+        return F.normalize(self.projection(self.backbone(images)).float(), dim=1)
+
+    def pair_similarity(self, e1, e2):
+        return (1 + (e1 * e2).sum(1)) / 2  # cosine similarity mapped to [0, 1]
+
+    def forward(self, images):
+        return self.embed(images)
+
+
+class ImageClassifier(nn.Module):
+    """The baseline users would pick instead: ResNet18 -> Linear(1000, 1) on single images."""
+
+    def __init__(self, weights="none"):
+        super().__init__()
+        self.backbone = resnet18_backbone(weights)
+        self.classifier = nn.Linear(1000, 1)
+
+    def embed(self, images):
+        return self.backbone(images)
+
+    def malignant_probability(self, features):
+        return torch.sigmoid(self.classifier(features).squeeze(1))
+
+    def pair_similarity(self, f1, f2):
+        p1, p2 = self.malignant_probability(f1), self.malignant_probability(f2)
+        return p1 * p2 + (1 - p1) * (1 - p2)  # P(same class) if the two predictions are independent
+
+    def forward(self, images):
+        return self.classifier(self.backbone(images)).squeeze(1)
+
+
+def build_model(config, weights=None):
+    """The network a config describes; weights overrides config['weights'] (loading a checkpoint)."""
+    weights = config["weights"] if weights is None else weights
+    if config["loss"] == "bce":
+        return SiameseNetwork(weights)
+    if config["loss"] in METRIC_LOSSES:
+        return EmbeddingNetwork(weights, config["embed_dim"])
+    return ImageClassifier(weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric-learning losses (pytorch-metric-learning) and the collapse monitor
+
+
+def metric_loss(name, margin, miner):
+    """(loss, miner or None) for --loss contrastive|triplet and --miner semihard|hard|all."""
+    if name == "contrastive":
+        loss = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=margin)
+    else:
+        loss = losses.TripletMarginLoss(margin=margin)
+    if miner == "all" and name == "contrastive":
+        return loss, None  # every pair of the batch
+    return loss, miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
+
+
+def active_fraction(embeddings, labels, name, margin):
+    """Fraction of the batch's pairs (contrastive) or triplets (triplet) with a non-zero loss.
+    Near 0 for a whole epoch means the loss has nothing left to learn from, or has collapsed."""
+    distance = torch.cdist(embeddings.float(), embeddings.float())
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    positive, negative = same & off_diagonal, ~same
+    if name == "contrastive":
+        active = (distance[positive] > 0).sum() + (distance[negative] < margin).sum()
+        return (active / (positive.sum() + negative.sum()).clamp(min=1)).item()
+    # triplet (a, p, n): active when d(a, p) - d(a, n) + margin > 0
+    violation = distance[:, :, None] - distance[:, None, :] + margin
+    valid = positive[:, :, None] & negative[:, None, :]
+    return ((violation > 0) & valid).sum().item() / max(1, valid.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints are data, not code: saved atomically, loaded with weights_only=True.
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a
+    half-written checkpoint where the previous good one was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_state(path, what="checkpoint"):
+    """torch.load with weights_only=True: a file that carries pickled code is refused, unrun."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise WeightsError(f"{what} {path}: refused, the file holds pickled Python objects, not "
+                               f"just tensors (it could run code); use a checkpoint written by this "
+                               f"repo or a plain state_dict") from None
+        raise WeightsError(f"{what} {path}: not a readable checkpoint ({error.__class__.__name__}); "
+                           f"the file is truncated or corrupt, re-copy it or train again") from None
+
+
+def load_checkpoint(path):
+    """(model in eval mode, its config, the whole checkpoint dict) from best.pth or last.pth."""
+    checkpoint = load_state(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise WeightsError(f"checkpoint {path}: not a checkpoint of this repo (no model and config); "
+                           f"pass PROJECT/outputs/best.pth written by train.py")
+    config = checkpoint["config"]
+    model = build_model(config, weights="none")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise WeightsError(f"checkpoint {path}: its weights do not fit the {config.get('loss')} "
+                           f"model its config describes; the file was edited or mixed up") from None
+    return model.eval(), config, checkpoint

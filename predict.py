@@ -1,0 +1,433 @@
+"""Evaluate a trained checkpoint, or predict single images.
+
+    python predict.py --project runs/exp1 --data DATA              # test metrics and figures
+    python predict.py --checkpoint runs/exp1/outputs/best.pth --image x.jpg [--image y.jpg ...]
+
+Every image is embedded once; pairs and gallery comparisons are scored from the stored
+embeddings by the model's head. P(malignant) of an image (--classify):
+    gallery    (mean similarity to the malignant references + mean dissimilarity to the benign
+                references) / 2, similarities through the trained head (the BCE model's default)
+    knn        fraction of malignant among the k nearest references by cosine similarity
+    prototype  d_benign / (d_benign + d_malignant), distances to the two class centroids
+    direct     the classifier's own output (--loss ce)
+The references are a seeded, class-balanced sample of the training split (--gallery-size per class).
+"""
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.decomposition import PCA
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from dataset import (CLASS_NAMES, DataError, ImageDataset, collate_images, eval_transform, load_split,
+                     make_pairs, read_rgb, use_cache)
+from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
+from modules import WeightsError, load_checkpoint, save_atomic
+
+CLASSIFIERS = ("auto", "gallery", "knn", "prototype", "direct")
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision (train.py uses these too)
+
+
+def pick_device(name="auto"):
+    """CUDA, then Apple MPS, then CPU; --device overrides."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple MPS is not available; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda or mps")
+    return device
+
+
+def autocast(device, enabled=True):
+    """Mixed precision on CUDA: bf16 where the GPU has it, else fp16 (train.py adds a scaler)."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def to_device(images, device):
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return images.to(device, non_blocking=True, memory_format=memory_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding and scoring
+
+
+@torch.no_grad()
+def embed_images(model, split, image_size, batch_size, device, workers=0, indices=None, amp=True,
+                 rank=0, world_size=1):
+    """Features of the split's images (all, or `indices`), one backbone pass per image, in
+    batches. Under DDP each rank embeds every world_size-th image and the rows are gathered."""
+    indices = list(range(len(split))) if indices is None else [int(i) for i in indices]
+    mine = indices[rank::world_size]
+    loader = DataLoader(ImageDataset(split, eval_transform(image_size)), batch_size=batch_size,
+                        sampler=mine, num_workers=workers, collate_fn=collate_images,
+                        pin_memory=device.type == "cuda")
+    model.eval()
+    rows = []
+    with autocast(device, amp):
+        for images, *_ in loader:
+            rows.append(model.embed(to_device(images, device)).float())
+    features = torch.cat(rows) if rows else torch.empty(0, device=device)
+    if world_size == 1:
+        return features
+    # Pad to equal length, gather, and put rank r's rows back at positions r, r + W, ...
+    longest = -(-len(indices) // world_size)
+    padded = torch.zeros(longest, features.shape[1], device=features.device)
+    padded[:len(features)] = features
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    full = torch.empty(len(indices), features.shape[1], device=features.device)
+    for r, rows_r in enumerate(gathered):
+        count = len(indices[r::world_size])
+        full[r::world_size] = rows_r[:count]
+    return full
+
+
+@torch.no_grad()
+def similarity_matrix(model, features, references, chunk=65536):
+    """(N, G) P(same class) of every image with every reference, from stored features."""
+    model.eval()
+    out = torch.empty(len(features), len(references), device=features.device)
+    rows = max(1, chunk // max(1, len(references)))
+    for start in range(0, len(features), rows):
+        block = features[start:start + rows]
+        f1 = block.repeat_interleave(len(references), 0)
+        f2 = references.repeat(len(block), 1)
+        out[start:start + rows] = model.pair_similarity(f1, f2).float().view(len(block), len(references))
+    return out
+
+
+@torch.no_grad()
+def malignant_probability(model, features, gallery_features, gallery_labels, method, k=10):
+    """P(malignant) per image from stored features (see the module docstring for the formulas)."""
+    malignant = gallery_labels == 1
+    if method == "direct":
+        return model.malignant_probability(features).float()
+    if method == "gallery":
+        similarity = similarity_matrix(model, features, gallery_features)
+        return (similarity[:, malignant].mean(1) + (1 - similarity[:, ~malignant]).mean(1)) / 2
+    x, g = F.normalize(features.float(), dim=1), F.normalize(gallery_features.float(), dim=1)
+    if method == "knn":
+        nearest = (x @ g.T).topk(min(k, len(g)), dim=1).indices
+        return malignant[nearest].float().mean(1)
+    if method == "prototype":
+        d_benign = (x - g[~malignant].mean(0)).norm(dim=1)
+        d_malignant = (x - g[malignant].mean(0)).norm(dim=1)
+        return d_benign / (d_benign + d_malignant).clamp(min=1e-12)
+    raise ValueError(f"unknown classifier {method}")
+
+
+def resolve_classifier(config, method="auto"):
+    """--classify auto: the head for the BCE model, kNN for embeddings, the classifier for ce."""
+    if method == "auto":
+        return {"bce": "gallery", "ce": "direct"}.get(config["loss"], "knn")
+    if method == "direct" and config["loss"] != "ce":
+        raise ValueError("--classify direct needs a --loss ce model; use gallery, knn or prototype")
+    return method
+
+
+def choose_gallery(labels, per_class, seed):
+    """A seeded, class-balanced sample of training indices (all of a class if it is smaller)."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in (0, 1):
+        pool = np.flatnonzero(np.asarray(labels) == c)
+        picks.append(rng.choice(pool, min(per_class, len(pool)), replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+@torch.no_grad()
+def score_split(model, features, labels, gallery_features, gallery_labels, method, k, seed):
+    """(P(malignant) per image, the design's pair metrics on the split's fixed pairs, pair similarities)."""
+    scores = malignant_probability(model, features, gallery_features, gallery_labels, method, k)
+    partners, targets = make_pairs(labels, seed)
+    similarity = model.pair_similarity(features, features[torch.as_tensor(partners, device=features.device)])
+    similarity = similarity.float().cpu().numpy()
+    return scores.cpu().numpy(), pair_metrics(similarity, targets), (partners, targets, similarity)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_curves(val, test, results):
+    """roc_curve.png and pr_curve.png, validation and test on the same axes."""
+    for name, display in (("roc_curve", RocCurveDisplay), ("pr_curve", PrecisionRecallDisplay)):
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for split, (labels, scores) in (("validation", val), ("test", test)):
+            display.from_predictions(labels, scores, name=split, ax=ax)
+        if name == "roc_curve":
+            ax.plot([0, 1], [0, 1], "k:", lw=1)
+        ax.set_title("ROC, P(malignant)" if name == "roc_curve" else "precision-recall, malignant")
+        fig.tight_layout()
+        fig.savefig(results / f"{name}.png", dpi=120)
+        plt.close(fig)
+
+
+def plot_confusion(labels, scores, threshold, results):
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay.from_predictions(labels, (scores >= threshold).astype(int), labels=[0, 1],
+                                            display_labels=CLASS_NAMES, ax=ax, colorbar=False)
+    ax.set_title(f"test, threshold {threshold:.3f}")
+    fig.tight_layout()
+    fig.savefig(results / "confusion_matrix.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_embeddings(features, labels, results):
+    points = PCA(n_components=2).fit_transform(features.cpu().numpy())
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for c, colour in ((0, "tab:blue"), (1, "tab:red")):
+        ax.scatter(*points[labels == c].T, s=8, alpha=0.6, c=colour, label=CLASS_NAMES[c])
+    ax.set_title("test embeddings, PCA")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(results / "embeddings.png", dpi=120)
+    plt.close(fig)
+
+
+def save_pair_figures(split, pairs, every, results, size=224):
+    """prediction_results_<i>.png for every `every`-th test pair: both images, classes, similarity."""
+    partners, targets, similarity = pairs
+    for i in range(0, len(partners), every):
+        fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
+        for ax, index in zip(axes, (i, int(partners[i]))):
+            image = v2.functional.resize(split.read(index), [size, size], antialias=True)
+            ax.imshow(image.permute(1, 2, 0).numpy())
+            ax.set_title(f"{split.paths[index].name}\n{CLASS_NAMES[split.labels[index]]}", fontsize=8)
+            ax.axis("off")
+        truth = "same class" if targets[i] == 1 else "different classes"
+        fig.suptitle(f"pair {i}: similarity {similarity[i]:.3f} ({truth})", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(results / f"prediction_results_{i}.png", dpi=100)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a checkpoint on the test split
+
+
+def checkpoint_stamp(path):
+    stat = Path(path).stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def build_gallery(model, config, train, validation, device, *, gallery_size, method, k,
+                  target_sensitivity, batch_size, workers, amp=True, val_features=None):
+    """References from the training split and the threshold chosen on validation."""
+    seed, size = config["seed"], config["image_size"]
+    picks = choose_gallery(train.labels, gallery_size, seed)
+    gallery = {"features": embed_images(model, train, size, batch_size, device, workers, picks, amp),
+               "labels": torch.as_tensor(train.labels[picks], device=device),
+               "classify": method, "k": k, "target_sensitivity": target_sensitivity}
+    if val_features is None:
+        val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp)
+    val_scores = malignant_probability(model, val_features, gallery["features"], gallery["labels"], method, k)
+    gallery["threshold"] = choose_threshold(validation.labels, val_scores.cpu().numpy(), target_sensitivity)
+    return gallery, val_features, val_scores.cpu().numpy()
+
+
+def prepare_results(results):
+    """A fresh results folder; an earlier one is moved aside, never overwritten."""
+    results = Path(results)
+    if results.exists() and any(results.iterdir()):
+        moved = results.with_name(f"{results.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(results, moved)
+        print(f"earlier results moved to {moved}")
+    results.mkdir(parents=True, exist_ok=True)
+    return results
+
+
+def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=10,
+             target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
+             cache=None, splits=None, amp=True):
+    """Test metrics of a checkpoint; writes metrics.json, the figures and the saved pairs, and the
+    gallery next to the checkpoint for single-image prediction. Returns the metrics dict."""
+    device = pick_device(device) if isinstance(device, str) else device
+    model, config, _ = load_checkpoint(checkpoint)
+    model.to(device)
+    method = resolve_classifier(config, classify)
+    seed, size = config["seed"], config["image_size"]
+    if splits is None:
+        limits = config["benign_limit"]
+        splits = {name: load_split(data, name, limit, seed, max(1, workers))
+                  for name, limit in zip(("train", "validation", "test"), limits)}
+        if cache:
+            for split in splits.values():
+                use_cache(split, cache, size, workers)
+    train, validation, test = splits["train"], splits["validation"], splits["test"]
+    results = prepare_results(results)
+
+    gallery, val_features, val_scores = build_gallery(
+        model, config, train, validation, device, gallery_size=gallery_size, method=method, k=k,
+        target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, amp=amp)
+    test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp)
+    test_scores, pairs_summary, pairs = score_split(model, test_features, test.labels, gallery["features"],
+                                                    gallery["labels"], method, k, seed)
+    image = image_metrics(test.labels, test_scores, gallery["threshold"], seed)
+
+    metrics = {"checkpoint": str(checkpoint), "loss": config["loss"], "classify": method,
+               "n_test_pairs": len(test), "n_test_images": len(test), "gallery_size": gallery_size,
+               "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
+               "val_auc": auc_or_nan(validation.labels, val_scores)}
+    metrics.update({f"test_{key}": value for key, value in pairs_summary.items()})
+    metrics.update({f"test_{key}": value for key, value in image.items()})
+    (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    plot_curves((validation.labels, val_scores), (test.labels, test_scores), results)
+    plot_confusion(test.labels, test_scores, gallery["threshold"], results)
+    plot_embeddings(test_features, test.labels, results)
+    save_pair_figures(test, pairs, save_every, results, size)
+    gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
+    save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)},
+                Path(checkpoint).with_name("gallery.pt"))
+    print_metrics(metrics)
+    return metrics
+
+
+def print_metrics(metrics):
+    print(f"\ntest ({metrics['test_n_benign']} benign, {metrics['test_n_malignant']} malignant), "
+          f"{metrics['loss']} model, classifier {metrics['classify']}")
+    rows = [("pair accuracy", metrics["test_pair_accuracy"]), ("pair BCE loss", metrics["test_pair_loss"]),
+            ("AUC", f"{metrics['test_auc']:.4f} (95% CI {metrics['test_auc_ci_low']:.4f}-"
+                    f"{metrics['test_auc_ci_high']:.4f})"),
+            ("average precision", metrics["test_average_precision"]),
+            ("balanced accuracy", metrics["test_balanced_accuracy"]),
+            ("sensitivity", metrics["test_sensitivity"]), ("specificity", metrics["test_specificity"]),
+            (f"threshold ({metrics['threshold_rule']})", metrics["test_threshold"]),
+            ("confusion [tn fp; fn tp]", f"[{metrics['test_tn']} {metrics['test_fp']}; "
+                                         f"{metrics['test_fn']} {metrics['test_tp']}]")]
+    for name, value in rows:
+        print(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Single images
+
+
+@torch.no_grad()
+def predict_images(checkpoint, images, data=None, device="auto"):
+    """One image or several: P(malignant) and the decision at the stored threshold; exactly two:
+    their similarity. Returns the printed lines."""
+    device = pick_device(device)
+    model, config, _ = load_checkpoint(checkpoint)
+    model.to(device)
+    size = config["image_size"]
+    batch = torch.stack([eval_transform(size)(read_rgb(path)) for path in images])
+    features = model.embed(to_device(batch, device)).float()
+    if len(images) == 2:
+        similarity = model.pair_similarity(features[:1], features[1:]).item()
+        return [f"similarity {similarity:.4f}  ({'same class' if similarity > 0.5 else 'different classes'})"
+                f"  {images[0]}  {images[1]}"]
+    gallery_path = Path(checkpoint).with_name("gallery.pt")
+    gallery = load_gallery(gallery_path, checkpoint)
+    if gallery is None:
+        if data is None:
+            raise DataError(f"{gallery_path}: missing or older than the checkpoint; pass --data DATA to "
+                            f"rebuild it from the training and validation splits")
+        seed = config["seed"]
+        train, validation = (load_split(data, name, limit, seed) for name, limit in
+                             zip(("train", "validation"), config["benign_limit"]))
+        gallery, _, _ = build_gallery(model, config, train, validation, device, gallery_size=64,
+                                      method=resolve_classifier(config), k=10, target_sensitivity=None,
+                                      batch_size=64, workers=0)
+    references, labels = gallery["features"].to(device), gallery["labels"].to(device)
+    scores = malignant_probability(model, features, references, labels, gallery["classify"], gallery["k"])
+    return [f"P(malignant) {p:.4f}  {'malignant' if p >= gallery['threshold'] else 'benign'}"
+            f"  (threshold {gallery['threshold']:.4f})  {path}" for p, path in zip(scores.tolist(), images)]
+
+
+def load_gallery(path, checkpoint):
+    if not path.exists():
+        return None
+    gallery = torch.load(path, map_location="cpu", weights_only=True)
+    return gallery if gallery.get("checkpoint_stamp") == checkpoint_stamp(checkpoint) else None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", help="project folder written by train.py (reads outputs/best.pth, "
+                                          "writes results/)")
+    parser.add_argument("--data", help="split folder made by to_subdirectories.py")
+    parser.add_argument("--checkpoint", help="checkpoint to use (default PROJECT/outputs/best.pth)")
+    parser.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="predict this image (repeat the flag for several; exactly two print their similarity)")
+    parser.add_argument("--gallery-size", type=int, default=64,
+                        help="training references per class for image-level scores (default 64)")
+    parser.add_argument("--classify", choices=CLASSIFIERS, default="auto",
+                        help="how P(malignant) is computed (default auto: gallery for bce, knn for "
+                             "contrastive/triplet, direct for ce)")
+    parser.add_argument("--k", type=int, default=10, help="neighbours for --classify knn (default 10)")
+    parser.add_argument("--target-sensitivity", type=float, default=None,
+                        help="choose the threshold that reaches this sensitivity on validation "
+                             "(default: maximise Youden's J)")
+    parser.add_argument("--save-every", type=int, default=100,
+                        help="save every N-th test pair as prediction_results_<i>.png (default 100)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per evaluation batch (default 16)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--cache", metavar="DIR", help="uint8 image cache folder (see train.py --cache)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.image:
+            checkpoint = args.checkpoint or (args.project and Path(args.project) / "outputs" / "best.pth")
+            if not checkpoint:
+                raise ValueError("--image needs --checkpoint PATH or --project P")
+            for path in args.image:
+                if not Path(path).is_file():
+                    raise ValueError(f"--image {path}: no such file")
+            for line in predict_images(checkpoint, args.image, args.data, args.device):
+                print(line)
+            return
+        if not args.project or not args.data:
+            raise ValueError("pass --project P and --data DATA to evaluate, or --checkpoint C --image X")
+        if args.save_every < 1 or args.gallery_size < 1 or args.k < 1 or args.batch_size < 1:
+            raise ValueError("--save-every, --gallery-size, --k and --batch-size must be at least 1")
+        checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
+        evaluate(checkpoint, args.data, Path(args.project) / "results", gallery_size=args.gallery_size,
+                 classify=args.classify, k=args.k, target_sensitivity=args.target_sensitivity,
+                 save_every=args.save_every, batch_size=args.batch_size, device=args.device,
+                 workers=args.workers, cache=args.cache)
+    except (ValueError, DataError, WeightsError) as error:
+        sys.exit(f"predict.py: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

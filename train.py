@@ -1,0 +1,463 @@
+"""Train the Siamese network on the ISIC 2020 split folders, then evaluate it on the test split.
+
+    python train.py --project runs/exp1 --data DATA
+    torchrun --nproc_per_node=4 train.py --project runs/exp1 --data DATA      # several GPUs (DDP)
+
+Defaults are the study's: ResNet18 from ImageNet weights, batch 128, Adam lr 1e-5 and weight
+decay 1e-5, BCE on the similarity of the design's pairs, 20 epochs. Writes PROJECT/outputs/
+(best.pth, last.pth, history.csv, training_validation_metrics.png) and, through predict.py,
+PROJECT/results/.
+"""
+import argparse
+import csv
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import (BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches, batch_pairs,
+                     collate_images, load_split, sample_seed, train_transform, use_cache, write_excluded)
+from metrics import auc_or_nan
+from modules import (DEFAULT_MARGIN, LOSSES, METRIC_LOSSES, WeightsError, active_fraction, build_model,
+                     load_state, metric_loss, save_atomic)
+from predict import (autocast, choose_gallery, embed_images, evaluate, pick_device, resolve_classifier,
+                     score_split, to_device)
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
+                   "active_fraction", "embedding_spread", "lr", "seconds"]
+OUTPUT_FILES = ("best.pth", "last.pth", "history.csv", "training_validation_metrics.png", "gallery.pt",
+                "excluded_images.txt")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--project", required=True, help="folder for this run's outputs/ and results/")
+    p.add_argument("--data", required=True, help="split folder made by to_subdirectories.py "
+                                                 "(train_data, validation_data, test_data, each with 0/ and 1/)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (study: 20; with --resume, a new total for the run)")
+    p.add_argument("--batch-size", type=int, default=128, help="training images per batch on each process (study: 128)")
+    p.add_argument("--val-batch-size", type=int, default=16, help="images per validation/test batch (study: 16)")
+    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (study: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (study: 1e-5)")
+    p.add_argument("--image-size", type=int, default=224, help="side of the square network input in pixels (study: 224)")
+    p.add_argument("--benign-limit", type=int, nargs="+", default=[4000, 1000, 1000], metavar="N",
+                   help="cap on benign images in train, validation and test (one value: all three); "
+                        "0 = no cap, the full data set (study: 4000 1000 1000)")
+    p.add_argument("--weights", default="imagenet",
+                   help="backbone start: imagenet (torchvision, downloaded once), none (random), or a .pth path")
+    p.add_argument("--loss", choices=LOSSES, default="bce",
+                   help="bce: the design's Siamese pairs; contrastive / triplet: metric learning on an "
+                        "L2-normalised embedding; ce: plain classifier baseline (class-weighted BCE)")
+    p.add_argument("--pairing", choices=("embed-once", "two-pass"), default="embed-once",
+                   help="bce only. embed-once: each batch image passes the backbone once and the design's "
+                        "pairs are drawn inside the batch; two-pass: the study's pair dataset, two passes per pair")
+    p.add_argument("--partners-per-class", type=int, default=8,
+                   help="embed-once: extra random images of each class per batch that serve as partners, "
+                        "so every anchor finds one of either class (default 8)")
+    p.add_argument("--embed-dim", type=int, default=128, help="contrastive/triplet embedding size (default 128)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="contrastive/triplet margin (default: 0.5 contrastive, 0.2 triplet)")
+    p.add_argument("--miner", choices=("semihard", "hard", "all"), default=None,
+                   help="contrastive/triplet miner (default: semihard for triplet, all pairs for contrastive)")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="contrastive/triplet: images of each class per batch (default batch-size / 2)")
+    p.add_argument("--select", choices=("val_auc", "val_loss"), default="val_auc",
+                   help="what best.pth keeps: the highest validation AUC, or the lowest validation "
+                        "pair loss (the study's rule)")
+    p.add_argument("--gallery-size", type=int, default=64, help="training references per class for image-level scores")
+    p.add_argument("--classify", choices=("auto", "gallery", "knn", "prototype", "direct"), default="auto",
+                   help="image-level P(malignant); see predict.py --help (default auto)")
+    p.add_argument("--k", type=int, default=10, help="neighbours for --classify knn (default 10)")
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="test threshold reaching this sensitivity on validation (default: Youden's J)")
+    p.add_argument("--save-every", type=int, default=100, help="save every N-th test pair as a figure (default 100)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=0, help="fixes the benign subset, pairs, initialisation and sampling")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (default: from the CPU count, at most 8)")
+    p.add_argument("--cache", metavar="DIR",
+                   help="keep the images decoded and resized in a memory-mapped uint8 file under DIR, "
+                        "built once and reused by later runs (rebuilt when the files or the size change)")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA (bf16, or fp16 with a scaler)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; slower start, faster steps)")
+    p.add_argument("--sync-bn", action="store_true", help="DDP: synchronise BatchNorm statistics across processes")
+    p.add_argument("--resume", action="store_true", help="continue from PROJECT/outputs/last.pth with its saved settings")
+    p.add_argument("--force", action="store_true", help="start over in a project that already holds outputs (deletes them)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Bad flags end here, before any work, with one line each."""
+    if not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py "
+                         f"or `python dataset.py --synthetic {args.data}`")
+    if args.image_size < 32:
+        raise ValueError(f"--image-size {args.image_size}: must be at least 32 (ResNet18 downsamples 32x)")
+    for flag in ("batch_size", "val_batch_size", "gallery_size", "k", "save_every", "embed_dim"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs {args.epochs}: must be at least 1")
+    if args.lr <= 0 or args.weight_decay < 0:
+        raise ValueError("--lr must be positive and --weight-decay not negative")
+    if len(args.benign_limit) not in (1, 3) or min(args.benign_limit) < 0:
+        raise ValueError("--benign-limit takes one value or three (train validation test), each 0 or more")
+    if args.per_class is not None and args.per_class < 2:
+        raise ValueError("--per-class must be at least 2")
+    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
+        raise ValueError("--target-sensitivity must be in (0, 1]")
+    if args.resume and args.force:
+        raise ValueError("--resume and --force contradict each other; pick one")
+    resolve_classifier({"loss": args.loss}, args.classify)  # raises for an impossible pairing
+
+
+def make_config(args):
+    """Plain values only, so the checkpoint loads with weights_only=True and rebuilds the model."""
+    limits = args.benign_limit * 3 if len(args.benign_limit) == 1 else args.benign_limit
+    return {
+        "loss": args.loss, "pairing": args.pairing if args.loss == "bce" else None,
+        "weights": args.weights, "image_size": args.image_size, "epochs": args.epochs or 20,
+        "batch_size": args.batch_size, "val_batch_size": args.val_batch_size, "lr": args.lr,
+        "weight_decay": args.weight_decay, "benign_limit": list(limits), "seed": args.seed,
+        "partners_per_class": args.partners_per_class, "embed_dim": args.embed_dim,
+        "margin": args.margin if args.margin is not None else DEFAULT_MARGIN.get(args.loss),
+        "miner": args.miner or ("semihard" if args.loss == "triplet" else "all"),
+        "per_class": args.per_class or max(2, args.batch_size // 2),
+        "select": args.select, "classify": resolve_classifier({"loss": args.loss}, args.classify),
+        "gallery_size": args.gallery_size, "k": args.k, "sync_bn": args.sync_bn,
+        "data": str(Path(args.data).resolve()),
+    }
+
+
+def setup_distributed(device_name):
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; then DDP over NCCL
+    on GPUs or gloo on CPUs, one process per GPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name in ("auto", "cuda") and torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = pick_device("cpu" if device_name == "auto" else device_name)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def reduce_sum(values, device, world_size):
+    """Sum a list of floats over all processes."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def make_train_loader(train, config, rank, world_size, workers, device):
+    """The training batches: the study's pair dataset (two-pass) or single images (the rest)."""
+    seed = config["seed"]
+    dataset_class = PairDataset if config["pairing"] == "two-pass" else ImageDataset
+    dataset = dataset_class(train, train_transform(config["image_size"]), seed, augment=True)
+    if config["loss"] in METRIC_LOSSES:
+        sampler = BalancedBatches(train.labels, config["per_class"], seed, rank=rank, world_size=world_size)
+    else:
+        partners = config["partners_per_class"] if config["pairing"] == "embed-once" else 0
+        sampler = ShuffledBatches(train.labels, config["batch_size"], seed, partners, rank=rank, world_size=world_size)
+    collate = None if config["pairing"] == "two-pass" else collate_images
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    return sampler, loader
+
+
+def training_loss(model, batch, config, device, generator, criterion, miner, pos_weight):
+    """(loss, correct pairs or images, count, active fraction or nan) of one batch."""
+    if config["pairing"] == "two-pass":
+        first, second, targets = batch
+        targets = targets.to(device).float()
+        logits = model(to_device(first, device), to_device(second, device))
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+        return loss, ((logits > 0) == (targets > 0.5)).sum(), len(targets), math.nan
+    images, labels, _, is_anchor = batch
+    images, labels = to_device(images, device), labels.to(device)
+    if config["loss"] == "ce":
+        logits = model(images).float()
+        loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
+        return loss, ((logits > 0) == (labels == 1)).sum(), len(labels), math.nan
+    anchors, partners, targets = (t.to(device) for t in batch_pairs(labels.cpu(), is_anchor, generator))
+    if config["loss"] == "bce":
+        logits = model(images, pairs=(anchors, partners)).float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        return loss, ((logits > 0) == (targets > 0.5)).sum(), len(targets), math.nan
+    embeddings = model(images).float()
+    loss = criterion(embeddings, labels, miner(embeddings, labels) if miner else None)
+    agree = (embeddings[anchors] * embeddings[partners]).sum(1) > 0  # similarity (1 + cos) / 2 > 0.5
+    active = active_fraction(embeddings.detach(), labels, config["loss"], config["margin"])
+    return loss, (agree == (targets > 0.5)).sum(), len(targets), active
+
+
+@torch.no_grad()
+def validate(model, train, validation, config, device, workers, amp, rank, world_size):
+    """Validation pair loss and accuracy (the design's fixed pairs) and image-level AUC, all
+    from one embedding pass over the validation images and the gallery."""
+    size, batch, seed = config["image_size"], config["val_batch_size"], config["seed"]
+    features = embed_images(model, validation, size, batch, device, workers, amp=amp, rank=rank, world_size=world_size)
+    picks = choose_gallery(train.labels, config["gallery_size"], seed)
+    gallery = embed_images(model, train, size, batch, device, workers, picks, amp, rank, world_size)
+    gallery_labels = torch.as_tensor(train.labels[picks], device=device)
+    scores, pairs, _ = score_split(model, features, validation.labels, gallery, gallery_labels,
+                                   config["classify"], config["k"], seed)
+    spread = (features - features.mean(0)).norm(dim=1).mean().item()
+    return {"val_loss": pairs["pair_loss"], "val_acc": pairs["pair_accuracy"],
+            "val_auc": auc_or_nan(validation.labels, scores), "embedding_spread": spread}
+
+
+def selection_score(row, select):
+    """Larger is better. val_auc ties (a small validation set reaches 1.0 early) go to the lower loss."""
+    return [row["val_auc"], -row["val_loss"]] if select == "val_auc" else [-row["val_loss"]]
+
+
+def write_history(history, path):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as file:
+        writer = csv.DictWriter(file, HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def plot_history(history, path):
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    left.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation (pair BCE)")
+    left.set(xlabel="epoch", ylabel="loss", title="loss")
+    right.plot(epochs, [r["train_acc"] for r in history], "o-", label="train accuracy")
+    right.plot(epochs, [r["val_acc"] for r in history], "o-", label="validation pair accuracy")
+    right.plot(epochs, [r["val_auc"] for r in history], "s--", label="validation AUC (image level)")
+    right.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy and AUC")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name("tmp-" + path.name)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 0, 0, 0.0))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_outputs(project, args):
+    """Refuse to overwrite an earlier run's outputs unless --resume or --force says what to do."""
+    outputs = Path(project) / "outputs"
+    found = [name for name in OUTPUT_FILES if (outputs / name).exists()]
+    if args.resume and not (outputs / "last.pth").exists():
+        raise ValueError(f"--resume: {outputs / 'last.pth'} does not exist; start without --resume")
+    if found and not (args.resume or args.force):
+        raise ValueError(f"{outputs} already holds {', '.join(found)}; pass --resume to continue that run, "
+                         f"--force to delete it and start over, or choose another --project")
+    if args.force:
+        for name in found:
+            (outputs / name).unlink()
+    outputs.mkdir(parents=True, exist_ok=True)
+    return outputs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        rank, world_size, device = setup_distributed(args.device)
+    except ValueError as error:
+        sys.exit(f"train.py: error: {error}")
+    try:
+        run(args, rank, world_size, device)
+    except (ValueError, DataError, WeightsError) as error:
+        sys.exit(f"train.py: error: {error}")
+    except OSError as error:
+        sys.exit(f"train.py: error: could not write {error.filename or 'a file'} ({error.strerror or error}); "
+                 f"free disk space or fix permissions and rerun with --resume; the last complete "
+                 f"checkpoint is intact")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, rank, world_size, device):
+    main_process = rank == 0
+    say = print if main_process else (lambda *a, **k: None)
+    project = Path(args.project)
+    outputs = prepare_outputs(project, args) if main_process else project / "outputs"
+    if world_size > 1:
+        dist.barrier()
+
+    # ---- state: fresh, or from last.pth
+    resume = load_state(outputs / "last.pth", "--resume") if args.resume else None
+    config = resume["config"] if resume else make_config(args)
+    config["data"] = str(Path(args.data).resolve())  # the data may have moved since a resumed run began
+    if resume and args.epochs:
+        config["epochs"] = args.epochs
+    torch.manual_seed(config["seed"])
+    np.random.seed(config["seed"])
+    workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
+    amp = not args.no_amp
+
+    # ---- data
+    splits = {}
+    for name, limit in zip(("train", "validation", "test"), config["benign_limit"]):
+        splits[name] = load_split(args.data, name, limit, config["seed"], max(workers, 4))
+        if args.cache:
+            use_cache(splits[name], args.cache, config["image_size"], workers)
+    train, validation = splits["train"], splits["validation"]
+    excluded = write_excluded(splits.values(), outputs / "excluded_images.txt") if main_process else 0
+    if excluded:
+        say(f"excluded {excluded} unusable image file(s); the list is in {outputs / 'excluded_images.txt'}")
+    for name, split in splits.items():
+        benign, malignant = split.counts()
+        say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
+
+    # ---- model and optimiser
+    raw_model = build_model(config).to(device)
+    if device.type == "cuda":
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    use_scaler = device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    history, best, start_epoch, start_step, partial = [], None, 0, 0, None
+    if resume:
+        raw_model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        history, best = resume["history"], resume["best"]
+        start_epoch, start_step, partial = resume["epoch"], resume["step"], resume["partial"]
+        set_rng_state(resume["rng"])
+        say(f"resuming {outputs / 'last.pth'} at epoch {start_epoch + 1}, step {start_step}")
+    model = raw_model
+    if world_size > 1:
+        if config["sync_bn"]:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+    criterion, miner = metric_loss(config["loss"], config["margin"], config["miner"]) if config["loss"] in METRIC_LOSSES else (None, None)
+    benign, malignant = train.counts()
+    pos_weight = torch.tensor(benign / malignant, device=device)  # ce: malignant errors weigh as much as benign
+    sampler, loader = make_train_loader(train, config, rank, world_size, workers, device)
+
+    # ---- SIGINT / SIGTERM: finish the step, save, exit. A second Ctrl-C stops at once.
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        say(f"\n{signal.Signals(signum).name}: finishing this step and saving {outputs / 'last.pth'} ...")
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    def save_last(epoch, step, sums):
+        if main_process:
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "config": config, "epoch": epoch, "step": step,
+                         "partial": sums, "best": best, "history": history, "rng": rng_state()},
+                        outputs / "last.pth")
+
+    # ---- epochs
+    for epoch in range(start_epoch, config["epochs"]):
+        started = time.time()
+        step0 = start_step if epoch == start_epoch else 0
+        sums = partial if (epoch == start_epoch and partial) else [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, correct, count, active, steps
+        sampler.set_epoch(epoch, step0)
+        model.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not main_process,
+                   initial=step0, total=step0 + len(sampler), leave=False, dynamic_ncols=True)
+        step = step0
+        for step, batch in enumerate(bar, start=step0 + 1):
+            generator = torch.Generator().manual_seed(sample_seed(config["seed"] + 1, epoch, step))
+            with autocast(device, amp):
+                loss, correct, count, active = training_loss(model, batch, config, device, generator,
+                                                             criterion, miner, pos_weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise ValueError(f"the training loss became {loss_value} at epoch {epoch + 1}, step {step}; "
+                                 f"lower --lr or try --no-amp. {outputs / 'best.pth'} keeps the best model so far")
+            sums = [sums[0] + loss_value * count, sums[1] + float(correct), sums[2] + count,
+                    sums[3] + (0.0 if math.isnan(active) else active), sums[4] + 1]
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+            stop_now = reduce_sum([stop["signal"] is not None], device, world_size)[0] > 0
+            if stop_now:
+                save_last(epoch, step, sums)
+                say(f"stopped; {outputs / 'last.pth'} holds epoch {epoch + 1} step {step}. Continue with:\n"
+                    f"  python train.py --project {args.project} --data {args.data} --resume")
+                sys.exit(130)
+        bar.close()
+
+        loss_sum, correct, count, active_sum, steps = reduce_sum(sums, device, world_size)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
+               "active_fraction": active_sum / steps if config["loss"] in METRIC_LOSSES else math.nan,
+               "lr": optimizer.param_groups[0]["lr"]}
+        row.update(validate(raw_model, train, validation, config, device, workers, amp, rank, world_size))
+        row["seconds"] = time.time() - started
+        history.append(row)
+        say(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} AUC {row['val_auc']:.3f}  "
+            f"({row['seconds']:.0f}s)")
+        if config["loss"] in METRIC_LOSSES and (row["embedding_spread"] < 1e-3 or row["active_fraction"] == 0):
+            say(f"WARNING: the embeddings look collapsed at epoch {epoch + 1} (spread "
+                f"{row['embedding_spread']:.2e}, active {row['active_fraction']:.3f}); lower --lr, change "
+                f"--margin or --miner, or use more images per class (--per-class)")
+        score = selection_score(row, config["select"])
+        if best is None or score > best:
+            best = score
+            if main_process:
+                save_atomic({"model": raw_model.state_dict(), "config": config, "epoch": epoch + 1,
+                             "select": config["select"], "score": best[0]}, outputs / "best.pth")
+            say(f"  best {config['select']} so far ({best[0]:.4f}): saved {outputs / 'best.pth'}")
+        if main_process:
+            write_history(history, outputs / "history.csv")
+            plot_history(history, outputs / "training_validation_metrics.png")
+        save_last(epoch + 1, 0, None)
+
+    # ---- test evaluation of the best checkpoint (rank 0 alone)
+    if world_size > 1:
+        dist.barrier()
+    if main_process:
+        say(f"\nevaluating {outputs / 'best.pth'} on the test split")
+        evaluate(outputs / "best.pth", config["data"], project / "results", gallery_size=config["gallery_size"],
+                 classify=config["classify"], k=config["k"], target_sensitivity=args.target_sensitivity,
+                 save_every=args.save_every, batch_size=config["val_batch_size"], device=device,
+                 workers=workers, splits=splits, amp=amp)
+
+
+if __name__ == "__main__":
+    main()
