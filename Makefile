@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo
-DEMO_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --lr 1e-3
+DEMO_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --lr 5e-4
 
 .PHONY: install demo test bench compare figure clean
 

@@ -327,11 +327,15 @@ def run(args, rank, world_size, device):
     amp = not args.no_amp
 
     # ---- data
-    splits = {}
-    for name, limit in zip(("train", "validation", "test"), config["benign_limit"]):
-        splits[name] = load_split(args.data, name, limit, config["seed"], max(workers, 4))
-        if args.cache:
-            use_cache(splits[name], args.cache, config["image_size"], workers)
+    splits = {name: load_split(args.data, name, limit, config["seed"], max(workers, 4))
+              for name, limit in zip(("train", "validation", "test"), config["benign_limit"])}
+    if args.cache:
+        for turn in (0, 1):  # rank 0 builds the cache first, the other ranks then map it
+            if (rank == 0) == (turn == 0):
+                for split in splits.values():
+                    use_cache(split, args.cache, config["image_size"], workers)
+            if world_size > 1:
+                dist.barrier()
     train, validation = splits["train"], splits["validation"]
     excluded = write_excluded(splits.values(), outputs / "excluded_images.txt") if main_process else 0
     if excluded:

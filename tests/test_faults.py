@@ -1,0 +1,773 @@
+"""Fault tests: robust on bad input, nothing lost on interruption, safe checkpoints.
+
+Every case a user can cause ends in one clear message that names the file or flag, says what is
+wrong and what to do, exits non-zero when the run cannot go on, and loses no work:
+
+1. data       broken, odd and huge image files; missing or one-class splits
+3. state      last.pth every epoch, --resume equals an uninterrupted run, SIGINT/SIGTERM, a
+              non-finite loss, a project that already holds outputs, a failed (disk-full) write
+4. checkpoints are data, not code: pickled code is refused unrun; other architectures and
+              truncated files give WeightsError / one line from predict.py
+5. flags      bad flags fail in one line before any work
+
+Training runs in-process through train.main (fast) with the test-split evaluation stubbed out
+where it is not the subject; subprocesses only for signals and the real command line.
+"""
+import ast
+import builtins
+import contextlib
+import csv
+import io
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+import modules  # noqa: E402
+import predict  # noqa: E402
+import train  # noqa: E402
+from dataset import DataError, make_synthetic  # noqa: E402
+from modules import WeightsError  # noqa: E402
+
+COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Broken files the session data set carries; each must be excluded at start-up.
+EXCLUDED = {"zero_bytes.jpg", "truncated.jpg", "not_a_jpeg.jpg", "notes.txt", "huge.jpg", "zero_val.jpg"}
+
+
+def tiny(project, data, epochs=2, *extra):
+    """The tiny CPU settings of every training run here; later flags override earlier ones."""
+    return ["--project", str(project), "--data", str(data), "--weights", "none", "--image-size", "32",
+            "--epochs", str(epochs), "--batch-size", "8", "--val-batch-size", "8", "--lr", "1e-3",
+            "--workers", "0", "--gallery-size", "4", "--save-every", "5", *map(str, extra)]
+
+
+def call_main(main, argv):
+    """A script's main(argv) in-process: (exit status, message of sys.exit(str) or ''). The signal
+    handlers are put back afterwards, so a run cannot leave pytest deaf to Ctrl-C."""
+    saved = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        main([str(a) for a in argv])
+        return 0, ""
+    except SystemExit as exit_:
+        code = exit_.code
+        if code is None or isinstance(code, int):
+            return code or 0, ""
+        return 1, str(code)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def _no_test_evaluation(*args, **kwargs):
+    return {}
+
+
+@pytest.fixture
+def no_test_eval(monkeypatch):
+    """The final test-split evaluation (bootstrap AUC, figures) is not what these tests check."""
+    monkeypatch.setattr(train, "evaluate", _no_test_evaluation)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def history_without_seconds(outputs):
+    with open(Path(outputs) / "history.csv", newline="") as file:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(file)]
+
+
+def assert_same_weights(path_a, path_b):
+    a, b = load(path_a)["model"], load(path_b)["model"]
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ between {path_a} and {path_b}, e.g. {different[:3]}"
+
+
+def assert_finite_weights(path):
+    state = load(path)["model"]
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert not bad, f"{path} holds non-finite tensors: {bad[:3]}"
+
+
+def assert_one_line(message, prefix):
+    assert message.startswith(prefix), message
+    assert "\n" not in message.strip(), f"not one line:\n{message}"
+    assert "Traceback" not in message
+
+
+def jpeg_bytes(mode="RGB", size=(40, 36), seed=0, fmt="JPEG"):
+    rgb = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def corrupt_scan_jpeg():
+    """Valid JPEG headers and end-of-image marker, but the compressed scan data is damaged
+    (bit rot, a bad sector): the header-level check cannot see it, decoding fails."""
+    good = bytearray(jpeg_bytes())
+    start = good.find(b"\xff\xda") + 30
+    for i in range(start, len(good) - 10, 50):
+        good[i] ^= 0x5A
+    return bytes(good)
+
+
+# ---------------------------------------------------------------------------------------------
+# Session data: the synthetic set plus every kind of odd and broken file in the split folders
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Read-only. Train holds grayscale, CMYK, RGBA-PNG and palette-PNG files under .jpg names
+    (they must train), and broken files (zero bytes, truncated, random bytes, text, a 70-megapixel
+    image, a .DS_Store); validation holds one zero-byte file."""
+    out = tmp_path_factory.mktemp("data")
+    make_synthetic(out, size=40, seed=0, counts=COUNTS)
+    benign, malignant = out / "train_data" / "0", out / "train_data" / "1"
+    for path, mode, fmt in ((benign / "SYN_train_0_0000.jpg", "L", "JPEG"),
+                            (malignant / "SYN_train_1_0000.jpg", "CMYK", "JPEG"),
+                            (benign / "SYN_train_0_0001.jpg", "RGBA", "PNG"),
+                            (malignant / "SYN_train_1_0001.jpg", "P", "PNG")):
+        with Image.open(path) as image:
+            image.convert(mode).save(path, format=fmt)
+    good = (benign / "SYN_train_0_0002.jpg").read_bytes()
+    (benign / "zero_bytes.jpg").write_bytes(b"")
+    (benign / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (malignant / "not_a_jpeg.jpg").write_bytes(np.random.default_rng(1).bytes(3000))
+    (benign / "notes.txt").write_text("exported from the camera\n")
+    (malignant / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    Image.new("1", (10_000, 7_000)).save(benign / "huge.jpg", format="PNG")  # 70 Mpx, 9 kB on disk
+    (out / "validation_data" / "1" / "zero_val.jpg").write_bytes(b"")
+    return out
+
+
+@pytest.fixture(scope="session")
+def run_a(data_dir, tmp_path_factory):
+    """The reference: one uninterrupted 2-epoch run (test evaluation stubbed). Records its stdout,
+    every save_atomic call, and the signal handlers before and after."""
+    project = tmp_path_factory.mktemp("run_a") / "project"
+    saves, real_save = [], train.save_atomic
+
+    def spy(obj, path):
+        saves.append((Path(path).name, obj.get("epoch"), obj.get("step")))
+        return real_save(obj, path)
+
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    stdout = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+            mp.setattr(train, "evaluate", _no_test_evaluation)
+            mp.setattr(train, "save_atomic", spy)
+            train.main(tiny(project, data_dir, 2))
+        after = {s: signal.getsignal(s) for s in SIGNALS}
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    return SimpleNamespace(project=project, outputs=project / "outputs", stdout=stdout.getvalue(),
+                           saves=saves, handlers_before=before, handlers_after=after)
+
+
+@pytest.fixture
+def data_copy(data_dir, tmp_path):
+    """A writable copy of the session data."""
+    return Path(shutil.copytree(data_dir, tmp_path / "data"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Data
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("zero_bytes.jpg", lambda: b"", "empty"),
+    ("truncated.jpg", lambda: jpeg_bytes()[: len(jpeg_bytes()) // 2], "truncated"),
+    ("truncated_in_header.jpg", lambda: jpeg_bytes()[:400], "truncated"),
+    ("random_bytes.jpg", lambda: np.random.default_rng(2).bytes(2000), "not an image"),
+    ("notes.txt", lambda: b"not an image at all\n", "not an image"),
+    ("header_only.jpg", lambda: b"\xff\xd8\xff\xd9", "not an image"),
+    pytest.param("corrupt_scan.jpg", corrupt_scan_jpeg, "",
+                 marks=pytest.mark.xfail(strict=True, reason=(
+                     "dataset.check_image only reads the header and looks for the end-of-image "
+                     "marker; a JPEG whose scan data is damaged passes the start-up check and "
+                     "read_rgb raises DataError mid-epoch"))),
+])
+def test_broken_file_is_excluded_at_start_up_with_a_reason(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content())
+    found = dataset.check_image(path)
+    if found is None:  # the check lets it through: then it must decode, or training dies mid-epoch
+        image = dataset.read_rgb(path)
+        assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+    else:
+        assert reason in found.lower(), found
+
+
+def test_huge_images_are_excluded_without_decoding_them(tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.new("1", (10_000, 7_000)).save(big, format="PNG")  # above dataset.MAX_PIXELS
+    bomb = tmp_path / "bomb.jpg"
+    Image.new("1", (15_000, 13_000)).save(bomb, format="PNG")  # above PIL's decompression-bomb limit
+    started = time.time()
+    reasons = dict((p.name, r) for p, r in dataset.check_images([big, bomb, big], workers=2))
+    assert time.time() - started < 2
+    assert "too large" in reasons["big.jpg"] and "10000x7000" in reasons["big.jpg"]
+    assert reasons["bomb.jpg"]  # excluded (PIL refuses it as a decompression bomb)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads a chmod 000 file anyway")
+def test_unreadable_file_is_excluded(tmp_path):
+    path = tmp_path / "locked.jpg"
+    path.write_bytes(jpeg_bytes())
+    path.chmod(0)
+    try:
+        reason = dataset.check_image(path)
+        assert reason and "unreadable" in reason
+    finally:
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize("name, mode, fmt", [
+    ("gray.jpg", "L", "JPEG"),
+    ("cmyk.jpg", "CMYK", "JPEG"),
+    ("rgba_png.jpg", "RGBA", "PNG"),
+    ("rgb_png.jpg", "RGB", "PNG"),
+    ("palette_png.jpg", "P", "PNG"),
+    ("gray_alpha_png.jpg", "LA", "PNG"),
+    ("bmp.jpg", "RGB", "BMP"),
+    ("webp.jpg", "RGB", "WEBP"),
+    pytest.param("gray16.png", "I;16", "PNG", marks=pytest.mark.xfail(strict=True, reason=(
+        "dataset.read_rgb returns torchvision's uint16 tensor for a 16-bit PNG, not uint8"))),
+])
+def test_decodable_variants_pass_the_check_and_read_as_rgb_uint8(tmp_path, name, mode, fmt):
+    path = tmp_path / name
+    rgb = (np.random.default_rng(0).random((36, 40, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(rgb).convert(mode) if mode != "I;16" else \
+        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257))
+    image.save(path, format=fmt)
+    assert dataset.check_image(path) is None
+    tensor = dataset.read_rgb(path)
+    assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, 36, 40)
+    if fmt in ("PNG", "BMP") and mode in ("RGB", "RGBA"):  # lossless: exactly the RGB pixels
+        assert torch.equal(tensor, torch.from_numpy(rgb).permute(2, 0, 1))
+
+
+def test_load_split_excludes_broken_files_keeps_odd_formats_and_ignores_hidden_files(data_dir):
+    split = dataset.load_split(data_dir, "train", workers=2)
+    names = {p.name for p in split.paths}
+    assert {"SYN_train_0_0000.jpg", "SYN_train_1_0000.jpg", "SYN_train_0_0001.jpg", "SYN_train_1_0001.jpg"} <= names
+    assert split.counts() == list(COUNTS["train"])
+    assert {p.name for p, _ in split.excluded} == EXCLUDED - {"zero_val.jpg"}
+    assert ".DS_Store" not in names
+    for index in range(len(split)):
+        image = split.read(index)
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+
+
+def test_training_run_summarises_exclusions_in_one_line_and_lists_them(run_a):
+    lines = [line for line in run_a.stdout.splitlines() if "exclude" in line]
+    assert len(lines) == 1, run_a.stdout
+    listing = run_a.outputs / "excluded_images.txt"
+    assert f"{len(EXCLUDED)} " in lines[0] and str(listing) in lines[0]
+    rows = listing.read_text().splitlines()
+    assert {Path(row.split("\t")[0]).name for row in rows} == EXCLUDED
+    assert all(len(row.split("\t")) == 2 and row.split("\t")[1] for row in rows)  # path <TAB> reason
+
+
+def _empty_class_folder(data):
+    for path in (data / "validation_data" / "1").iterdir():
+        path.unlink()
+    return data / "validation_data" / "1", "no usable malignant"
+
+
+def _missing_split_folder(data):
+    shutil.rmtree(data / "test_data")
+    return data / "test_data", "missing"
+
+
+def _one_class_only(data):  # every malignant training file is broken
+    for path in (data / "train_data" / "1").glob("SYN_*"):
+        path.write_bytes(b"")
+    return data / "train_data" / "1", "no usable malignant"
+
+
+@pytest.mark.parametrize("damage", [_empty_class_folder, _missing_split_folder, _one_class_only])
+def test_split_without_both_classes_stops_before_training(data_copy, tmp_path, damage, no_test_eval):
+    folder, what = damage(data_copy)
+    split = {"train_data": "train", "validation_data": "validation", "test_data": "test"}[
+        folder.relative_to(data_copy).parts[0]]
+    with pytest.raises(DataError, match=what) as error:
+        dataset.load_split(data_copy, split)
+    assert str(folder) in str(error.value)
+    started = time.time()
+    status, message = call_main(train.main, tiny(tmp_path / "project", data_copy))
+    assert status != 0
+    assert message.startswith("train.py: error:") and str(folder) in message
+    assert "to_subdirectories.py" in message  # and what to do
+    assert time.time() - started < 10
+    assert not list((tmp_path / "project").rglob("*.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Training state
+
+
+def test_last_checkpoint_is_written_every_epoch_with_the_whole_state(run_a):
+    last_saves = [(epoch, step) for name, epoch, step in run_a.saves if name == "last.pth"]
+    assert last_saves == [(1, 0), (2, 0)]
+    last = load(run_a.outputs / "last.pth")  # weights_only=True: plain data
+    for key in ("model", "optimizer", "scaler", "epoch", "best", "history", "rng", "config"):
+        assert key in last, key
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert last["optimizer"]["state"], "optimizer moments are missing"
+    assert {"torch", "numpy"} <= set(last["rng"])
+    assert sorted(p.name for p in run_a.outputs.iterdir()) == [
+        "best.pth", "excluded_images.txt", "history.csv", "last.pth", "training_validation_metrics.png"]
+
+
+def test_save_atomic_leaves_the_previous_file_intact_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    modules.save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def half_written_then_disk_full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(modules.torch, "save", half_written_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        modules.save_atomic({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(modules.torch, "save", real_save)
+    assert load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "numpy's RNG position is lost: train.rng_state saves only get_state()[1] and set_rng_state "
+    "restores pos=0 (and no cached gaussian), so the global numpy stream does not continue"))
+def test_rng_state_round_trip_continues_the_same_streams():
+    np.random.seed(3)
+    torch.manual_seed(3)
+    np.random.random(7)
+    state = train.rng_state()
+    expected = (np.random.random(5), np.random.standard_normal(3), torch.rand(4))
+    train.set_rng_state(load_round_trip(state))
+    got = (np.random.random(5), np.random.standard_normal(3), torch.rand(4))
+    assert np.array_equal(expected[0], got[0]) and np.array_equal(expected[1], got[1])
+    assert torch.equal(expected[2], got[2])
+
+
+def load_round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_run_stopped_after_epoch_1_and_resumed_equals_the_uninterrupted_run(run_a, data_dir, tmp_path,
+                                                                           no_test_eval):
+    project = tmp_path / "project"
+    assert call_main(train.main, tiny(project, data_dir, 1)) == (0, "")
+    assert load(project / "outputs" / "last.pth")["epoch"] == 1
+    assert call_main(train.main, tiny(project, data_dir, 2, "--resume")) == (0, "")
+    assert history_without_seconds(project / "outputs") == history_without_seconds(run_a.outputs)
+    for name in ("best.pth", "last.pth"):
+        assert_same_weights(project / "outputs" / name, run_a.outputs / name)
+    assert load(project / "outputs" / "last.pth")["best"] == load(run_a.outputs / "last.pth")["best"]
+
+
+def start_training(project, data, epochs, logs):
+    out, err = logs / "stdout.txt", logs / "stderr.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny(project, data, epochs)],
+                                   cwd=ROOT, stdout=stdout, stderr=stderr,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return process, out, err
+
+
+def wait_for_text(process, path, text, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"train.py ended ({process.returncode}) before printing {text!r}:\n"
+                        f"{path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no {text!r} within {timeout}s")
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=["SIGINT", "SIGTERM"])
+def test_signal_finishes_the_step_saves_and_says_how_to_resume(signum, run_a, data_dir, tmp_path, no_test_eval):
+    project = tmp_path / "project"
+    # 3 epochs, so the signal (sent as the first epoch starts) lands well before the end.
+    process, out, err = start_training(project, data_dir, 3, tmp_path)
+    try:
+        wait_for_text(process, err, "epoch 1/3")
+        process.send_signal(signum)
+        status = process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = out.read_text() + err.read_text(errors="replace")
+    assert status == 130 if signum == signal.SIGINT else status != 0, output[-2000:]
+    assert "--resume" in output and str(project) in output
+    assert "Traceback" not in output
+    last = load(project / "outputs" / "last.pth")
+    assert last["epoch"] < 2, "the signal arrived too late to test a resume"
+    if signum == signal.SIGTERM:
+        return
+    # Resume to the end (2 epochs): the same history and weights as the uninterrupted run.
+    assert call_main(train.main, tiny(project, data_dir, 2, "--resume")) == (0, "")
+    assert history_without_seconds(project / "outputs") == history_without_seconds(run_a.outputs)
+    for name in ("best.pth", "last.pth"):
+        assert_same_weights(project / "outputs" / name, run_a.outputs / name)
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_best(data_dir, tmp_path, monkeypatch, no_test_eval):
+    real_loss, calls = train.training_loss, []
+
+    def nan_in_epoch_2(*args, **kwargs):  # one step per epoch: the second call is epoch 2
+        loss, *rest = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss, *rest)
+
+    monkeypatch.setattr(train, "training_loss", nan_in_epoch_2)
+    project = tmp_path / "project"
+    status, message = call_main(train.main, tiny(project, data_dir, 2))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert "nan" in message and "--lr" in message and "best.pth" in message
+    outputs = project / "outputs"
+    assert load(outputs / "best.pth")["epoch"] == 1
+    assert_finite_weights(outputs / "best.pth")
+    assert load(outputs / "last.pth")["epoch"] == 1  # the last good state, resumable
+    assert_finite_weights(outputs / "last.pth")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "with --lr 1e30 the first loss is finite, the update makes the weights explode, and "
+    "validation feeds NaN scores to sklearn: the run ends with 'train.py: error: Input contains "
+    "NaN.' instead of the non-finite-loss message naming --lr"))
+def test_exploding_learning_rate_stops_with_a_message_naming_lr(data_dir, tmp_path, no_test_eval):
+    project = tmp_path / "project"
+    status, message = call_main(train.main, tiny(project, data_dir, 2, "--lr", "1e30"))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert "--lr" in message and ("nan" in message.lower() or "finite" in message or "inf" in message)
+    if (project / "outputs" / "best.pth").exists():
+        assert_finite_weights(project / "outputs" / "best.pth")
+
+
+def test_project_with_outputs_is_refused_without_resume_or_force(run_a, data_dir, no_test_eval):
+    before = {p.name: p.stat().st_mtime_ns for p in run_a.outputs.iterdir()}
+    started = time.time()
+    status, message = call_main(train.main, tiny(run_a.project, data_dir, 2))
+    assert status != 0 and time.time() - started < 5
+    assert_one_line(message, "train.py: error:")
+    assert str(run_a.outputs) in message and "--resume" in message and "--force" in message
+    assert {p.name: p.stat().st_mtime_ns for p in run_a.outputs.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def disk_full_run(data_dir, tmp_path_factory):
+    """A 2-epoch run whose second last.pth write fails with ENOSPC after writing half a file."""
+    project = tmp_path_factory.mktemp("disk_full") / "project"
+    real_save, writes = torch.save, []
+
+    def fill_disk_on_second_last(obj, f, *args, **kwargs):
+        if "last.pth" in Path(f).name:
+            writes.append(Path(f).name)
+            if len(writes) == 2:
+                Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+                raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "evaluate", _no_test_evaluation)
+        mp.setattr(modules.torch, "save", fill_disk_on_second_last)
+        status, message = call_main(train.main, tiny(project, data_dir, 2))
+    return SimpleNamespace(outputs=project / "outputs", status=status, message=message)
+
+
+def test_failed_write_ends_with_a_message_and_keeps_the_previous_checkpoint(disk_full_run):
+    assert disk_full_run.status != 0
+    message = disk_full_run.message
+    assert_one_line(message, "train.py: error:")
+    assert "No space left" in message or "free disk space" in message
+    assert "--resume" in message
+    last = load(disk_full_run.outputs / "last.pth")
+    assert last["epoch"] == 1 and len(last["history"]) == 1
+    assert_finite_weights(disk_full_run.outputs / "best.pth")
+    assert not [p.name for p in disk_full_run.outputs.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "modules.save_atomic re-raises torch.save's OSError, whose filename is None, so train.main "
+    "says 'could not write a file' instead of naming PROJECT/outputs/last.pth"))
+def test_failed_write_message_names_the_file(disk_full_run):
+    assert str(disk_full_run.outputs / "last.pth") in disk_full_run.message
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.run installs SIGINT/SIGTERM handlers and never restores them: after train.main returns, "
+    "the caller's Ctrl-C is swallowed by a stale request_stop closure"))
+def test_in_process_run_restores_the_signal_handlers(run_a):
+    assert run_a.handlers_after == run_a.handlers_before
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Checkpoints are data, not code
+
+
+class RunsCode:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.fixture
+def evil(tmp_path):
+    """(a checkpoint-shaped file carrying pickled code, the marker its code would create)."""
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": RunsCode(marker), "config": {"loss": "bce"}}, path)
+    return path, marker
+
+
+def test_the_malicious_file_really_runs_code_when_unpickled_unsafely(evil):
+    path, marker = evil
+    torch.load(path, weights_only=False)  # the control: what an unsafe load would do
+    assert marker.exists()
+
+
+def test_every_torch_load_in_the_repo_is_weights_only():
+    calls = []
+    for script in sorted(ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "torch.serialization.load"):
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                calls.append((f"{script.name}:{node.lineno}", keywords.get("weights_only")))
+    assert calls, "no torch.load found"
+    assert [c for c in calls if c[1] != "True"] == []
+
+
+def test_load_checkpoint_refuses_pickled_code_without_running_it(evil):
+    path, marker = evil
+    with pytest.raises(WeightsError, match="refused") as error:
+        modules.load_checkpoint(path)
+    assert str(path) in str(error.value)
+    assert not marker.exists()
+
+
+def test_raw_pickle_with_code_is_refused_too(tmp_path):
+    marker, path = tmp_path / "code_ran", tmp_path / "raw.pth"
+    path.write_bytes(pickle.dumps(RunsCode(marker)))
+    with pytest.raises(WeightsError):
+        modules.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_predict_cli_refuses_pickled_code_in_one_line(evil, tmp_path):
+    path, marker = evil
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes())
+    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(path),
+                             "--image", str(image), "--device", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert_one_line(result.stderr.strip(), "predict.py: error:")
+    assert "refused" in result.stderr and str(path) in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["--resume", "--weights"])
+def test_train_refuses_pickled_code_in_resume_and_weights(where, evil, data_dir, tmp_path, no_test_eval):
+    path, marker = evil
+    project = tmp_path / "project"
+    if where == "--resume":
+        (project / "outputs").mkdir(parents=True)
+        shutil.copy(path, project / "outputs" / "last.pth")
+        argv = tiny(project, data_dir, 2, "--resume")
+    else:
+        argv = tiny(project, data_dir, 2, "--weights", path)
+    status, message = call_main(train.main, argv)
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert "refused" in message and where in message
+    assert not marker.exists()
+
+
+def _squeezenet_state():
+    from torchvision.models import squeezenet1_1
+    return squeezenet1_1(weights=None).state_dict()
+
+
+def _checkpoint_case(case, best, path):
+    checkpoint = load(best)
+    if case == "truncated":
+        data = best.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "random_bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4000))
+    elif case == "other_torchvision_state_dict":
+        torch.save(_squeezenet_state(), path)
+    elif case == "other_weights_our_config":
+        torch.save({"model": _squeezenet_state(), "config": checkpoint["config"]}, path)
+    elif case == "our_weights_loss_changed":
+        checkpoint["config"]["loss"] = "contrastive"
+        torch.save(checkpoint, path)
+    elif case == "foreign_config":
+        torch.save({"model": _squeezenet_state(), "config": {"arch": "squeezenet1_1", "num_classes": 2}}, path)
+
+
+_FOREIGN_CONFIG_GAP = pytest.mark.xfail(strict=True, reason=(
+    "modules.load_checkpoint passes the config to build_model unchecked: a checkpoint with "
+    "'model' and 'config' keys from another project raises KeyError: 'loss', not WeightsError"))
+_RANDOM_BYTES_GAP = pytest.mark.xfail(strict=True, reason=(
+    "modules.load_state calls every weights_only UnpicklingError 'refused ... pickled Python "
+    "objects (it could run code)'; a corrupt file of random bytes should say truncated or corrupt"))
+CHECKPOINT_CASES = [
+    "truncated", "other_torchvision_state_dict", "other_weights_our_config", "our_weights_loss_changed",
+    pytest.param("foreign_config", marks=_FOREIGN_CONFIG_GAP),
+    pytest.param("random_bytes", marks=_RANDOM_BYTES_GAP),
+]
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
+def test_unusable_checkpoint_raises_weights_error_naming_it(case, run_a, tmp_path):
+    path = tmp_path / f"{case}.pth"
+    _checkpoint_case(case, run_a.outputs / "best.pth", path)
+    with pytest.raises(WeightsError) as error:
+        modules.load_checkpoint(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+    if case in ("truncated", "random_bytes"):
+        assert "truncated or corrupt" in message
+        assert "refused" not in message
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
+def test_predict_with_an_unusable_checkpoint_exits_with_one_line(case, run_a, tmp_path):
+    path = tmp_path / f"{case}.pth"
+    _checkpoint_case(case, run_a.outputs / "best.pth", path)
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes())
+    try:
+        status, message = call_main(predict.main, ["--checkpoint", path, "--image", image, "--device", "cpu"])
+    except Exception as error:  # a traceback from deep inside torch is the failure this test looks for
+        pytest.fail(f"{type(error).__name__}: {error}")
+    assert status != 0
+    assert_one_line(message, "predict.py: error:")
+    assert str(path) in message
+    if case in ("truncated", "random_bytes"):
+        assert "truncated or corrupt" in message
+
+
+def test_train_weights_of_another_architecture_is_one_line(data_dir, tmp_path, no_test_eval):
+    path = tmp_path / "squeezenet.pth"
+    torch.save(_squeezenet_state(), path)
+    status, message = call_main(train.main, tiny(tmp_path / "project", data_dir, 2, "--weights", path))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert f"--weights {path}" in message and "ResNet18" in message
+
+
+@pytest.mark.parametrize("content", ["pickled_code", "truncated"])
+@pytest.mark.xfail(strict=True, reason=(
+    "predict.load_gallery calls torch.load directly (weights_only=True, so no code runs) without "
+    "modules.load_state's handling: a bad gallery.pt ends in an UnpicklingError/RuntimeError "
+    "traceback instead of a one-line refusal or a rebuild"))
+def test_predict_with_a_bad_gallery_file_is_one_line_and_runs_no_code(content, run_a, tmp_path):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    shutil.copy(run_a.outputs / "best.pth", outputs / "best.pth")
+    marker = tmp_path / "code_ran"
+    if content == "pickled_code":
+        torch.save({"features": RunsCode(marker), "checkpoint_stamp": "x"}, outputs / "gallery.pt")
+    else:
+        (outputs / "gallery.pt").write_bytes(b"PK\x03\x04 half a gallery")
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes())
+    try:
+        status, message = call_main(predict.main, ["--checkpoint", outputs / "best.pth", "--image", image,
+                                                   "--device", "cpu"])
+    except Exception as error:
+        pytest.fail(f"{type(error).__name__}: {error}")
+    finally:
+        assert not marker.exists()
+    assert status != 0
+    assert_one_line(message, "predict.py: error:")
+    assert "gallery.pt" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Bad flags: one line each, before any work
+
+
+BAD_FLAGS = [
+    ("does_not_exist", ["--data", "{tmp}/nowhere"], "--data"),
+    ("image_size_below_32", ["--image-size", "16"], "--image-size 16"),
+    ("batch_size_0", ["--batch-size", "0"], "--batch-size 0"),
+    ("epochs_0", ["--epochs", "0"], "--epochs 0"),
+    ("unknown_device", ["--device", "banana"], "--device banana"),
+    pytest.param("cuda_absent", ["--device", "cuda"], "--device cuda", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
+    ("resume_without_last", ["--resume"], "--resume"),
+]
+
+
+@pytest.mark.parametrize("case, extra, flag", BAD_FLAGS)
+def test_bad_flag_is_one_line_before_any_work(case, extra, flag, data_dir, tmp_path, no_test_eval):
+    project = tmp_path / "project"
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    started = time.time()
+    status, message = call_main(train.main, tiny(project, data_dir, 2, *extra))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert flag in message
+    assert time.time() - started < 5
+    assert not project.exists()  # nothing created
+
+
+def test_missing_data_flag_is_argparse_usage_error(tmp_path, capsys):
+    argv = tiny(tmp_path / "project", "unused")
+    del argv[2:4]  # drop --data DATA
+    status, _ = call_main(train.main, argv)
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("usage:") and "the following arguments are required: --data" in err
+    assert not (tmp_path / "project").exists()
+
+
+def test_bad_flag_on_the_real_command_line(data_dir, tmp_path):
+    project = tmp_path / "project"
+    started = time.time()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny(project, data_dir, 2, "--device", "banana")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert_one_line(result.stderr.strip(), "train.py: error: --device banana")
+    assert result.stdout == ""
+    assert not project.exists()
+    assert time.time() - started < 60

@@ -1,0 +1,179 @@
+"""Tests of metrics.py against direct computations and scikit-learn: the study's pair numbers,
+the image-level metrics, the bootstrap interval of the AUC and the validation threshold."""
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import (average_precision_score, balanced_accuracy_score, confusion_matrix, recall_score,
+                             roc_auc_score)
+
+from metrics import auc_or_nan, bootstrap_auc, choose_threshold, image_metrics, pair_metrics
+
+
+def toy_scores(n, seed, separation=1.0, malignant_fraction=0.3):
+    """Labels and P(malignant)-like scores in (0, 1), malignant scoring higher on average."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < malignant_fraction).astype(int)
+    labels[:2] = [0, 1]
+    scores = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + separation * labels)))
+    return labels, scores
+
+
+def sensitivity_at(labels, scores, threshold):
+    return ((scores >= threshold) & (labels == 1)).sum() / (labels == 1).sum()
+
+
+def specificity_at(labels, scores, threshold):
+    return ((scores < threshold) & (labels == 0)).sum() / (labels == 0).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# pair_metrics
+
+
+def test_pair_metrics_equal_a_direct_numpy_computation():
+    rng = np.random.default_rng(0)
+    similarity = rng.random(50)
+    targets = rng.integers(0, 2, 50).astype(np.float32)
+    result = pair_metrics(similarity, targets)
+    accuracy = np.mean((similarity > 0.5) == (targets == 1))
+    loss = -np.mean(targets * np.log(similarity) + (1 - targets) * np.log(1 - similarity))
+    assert result["pair_accuracy"] == pytest.approx(accuracy)
+    assert result["pair_loss"] == pytest.approx(loss, rel=1e-9)
+    assert set(result) == {"pair_accuracy", "pair_loss"}
+
+
+def test_pair_metrics_counts_one_half_as_different_and_clips_certain_answers():
+    result = pair_metrics([0.5, 1.0, 0.0, 0.9], [1, 1, 0, 0])
+    assert result["pair_accuracy"] == 0.5  # 0.5 is not "same"; 0.9 for a different pair is wrong
+    expected = -(np.log(0.5) + np.log(1 - 1e-7) + np.log(1 - 1e-7) + np.log(0.1)) / 4
+    assert math.isfinite(result["pair_loss"]) and result["pair_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_pair_metrics_of_one_target_class_still_compute_the_loss():
+    result = pair_metrics([0.8, 0.6], [1, 1])
+    assert result["pair_accuracy"] == 1.0
+    assert result["pair_loss"] == pytest.approx(-(np.log(0.8) + np.log(0.6)) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# image_metrics
+
+
+def test_image_metrics_equal_scikit_learn_on_known_inputs():
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.35, 0.4, 0.7, 0.5, 0.3, 0.6, 0.8, 0.9])
+    result = image_metrics(labels, scores, threshold=0.5, seed=0, n_bootstrap=200)
+    predicted = (scores >= 0.5).astype(int)  # the score equal to the threshold (0.5) counts as malignant
+    tn, fp, fn, tp = confusion_matrix(labels, predicted).ravel()
+    assert (result["tn"], result["fp"], result["fn"], result["tp"]) == (tn, fp, fn, tp) == (4, 2, 1, 3)
+    assert result["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert result["average_precision"] == pytest.approx(average_precision_score(labels, scores))
+    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert result["sensitivity"] == pytest.approx(recall_score(labels, predicted)) == 0.75
+    assert result["specificity"] == pytest.approx(recall_score(labels, predicted, pos_label=0)) == pytest.approx(4 / 6)
+    assert result["threshold"] == 0.5 and result["n_benign"] == 6 and result["n_malignant"] == 4
+    assert result["auc_ci_low"] <= result["auc"] <= result["auc_ci_high"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_image_metrics_equal_scikit_learn_on_random_inputs(seed):
+    labels, scores = toy_scores(300, seed)
+    threshold = float(np.quantile(scores, 0.6))
+    result = image_metrics(labels, scores, threshold, n_bootstrap=50)
+    predicted = (scores >= threshold).astype(int)
+    assert result["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert result["sensitivity"] == pytest.approx(recall_score(labels, predicted))
+    assert result["specificity"] == pytest.approx(recall_score(labels, predicted, pos_label=0))
+    assert [result[k] for k in ("tn", "fp", "fn", "tp")] == confusion_matrix(labels, predicted).ravel().tolist()
+
+
+def test_auc_or_nan_is_nan_for_one_class():
+    assert math.isnan(auc_or_nan([0, 0, 0], [0.1, 0.5, 0.9]))
+    assert auc_or_nan([0, 1, 1], [0.1, 0.5, 0.9]) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# bootstrap_auc
+
+
+def test_bootstrap_interval_contains_the_auc_and_is_fixed_by_the_seed():
+    labels, scores = toy_scores(200, 0)
+    auc = roc_auc_score(labels, scores)
+    low, high = bootstrap_auc(labels, scores, n=100, seed=4)
+    assert 0.5 < low < auc < high <= 1.0
+    assert bootstrap_auc(labels, scores, n=100, seed=4) == (low, high)
+    assert bootstrap_auc(labels, scores, n=100, seed=5) != (low, high)
+
+
+def test_bootstrap_interval_is_narrower_for_more_data():
+    small = bootstrap_auc(*toy_scores(60, 0), n=100, seed=0)
+    large = bootstrap_auc(*toy_scores(2000, 0), n=100, seed=0)
+    assert large[1] - large[0] < 0.5 * (small[1] - small[0])
+
+
+def test_bootstrap_interval_widens_with_the_level():
+    labels, scores = toy_scores(200, 3)
+    narrow = bootstrap_auc(labels, scores, n=100, seed=0, level=0.5)
+    wide = bootstrap_auc(labels, scores, n=100, seed=0, level=0.95)
+    assert wide[0] < narrow[0] < narrow[1] < wide[1]
+
+
+def test_bootstrap_skips_resamples_with_one_class():
+    labels = np.array([0] * 19 + [1])  # most resamples miss the one malignant image
+    scores = np.linspace(0, 1, 20)
+    low, high = bootstrap_auc(labels, scores, n=200, seed=0)
+    assert low == high == 1.0  # the malignant image scores highest in every usable resample
+
+
+# ---------------------------------------------------------------------------------------------
+# choose_threshold
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_youden_threshold_maximises_sensitivity_plus_specificity(seed):
+    labels, scores = toy_scores(150, seed)
+    threshold = choose_threshold(labels, scores)
+    best = max(sensitivity_at(labels, scores, t) + specificity_at(labels, scores, t) for t in np.unique(scores))
+    chosen = sensitivity_at(labels, scores, threshold) + specificity_at(labels, scores, threshold)
+    assert chosen == pytest.approx(best)
+    assert threshold in scores  # a real score, not the +inf sentinel
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.8, 0.9, 0.95, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_target_sensitivity_threshold_reaches_the_target(seed, target):
+    labels, scores = toy_scores(150, seed)
+    threshold = choose_threshold(labels, scores, target_sensitivity=target)
+    assert sensitivity_at(labels, scores, threshold) >= target
+
+
+def highest_threshold_reaching(labels, scores, target):
+    return max(t for t in np.unique(scores) if sensitivity_at(labels, scores, t) >= target)
+
+
+@pytest.mark.parametrize("target", [0.25, 0.75, 1.0])
+def test_target_sensitivity_threshold_is_the_highest_such_threshold_where_benign_separate_malignant(target):
+    labels = np.array([1, 0, 1, 0, 1, 0, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5, 0.4, 0.3])
+    assert choose_threshold(labels, scores, target) == highest_threshold_reaching(labels, scores, target)
+
+
+@pytest.mark.xfail(reason="bug: choose_threshold uses roc_curve's default drop_intermediate=True, which "
+                          "drops thresholds inside runs of malignant scores, so the target-sensitivity "
+                          "threshold can be lower than the highest threshold reaching the target",
+                   strict=True)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_target_sensitivity_threshold_is_the_highest_such_threshold(seed):
+    labels, scores = toy_scores(150, seed)
+    for target in (0.5, 0.8, 0.9, 0.95):
+        assert choose_threshold(labels, scores, target) == highest_threshold_reaching(labels, scores, target)
+
+
+@pytest.mark.xfail(reason="bug: roc_curve(drop_intermediate=True) drops 0.8 from the run of malignant "
+                          "scores 0.9, 0.8, 0.7; target 0.5 then returns 0.7 instead of 0.8", strict=True)
+def test_target_sensitivity_threshold_inside_a_run_of_malignant_scores():
+    labels = np.array([1, 1, 1, 0, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    assert choose_threshold(labels, scores, 0.5) == 0.8  # 2 of 4 malignant at >= 0.8

@@ -1,0 +1,435 @@
+"""
+Turn the ISIC 2020 download (a metadata CSV + a folder of images) into the split class folders
+the rest of the project reads:
+
+    DATA/{train_data,validation_data,test_data}/{0,1}/<name>.jpg     (0 benign, 1 malignant)
+    DATA/split.json                                                  how the split was made
+
+The split is 70/15/15 per class by default and grouped by patient (no patient in two splits)
+when the CSV has a patient_id column; the Kaggle "256x256 RESIZED" metadata has none, so then
+it is per image, and the script says so. Images are hard-linked (no extra disk space) unless
+--copy is given or linking is impossible (another file system), in which case they are copied.
+
+    python to_subdirectories.py --csv train-metadata.csv --images train-image/image --out DATA
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+SPLITS = ("train_data", "validation_data", "test_data")
+CLASS_NAMES = ("benign", "malignant")  # target 0, target 1; also the folder names "0" and "1"
+NAME_COLUMNS = ("isic_id", "image_name")  # Kaggle metadata has isic_id, the ISIC 2020 csv image_name
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MAX_FOLDS = 100  # folds are the unit the splits are built from: 100 folds = 1 % steps
+ASSIGNMENT_TRIES = 1000  # random fold -> split assignments tried; the best one is kept
+SHOW = 5  # how many example names a warning lists
+
+
+def die(message):
+    """A problem the user can fix: one line, no traceback, non-zero exit."""
+    sys.exit(f"to_subdirectories.py: error: {message}")
+
+
+def examples(items):
+    shown = ", ".join(str(item) for item in items[:SHOW])
+    return shown + (f", ... ({len(items) - SHOW} more)" if len(items) > SHOW else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the CSV
+
+
+def parse_target(value):
+    """0 or 1 from '0', '1', '1.0', ' 1 '; None for anything else (blank, NaN, 2, 'malignant')."""
+    try:
+        number = float((value or "").strip())
+    except ValueError:
+        return None
+    return int(number) if number in (0.0, 1.0) else None
+
+
+def file_name(name):
+    """The file on disk for a CSV name: '<name>.jpg' unless the name already has an image extension.
+    None when the name could point outside the image folder (separators, '..', absolute, hidden)."""
+    if not name or name.startswith(".") or "\0" in name or "/" in name or "\\" in name:
+        return None
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:  # 'C:x' on Windows
+        return None
+    return name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"
+
+
+def read_metadata(csv_path):
+    """Usable rows of the metadata CSV and a report of what was skipped and why.
+
+    rows: [{"name": file name on disk, "target": 0 or 1, "patient_id": str, or None if blank}]
+    report: columns, name_column, has_patient_id, rows_read and the lists of skipped rows.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        die(f"--csv {csv_path}: no such file; point it at train-metadata.csv of the ISIC download")
+    try:
+        # newline='' lets the csv module handle CRLF; utf-8-sig drops an Excel byte-order mark
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            records = [(reader.line_num, record) for record in reader]
+    except UnicodeDecodeError:
+        die(f"--csv {csv_path}: not UTF-8 text; save it as a UTF-8 CSV")
+    except (OSError, csv.Error) as e:
+        die(f"--csv {csv_path}: cannot read it ({e})")
+    if not header or not any(cell.strip() for cell in header):
+        die(f"--csv {csv_path}: the file is empty; expected a header with isic_id (or image_name) and target")
+
+    # Columns are matched case-insensitively and without surrounding spaces.
+    columns = [cell.strip() for cell in header]
+    index = {column.lower(): i for i, column in reversed(list(enumerate(columns)))}
+    name_column = next((c for c in NAME_COLUMNS if c in index), None)
+    if name_column is None or "target" not in index:
+        hint = " (is it comma-separated?)" if len(columns) == 1 and any(s in columns[0] for s in ";\t") else ""
+        die(f"--csv {csv_path}: expected columns isic_id (or image_name) and target, "
+            f"found {', '.join(columns)}{hint}")
+    records = [(line, record) for line, record in records if any(cell.strip() for cell in record)]
+    if not records:
+        die(f"--csv {csv_path}: the file has a header but no rows")
+
+    def cell(record, column):
+        i = index.get(column)
+        return record[i].strip() if i is not None and i < len(record) else ""
+
+    report = {"columns": columns, "name_column": name_column, "has_patient_id": "patient_id" in index,
+              "rows_read": len(records), "bad_names": [], "bad_targets": [], "duplicates": [],
+              "conflicting_duplicates": [], "blank_patient_ids": 0}
+    rows, seen = [], {}
+    for line, record in records:
+        raw_name, raw_target = cell(record, name_column), cell(record, "target")
+        name = file_name(raw_name)
+        if name is None:
+            report["bad_names"].append(f"line {line}: {raw_name!r}")
+            continue
+        target = parse_target(raw_target)
+        if target is None:
+            report["bad_targets"].append(f"{raw_name} (target={raw_target!r})")
+            continue
+        if name in seen:  # the same image twice: keep the first row
+            report["duplicates"].append(raw_name)
+            if seen[name] != target:
+                report["conflicting_duplicates"].append(raw_name)
+            continue
+        seen[name] = target
+        patient = cell(record, "patient_id") or None
+        report["blank_patient_ids"] += report["has_patient_id"] and patient is None
+        rows.append({"name": name, "target": target, "patient_id": patient})
+    return rows, report
+
+
+def print_report(report, csv_path):
+    if report["bad_names"]:
+        print(f"warning: {len(report['bad_names'])} rows of {csv_path} skipped: the {report['name_column']} "
+              f"is blank or is a path, not a file name: {examples(report['bad_names'])}")
+    if report["bad_targets"]:
+        print(f"warning: {len(report['bad_targets'])} rows of {csv_path} skipped: target is not 0 or 1: "
+              f"{examples(report['bad_targets'])}")
+    if report["duplicates"]:
+        print(f"warning: {len(report['duplicates'])} duplicate rows in {csv_path}, each image kept once "
+              f"(first row wins): {examples(report['duplicates'])}")
+    if report["conflicting_duplicates"]:
+        print(f"warning: the target differs from the first row for {len(report['conflicting_duplicates'])} "
+              f"of those duplicates: {examples(report['conflicting_duplicates'])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+
+
+def choose_folds(ratios):
+    """The fewest folds that represent the ratios exactly (0.7/0.15/0.15 -> 20 folds: 14/3/3).
+    Fewer folds = bigger folds = smaller relative imbalance between them, and a faster
+    StratifiedGroupKFold (its greedy search costs folds^2 per patient)."""
+    for k in range(len(ratios), MAX_FOLDS + 1):
+        exact = np.asarray(ratios) * k
+        if np.all(np.abs(exact - np.round(exact)) < 1e-6) and np.all(np.round(exact) >= 1):
+            return k
+    return MAX_FOLDS
+
+
+def folds_per_split(ratios, k):
+    """Split k folds by ratio (largest remainder), at least one fold per split."""
+    exact = np.asarray(ratios, dtype=float) * k
+    n = np.maximum(np.floor(exact + 1e-9).astype(int), 1)
+    while n.sum() < k:
+        n[np.argmax(exact - n)] += 1
+    while n.sum() > k:
+        n[np.argmax(np.where(n > 1, n - exact, -np.inf))] -= 1
+    return n
+
+
+def split_indices(labels, groups, ratios, seed):
+    """The split name (one of SPLITS) of each image.
+
+    Stratified per class; with groups (patient ids), no group is in two splits. The images are
+    cut into k folds with scikit-learn's Stratified(Group)KFold, then whole folds are given to the
+    splits by ratio. Of ASSIGNMENT_TRIES random fold -> split assignments the one closest to the
+    ratios in every class is kept: with patients of many images the folds are not exactly equal,
+    and a lucky assignment fixes most of that (at full ISIC scale, worst class off by ~0.1 %
+    instead of up to ~1 %).
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    k = choose_folds(ratios)
+    if groups is None:
+        k = min(k, int(np.bincount(labels).max()))  # StratifiedKFold needs k <= the biggest class
+        cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    else:
+        _, groups = np.unique(np.asarray(groups), return_inverse=True)
+        k = min(k, int(groups.max()) + 1)  # StratifiedGroupKFold needs k <= number of groups
+        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    if k < len(ratios):
+        raise ValueError(f"only {k} {'patients' if groups is not None else 'images'}: "
+                         f"cannot split into {len(ratios)} parts")
+    fold = np.empty(len(labels), dtype=int)
+    with warnings.catch_warnings():  # "least populated class has only n members": checked by the caller
+        warnings.simplefilter("ignore", UserWarning)
+        for i, (_, test) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+            fold[test] = i
+
+    # Try random assignments of folds to splits; keep the one with the smallest worst deviation
+    # from the target ratio (fraction of the class) over all classes and splits.
+    per_fold = np.stack([np.bincount(fold[labels == c], minlength=k) for c in classes], axis=1)  # k x C
+    position_split = np.repeat(np.arange(len(ratios)), folds_per_split(ratios, k))
+    rng = np.random.default_rng(seed)
+    perms = np.stack([rng.permutation(k) for _ in range(ASSIGNMENT_TRIES)])  # [try, position] = fold
+    split_of_fold = np.empty_like(perms)
+    np.put_along_axis(split_of_fold, perms, np.broadcast_to(position_split, perms.shape), axis=1)
+    counts = np.einsum("tks,kc->tsc", np.eye(len(ratios))[split_of_fold], per_fold)  # try x split x class
+    deviation = np.abs(counts / per_fold.sum(0) - np.asarray(ratios)[None, :, None]).max(axis=(1, 2))
+    empty = (counts == 0).sum(axis=(1, 2))  # a split without a class is worse than any deviation
+    best = split_of_fold[np.argmin(empty * 10 + deviation)]
+    return [SPLITS[s] for s in best[fold]]
+
+
+def check_splittable(labels, groups, n_splits):
+    """Every split needs at least one image (and one patient) of every class."""
+    for c, class_name in enumerate(CLASS_NAMES):
+        images = sum(1 for label in labels if label == c)
+        patients = len({g for g, label in zip(groups, labels) if label == c}) if groups is not None else images
+        if images < n_splits or patients < n_splits:
+            of = f" of {patients} patients" if groups is not None else ""
+            die(f"class {c} ({class_name}) has only {images} usable images{of}; each of the {n_splits} "
+                f"splits needs at least one, so add more {class_name} images to the CSV and image folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing the folders
+
+
+def place(src, dst, copy):
+    """Hard-link src to dst (no extra disk space), or copy when asked or when linking fails
+    (another file system, no permission, too many links). Returns 'link' or 'copy'."""
+    if not copy:
+        try:
+            os.link(src, dst)
+            return "link"
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+    return "copy"
+
+
+def remove(path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def move_into_place(tmp, out):
+    """Publish the finished split. A fresh (or empty) --out is one rename. A non-empty one (--force)
+    loses split.json first, so a run cut short here never leaves a split that looks complete;
+    only the split folders and split.json are replaced, anything else in --out is left alone."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        os.rename(tmp, out)
+        return
+    trash = out.parent / f"{out.name}.old-{os.getpid()}"
+    remove(trash)
+    trash.mkdir()
+    try:
+        if (out / "split.json").exists():
+            os.rename(out / "split.json", trash / "split.json")
+        for split in SPLITS:
+            if (out / split).exists() or (out / split).is_symlink():
+                os.rename(out / split, trash / split)
+            os.rename(tmp / split, out / split)
+        os.rename(tmp / "split.json", out / "split.json")
+    finally:
+        remove(trash)
+    remove(tmp)
+
+
+def print_table(counts, grouped, n_patients):
+    print(f"{'split':<16}{'benign':>9}{'malignant':>11}{'total':>9}{'patients':>10}")
+    total = {key: sum(c[key] for c in counts.values()) for key in ("benign", "malignant", "total")}
+    for split, c in [*counts.items(), ("total", {**total, "patients": n_patients})]:
+        patients = f"{c['patients']:,}" if grouped else "-"
+        print(f"{split:<16}{c['benign']:>9,}{c['malignant']:>11,}{c['total']:>9,}{patients:>10}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Split the ISIC 2020 images into DATA/{train_data,validation_data,test_data}/{0,1}/ "
+                    "(0 benign, 1 malignant), per class and grouped by patient.")
+    parser.add_argument("--csv", default="train-metadata.csv",
+                        help="metadata CSV with an isic_id (or image_name) column and a 0/1 target column; "
+                             "a patient_id column makes the split patient-grouped (default: %(default)s)")
+    parser.add_argument("--images", default="train-image/image",
+                        help="folder holding <isic_id>.jpg for every row of the CSV (default: %(default)s)")
+    parser.add_argument("--out", default="DATA",
+                        help="output folder for the split class folders and split.json (default: %(default)s)")
+    parser.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
+                        metavar=("TRAIN", "VAL", "TEST"),
+                        help="fractions of every class for train, validation and test; each > 0, summing "
+                             "to 1 (default: 0.7 0.15 0.15, as in the study)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the split; the same seed and CSV give the same split "
+                             "(default: %(default)s)")
+    parser.add_argument("--copy", action="store_true",
+                        help="copy the images instead of hard-linking them (hard links share the file "
+                             "with --images: no extra disk space, but editing one edits the other)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out, replacing its train_data, validation_data, "
+                             "test_data and split.json (other files there are left alone)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ratios = [float(r) for r in args.ratios]
+    if not all(r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:  # 'r > 0' is False for NaN too
+        die(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: need three fractions > 0 that sum to 1, "
+            f"e.g. --ratios 0.7 0.15 0.15")
+    if not 0 <= args.seed < 2**32:
+        die(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
+    csv_path, images = Path(args.csv), Path(args.images)
+    out = Path(os.path.abspath(args.out))  # absolute without following a symlinked --out
+    out = out.resolve() if out.is_symlink() else out  # the temp folder must sit next to the real one
+    if not images.is_dir():
+        die(f"--images {images}: no such folder; point it at the folder with the .jpg files "
+            f"(train-image/image in the Kaggle download)")
+    if out.exists() and not out.is_dir():
+        die(f"--out {out}: is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        die(f"--out {out}: folder is not empty; pass --force to replace the split in it, "
+            f"or choose another --out")
+
+    # 1. Read the CSV and keep the rows whose image is on disk.
+    rows, report = read_metadata(csv_path)
+    print(f"{csv_path}: {report['rows_read']:,} rows, file name column {report['name_column']}")
+    print_report(report, csv_path)
+    if not rows:
+        die(f"--csv {csv_path}: no usable rows left (see the warnings above); "
+            f"every row needs a file name and a target of 0 or 1")
+    try:
+        on_disk = {entry.name for entry in os.scandir(images) if entry.is_file()}
+    except OSError as e:
+        die(f"--images {images}: cannot list the folder ({e})")
+    missing = [row["name"] for row in rows if row["name"] not in on_disk]
+    if missing:
+        print(f"warning: {len(missing):,} of {len(rows):,} images of the CSV are not in {images}, skipped: "
+              f"{examples(missing)}")
+        rows = [row for row in rows if row["name"] in on_disk]
+    if not rows:
+        hint = f" (did you mean --images {images / 'image'}?)" if (images / "image").is_dir() else ""
+        die(f"--images {images}: none of the images listed in {csv_path} is there{hint}; "
+            f"expected files like {images / missing[0]}")
+
+    # 2. Split: grouped by patient when the CSV says who the patient is, else per image.
+    labels = [row["target"] for row in rows]
+    grouped = report["has_patient_id"] and any(row["patient_id"] for row in rows)
+    if grouped:
+        # An image without a patient id is its own group: it cannot share a patient with anything.
+        groups = [row["patient_id"] or f"\0image:{row['name']}" for row in rows]
+        blanks = sum(row["patient_id"] is None for row in rows)
+        if blanks:
+            print(f"note: {blanks:,} images have a blank patient_id; each is treated as a patient of its own")
+    else:
+        groups = None
+        why = "no patient_id column" if not report["has_patient_id"] else "an empty patient_id column"
+        print(f"note: {csv_path} has {why}, so the split falls back to a per-image split "
+              f"(images of one patient may end up in different splits)")
+    check_splittable(labels, groups, len(SPLITS))
+    n_patients = len({g for g in groups if not g.startswith("\0")}) if grouped else None
+    print(f"splitting {len(rows):,} images" + (f" of {n_patients:,} patients" if grouped else "")
+          + f" {'/'.join(f'{r:g}' for r in ratios)} per class, "
+          + ("grouped by patient_id" if grouped else "per image") + f", seed {args.seed}")
+    assignment = split_indices(labels, groups, ratios, args.seed)
+
+    counts = {}
+    for split in SPLITS:
+        members = [i for i, s in enumerate(assignment) if s == split]
+        c = Counter(labels[i] for i in members)
+        patients = len({rows[i]["patient_id"] for i in members} - {None}) if grouped else None
+        counts[split] = {"benign": c[0], "malignant": c[1], "total": len(members), "patients": patients}
+        for label, class_name in enumerate(CLASS_NAMES):
+            if c[label] == 0:
+                die(f"the split left {split} without {class_name} images (the class has only "
+                    f"{labels.count(label)}); add more {class_name} images or change --ratios or --seed")
+
+    # 3. Build everything in a temp folder next to --out, then move it into place in one go, so
+    #    an interrupted run never leaves a half-written split that looks complete.
+    tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
+    methods = Counter()
+    try:
+        remove(tmp)
+        folders = {(split, label): tmp / split / str(label) for split in SPLITS for label in (0, 1)}
+        for folder in folders.values():
+            folder.mkdir(parents=True)
+        for row, split in zip(rows, assignment):  # os.path.join: pathlib costs a second per 33k files
+            src = os.path.join(images, row["name"])
+            dst = os.path.join(folders[split, row["target"]], row["name"])
+            methods[place(src, dst, args.copy)] += 1
+        info = {"seed": args.seed, "ratios": dict(zip(SPLITS, ratios)),
+                "grouping": "patient_id" if grouped else "image",
+                "source_csv": str(csv_path.resolve()), "images": str(images.resolve()),
+                "counts": counts, "patients": n_patients, "files": dict(methods),
+                "skipped": {"missing_images": len(missing), "bad_names": len(report["bad_names"]),
+                            "bad_targets": len(report["bad_targets"]), "duplicates": len(report["duplicates"])}}
+        (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
+        move_into_place(tmp, out)
+    except KeyboardInterrupt:
+        remove(tmp)
+        print(f"to_subdirectories.py: interrupted; removed the unfinished split (--out {out})", file=sys.stderr)
+        raise SystemExit(130)
+    except OSError as e:
+        remove(tmp)
+        die(f"--out {out}: cannot write the split ({e}); check the free space and permissions there")
+    except BaseException:
+        remove(tmp)
+        raise
+
+    how = ", ".join(f"{n:,} {'hard-linked' if m == 'link' else 'copied'}" for m, n in sorted(methods.items()))
+    if methods["copy"] and not args.copy:
+        how += " (hard links were not possible here, e.g. another file system)"
+    print(f"wrote {out} ({how}):")
+    print_table(counts, grouped, n_patients)
+    return info
+
+
+if __name__ == "__main__":
+    main()
