@@ -258,7 +258,14 @@ def make_pairs(labels, seed):
     partners = np.empty(len(labels), dtype=np.int64)
     for c in range(len(CLASSES)):
         pool, need = np.flatnonzero(labels == c), partner_class == c
-        partners[need] = pool[(draws[need] * len(pool)).astype(np.int64)]
+        same = need & (labels == c)  # a same-class partner is another image, never the image itself
+        if len(pool) < 2:
+            same[:] = False
+        size = np.where(same, len(pool) - 1, len(pool))[need]
+        pick = (draws[need] * size).astype(np.int64)
+        own = np.searchsorted(pool, np.flatnonzero(need))  # the image's own position in its class
+        pick += same[need] & (pick >= own)
+        partners[need] = pool[pick]
     return partners, targets.astype(np.float32)
 
 
@@ -346,7 +353,7 @@ class _EpochBatches:
         return plan[self.rank::self.world_size][:per_rank]
 
     def __len__(self):
-        return len(self.batches())
+        return max(0, len(self.batches()) - self.start)
 
     def __iter__(self):
         for batch in self.batches()[self.start:]:
@@ -354,9 +361,10 @@ class _EpochBatches:
 
 
 class ShuffledBatches(_EpochBatches):
-    """Every image once per epoch as an anchor, in random order, batch_size at a time. Each batch
-    gets partners_per_class extra random images of each class that serve only as pair partners,
-    so every anchor finds a partner of either class inside the batch (embed-once)."""
+    """Every image once per epoch as an anchor, in random order, batch_size at a time. A class
+    with fewer than partners_per_class anchors in a batch is topped up with random images of
+    that class that serve only as pair partners, so every anchor finds a partner of either class
+    inside the batch (embed-once). On ISIC 2020 (1.8 % malignant) that adds ~6 images to 128."""
 
     def __init__(self, labels, batch_size, seed, partners_per_class=0, drop_last=True, **kw):
         super().__init__(labels, seed, **kw)
@@ -369,9 +377,14 @@ class ShuffledBatches(_EpochBatches):
         by_class = [np.flatnonzero(self.labels == c) for c in range(len(CLASSES))]
         plan = []
         for begin in range(0, stop, self.batch_size):
-            batch = [(i, True) for i in order[begin:begin + self.batch_size]]
-            for pool in by_class if self.partners_per_class else []:
-                batch += [(i, False) for i in rng.choice(pool, self.partners_per_class)]
+            anchors = order[begin:begin + self.batch_size]
+            batch = [(i, True) for i in anchors]
+            for c, pool in enumerate(by_class):
+                missing = self.partners_per_class - int((self.labels[anchors] == c).sum())
+                if missing > 0:  # partners from outside the batch, so no image is paired with itself
+                    outside = np.setdiff1d(pool, anchors)
+                    outside = outside if len(outside) >= missing else pool
+                    batch += [(i, False) for i in rng.choice(outside, missing, replace=len(outside) < missing)]
             plan.append(batch)
         return plan
 

@@ -26,6 +26,8 @@ def bootstrap_auc(labels, scores, n=1000, seed=0, level=0.95):
         sample = rng.integers(0, len(labels), len(labels))
         if labels[sample].min() != labels[sample].max():  # a resample needs both classes
             aucs.append(roc_auc_score(labels[sample], scores[sample]))
+    if not aucs:
+        return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
     return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
 
@@ -33,7 +35,7 @@ def bootstrap_auc(labels, scores, n=1000, seed=0, level=0.95):
 def choose_threshold(labels, scores, target_sensitivity=None):
     """On validation: the threshold maximising Youden's J (sensitivity + specificity - 1), or
     the highest threshold whose sensitivity reaches target_sensitivity."""
-    fpr, tpr, thresholds = roc_curve(labels, scores)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     thresholds = np.minimum(thresholds, 1.0)  # sklearn puts +inf first
     if target_sensitivity is None:
         return float(thresholds[np.argmax(tpr - fpr)])

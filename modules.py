@@ -38,6 +38,9 @@ def resnet18_backbone(weights):
     if weights in (None, "none"):
         return model
     state = load_state(weights, "--weights")
+    if not isinstance(state, dict):
+        raise WeightsError(f"--weights {weights}: not a ResNet18 state_dict or a checkpoint of this repo; "
+                           f"pass torchvision resnet18 weights or PROJECT/outputs/best.pth")
     state = state.get("model", state)  # one of our checkpoints, or a plain resnet18 state_dict
     state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "projection.", "classifier."))}
     try:

@@ -67,8 +67,8 @@ def parse_args(argv=None):
                    help="bce only. embed-once: each batch image passes the backbone once and the design's "
                         "pairs are drawn inside the batch; two-pass: the study's pair dataset, two passes per pair")
     p.add_argument("--partners-per-class", type=int, default=8,
-                   help="embed-once: extra random images of each class per batch that serve as partners, "
-                        "so every anchor finds one of either class (default 8)")
+                   help="embed-once: a batch with fewer images of a class than this is topped up with random "
+                        "images of that class that serve only as partners (default 8)")
     p.add_argument("--embed-dim", type=int, default=128, help="contrastive/triplet embedding size (default 128)")
     p.add_argument("--margin", type=float, default=None,
                    help="contrastive/triplet margin (default: 0.5 contrastive, 0.2 triplet)")
@@ -117,6 +117,8 @@ def check_args(args):
         raise ValueError("--lr must be positive and --weight-decay not negative")
     if len(args.benign_limit) not in (1, 3) or min(args.benign_limit) < 0:
         raise ValueError("--benign-limit takes one value or three (train validation test), each 0 or more")
+    if args.partners_per_class < 2:
+        raise ValueError("--partners-per-class must be at least 2 (an anchor's partner is another image)")
     if args.per_class is not None and args.per_class < 2:
         raise ValueError("--per-class must be at least 2")
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:

@@ -1,7 +1,8 @@
 """Fault tests: robust on bad input, nothing lost on interruption, safe checkpoints.
 
 Every case a user can cause ends in one clear message that names the file or flag, says what is
-wrong and what to do, exits non-zero when the run cannot go on, and loses no work:
+wrong and what to do, exits non-zero when the run cannot go on, and loses no work (sections
+numbered as in the issue):
 
 1. data       broken, odd and huge image files; missing or one-class splits
 3. state      last.pth every epoch, --resume equals an uninterrupted run, SIGINT/SIGTERM, a
@@ -46,7 +47,8 @@ from modules import WeightsError  # noqa: E402
 
 COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# Broken files the session data set carries; each must be excluded at start-up.
+SUBPROCESS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# The broken files of the module's data set (data_dir); each must be excluded at start-up.
 EXCLUDED = {"zero_bytes.jpg", "truncated.jpg", "not_a_jpeg.jpg", "notes.txt", "huge.jpg", "zero_val.jpg"}
 
 
@@ -119,22 +121,31 @@ def jpeg_bytes(mode="RGB", size=(40, 36), seed=0, fmt="JPEG"):
     return buffer.getvalue()
 
 
-def corrupt_scan_jpeg():
-    """Valid JPEG headers and end-of-image marker, but the compressed scan data is damaged
-    (bit rot, a bad sector): the header-level check cannot see it, decoding fails."""
-    good = bytearray(jpeg_bytes())
-    start = good.find(b"\xff\xda") + 30
-    for i in range(start, len(good) - 10, 50):
-        good[i] ^= 0x5A
-    return bytes(good)
+def corrupt_jpeg():
+    """Valid JPEG markers, a start of frame and an end-of-image marker, but a damaged Huffman
+    table (bit rot, a bad sector): the header-level check cannot see it, decoding fails."""
+    data = bytearray(jpeg_bytes())
+    table = data.find(b"\xff\xc4")
+    data[table + 5:table + 21] = b"\xff" * 16
+    return bytes(data)
 
 
 # ---------------------------------------------------------------------------------------------
-# Session data: the synthetic set plus every kind of odd and broken file in the split folders
+# Module data: the synthetic set plus every kind of odd and broken file in the split folders
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while this module runs (subprocesses get OMP_NUM_THREADS=1): on a busy
+    2-core machine two spinning OpenMP threads make a tiny step 3-10 times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(one_thread, tmp_path_factory):
     """Read-only. Train holds grayscale, CMYK, RGBA-PNG and palette-PNG files under .jpg names
     (they must train), and broken files (zero bytes, truncated, random bytes, text, a 70-megapixel
     image, a .DS_Store); validation holds one zero-byte file."""
@@ -158,7 +169,7 @@ def data_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def run_a(data_dir, tmp_path_factory):
     """The reference: one uninterrupted 2-epoch run (test evaluation stubbed). Records its stdout,
     every save_atomic call, and the signal handlers before and after."""
@@ -184,9 +195,43 @@ def run_a(data_dir, tmp_path_factory):
                            saves=saves, handlers_before=before, handlers_after=after)
 
 
+class Background:
+    """A command line started now, read later: its interpreter start-up (importing torch,
+    torchvision, sklearn takes seconds) overlaps the in-process training of the other tests."""
+
+    def __init__(self, argv):
+        self.started = time.time()
+        self.process = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=SUBPROCESS_ENV,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(self, timeout=180):
+        stdout, stderr = self.process.communicate(timeout=timeout)
+        return SimpleNamespace(returncode=self.process.returncode, stdout=stdout, stderr=stderr,
+                               seconds=time.time() - self.started)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli(one_thread, tmp_path_factory):
+    """The command-line checks of one-line errors, started in the background as the module starts:
+    train.py with --device banana, predict.py with a checkpoint that carries pickled code."""
+    root = tmp_path_factory.mktemp("cli")
+    marker, checkpoint, image = root / "code_ran", root / "evil.pth", root / "x.jpg"
+    torch.save({"model": RunsCode(marker), "config": {"loss": "bce"}}, checkpoint)
+    image.write_bytes(jpeg_bytes())
+    runs = SimpleNamespace(
+        root=root, marker=marker, checkpoint=checkpoint, train_project=root / "project",
+        train=Background(["train.py", *tiny(root / "project", root, 2, "--device", "banana")]),
+        predict=Background(["predict.py", "--checkpoint", checkpoint, "--image", image, "--device", "cpu"]))
+    yield runs
+    for run in (runs.train, runs.predict):
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+
+
 @pytest.fixture
 def data_copy(data_dir, tmp_path):
-    """A writable copy of the session data."""
+    """A writable copy of the module's data."""
     return Path(shutil.copytree(data_dir, tmp_path / "data"))
 
 
@@ -201,11 +246,11 @@ def data_copy(data_dir, tmp_path):
     ("random_bytes.jpg", lambda: np.random.default_rng(2).bytes(2000), "not an image"),
     ("notes.txt", lambda: b"not an image at all\n", "not an image"),
     ("header_only.jpg", lambda: b"\xff\xd8\xff\xd9", "not an image"),
-    pytest.param("corrupt_scan.jpg", corrupt_scan_jpeg, "",
+    pytest.param("corrupt_huffman_table.jpg", corrupt_jpeg, "",
                  marks=pytest.mark.xfail(strict=True, reason=(
                      "dataset.check_image only reads the header and looks for the end-of-image "
-                     "marker; a JPEG whose scan data is damaged passes the start-up check and "
-                     "read_rgb raises DataError mid-epoch"))),
+                     "marker; a JPEG with damaged data passes the start-up check and read_rgb "
+                     "raises DataError mid-epoch, ending the run"))),
 ])
 def test_broken_file_is_excluded_at_start_up_with_a_reason(tmp_path, name, content, reason):
     path = tmp_path / name
@@ -324,6 +369,19 @@ def test_split_without_both_classes_stops_before_training(data_copy, tmp_path, d
     assert not list((tmp_path / "project").rglob("*.pth"))
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "dataset.load_split raises 'no usable malignant images' before train.run writes "
+    "excluded_images.txt, and the message does not say the class's files exist but were excluded "
+    "as broken, so the user cannot tell an empty folder from a folder of broken files"))
+def test_class_of_only_broken_files_says_they_were_excluded(data_copy, tmp_path, no_test_eval):
+    _one_class_only(data_copy)
+    project = tmp_path / "project"
+    status, message = call_main(train.main, tiny(project, data_copy))
+    assert status != 0
+    listing = project / "outputs" / "excluded_images.txt"
+    assert "exclude" in message or (listing.exists() and "SYN_train_1_0000.jpg" in listing.read_text())
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Training state
 
@@ -337,8 +395,9 @@ def test_last_checkpoint_is_written_every_epoch_with_the_whole_state(run_a):
     assert last["epoch"] == 2 and len(last["history"]) == 2
     assert last["optimizer"]["state"], "optimizer moments are missing"
     assert {"torch", "numpy"} <= set(last["rng"])
-    assert sorted(p.name for p in run_a.outputs.iterdir()) == [
-        "best.pth", "excluded_images.txt", "history.csv", "last.pth", "training_validation_metrics.png"]
+    names = {p.name for p in run_a.outputs.iterdir()}
+    assert {"best.pth", "last.pth", "history.csv"} <= names
+    assert not [n for n in names if "tmp" in n or n.startswith(".")], names  # no half-written leftovers
 
 
 def test_save_atomic_leaves_the_previous_file_intact_when_the_write_fails(tmp_path, monkeypatch):
@@ -397,7 +456,7 @@ def start_training(project, data, epochs, logs):
     with open(out, "w") as stdout, open(err, "w") as stderr:
         process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny(project, data, epochs)],
                                    cwd=ROOT, stdout=stdout, stderr=stderr,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env=SUBPROCESS_ENV)
     return process, out, err
 
 
@@ -414,31 +473,91 @@ def wait_for_text(process, path, text, timeout=180):
     pytest.fail(f"no {text!r} within {timeout}s")
 
 
-@pytest.mark.parametrize("signum", SIGNALS, ids=["SIGINT", "SIGTERM"])
-def test_signal_finishes_the_step_saves_and_says_how_to_resume(signum, run_a, data_dir, tmp_path, no_test_eval):
+def test_sigint_finishes_the_step_saves_and_says_how_to_resume(run_a, data_dir, tmp_path, no_test_eval):
     project = tmp_path / "project"
-    # 3 epochs, so the signal (sent as the first epoch starts) lands well before the end.
-    process, out, err = start_training(project, data_dir, 3, tmp_path)
+    process, out, err = start_training(project, data_dir, 2, tmp_path)
     try:
-        wait_for_text(process, err, "epoch 1/3")
-        process.send_signal(signum)
+        wait_for_text(process, err, "epoch 1/2")  # the handlers are installed before the first bar
+        process.send_signal(signal.SIGINT)
         status = process.wait(timeout=180)
     finally:
         if process.poll() is None:
             process.kill()
     output = out.read_text() + err.read_text(errors="replace")
-    assert status == 130 if signum == signal.SIGINT else status != 0, output[-2000:]
-    assert "--resume" in output and str(project) in output
+    assert status == 130, output[-2000:]
+    assert f"--project {project} --data {data_dir} --resume" in output
     assert "Traceback" not in output
     last = load(project / "outputs" / "last.pth")
-    assert last["epoch"] < 2, "the signal arrived too late to test a resume"
-    if signum == signal.SIGTERM:
-        return
-    # Resume to the end (2 epochs): the same history and weights as the uninterrupted run.
+    assert (last["epoch"], last["step"]) in ((0, 1), (1, 1)), "stopped after a step, mid-run"
+    # Resume to the end.
     assert call_main(train.main, tiny(project, data_dir, 2, "--resume")) == (0, "")
-    assert history_without_seconds(project / "outputs") == history_without_seconds(run_a.outputs)
+    history = history_without_seconds(project / "outputs")
+    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert history[0] == history_without_seconds(run_a.outputs)[0]
+    assert load(project / "outputs" / "last.pth")["epoch"] == 2
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(data_dir, tmp_path_factory):
+    """SIGTERM delivered in-process during the first step (the real signal to train.py's own
+    handler), then the run resumed to the end."""
+    project = tmp_path_factory.mktemp("sigterm") / "project"
+    real_loss, calls, stdout = train.training_loss, [], io.StringIO()
+
+    def terminate_during_first_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(train, "evaluate", _no_test_evaluation)
+        mp.setattr(train, "training_loss", terminate_during_first_step)
+        stopped = call_main(train.main, tiny(project, data_dir, 2))
+        last = load(project / "outputs" / "last.pth")
+        mp.setattr(train, "training_loss", real_loss)
+        resumed = call_main(train.main, tiny(project, data_dir, 2, "--resume"))
+    return SimpleNamespace(outputs=project / "outputs", project=project, stopped=stopped, resumed=resumed,
+                           last_when_stopped=last, stdout=stdout.getvalue())
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(sigterm_run, data_dir):
+    assert sigterm_run.stopped[0] != 0
+    assert f"--project {sigterm_run.project} --data {data_dir} --resume" in sigterm_run.stdout
+    last = sigterm_run.last_when_stopped
+    assert (last["epoch"], last["step"]) == (0, 1) and last["partial"] and last["history"] == []
+    assert sigterm_run.resumed == (0, "")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a mid-epoch resume is not bit-identical: creating the DataLoader iterator draws a base seed "
+    "from the global torch RNG, so the resumed run re-draws it for the interrupted epoch after "
+    "set_rng_state and every later draw (AlphaDropout in the head) is shifted; epoch 2 differs"))
+def test_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(sigterm_run, run_a):
+    assert history_without_seconds(sigterm_run.outputs) == history_without_seconds(run_a.outputs)
     for name in ("best.pth", "last.pth"):
-        assert_same_weights(project / "outputs" / name, run_a.outputs / name)
+        assert_same_weights(sigterm_run.outputs / name, run_a.outputs / name)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.run checks the stop flag only after a training step: a signal during validation or "
+    "the final test evaluation is announced, then ignored; the run evaluates the test split and "
+    "exits 0 (mid-run it also starts the next epoch's first step before stopping)"))
+def test_signal_during_the_last_validation_stops_before_the_test_evaluation(data_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    real_validate, evaluated = train.validate, []
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", interrupted)
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: evaluated.append(1) or {})
+    project = tmp_path / "project"
+    status, _ = call_main(train.main, tiny(project, data_dir, 1))
+    assert status == 130 and not evaluated
+    assert "--resume" in capsys.readouterr().out
+    assert load(project / "outputs" / "last.pth")["epoch"] == 1
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_best(data_dir, tmp_path, monkeypatch, no_test_eval):
@@ -583,23 +702,18 @@ def test_load_checkpoint_refuses_pickled_code_without_running_it(evil):
 
 def test_raw_pickle_with_code_is_refused_too(tmp_path):
     marker, path = tmp_path / "code_ran", tmp_path / "raw.pth"
-    path.write_bytes(pickle.dumps(RunsCode(marker)))
+    path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
     with pytest.raises(WeightsError):
         modules.load_checkpoint(path)
     assert not marker.exists()
 
 
-def test_predict_cli_refuses_pickled_code_in_one_line(evil, tmp_path):
-    path, marker = evil
-    image = tmp_path / "x.jpg"
-    image.write_bytes(jpeg_bytes())
-    result = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(path),
-                             "--image", str(image), "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+def test_predict_cli_refuses_pickled_code_in_one_line(cli):
+    result = cli.predict.result()
     assert result.returncode != 0
     assert_one_line(result.stderr.strip(), "predict.py: error:")
-    assert "refused" in result.stderr and str(path) in result.stderr
-    assert not marker.exists()
+    assert "refused" in result.stderr and str(cli.checkpoint) in result.stderr
+    assert not cli.marker.exists()
 
 
 @pytest.mark.parametrize("where", ["--resume", "--weights"])
@@ -761,13 +875,10 @@ def test_missing_data_flag_is_argparse_usage_error(tmp_path, capsys):
     assert not (tmp_path / "project").exists()
 
 
-def test_bad_flag_on_the_real_command_line(data_dir, tmp_path):
-    project = tmp_path / "project"
-    started = time.time()
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny(project, data_dir, 2, "--device", "banana")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_bad_flag_on_the_real_command_line(cli):
+    result = cli.train.result()
     assert result.returncode == 1
     assert_one_line(result.stderr.strip(), "train.py: error: --device banana")
     assert result.stdout == ""
-    assert not project.exists()
-    assert time.time() - started < 60
+    assert not cli.train_project.exists()
+    assert result.seconds < 60  # interpreter start-up only, on a busy machine

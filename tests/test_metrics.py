@@ -160,10 +160,6 @@ def test_target_sensitivity_threshold_is_the_highest_such_threshold_where_benign
     assert choose_threshold(labels, scores, target) == highest_threshold_reaching(labels, scores, target)
 
 
-@pytest.mark.xfail(reason="bug: choose_threshold uses roc_curve's default drop_intermediate=True, which "
-                          "drops thresholds inside runs of malignant scores, so the target-sensitivity "
-                          "threshold can be lower than the highest threshold reaching the target",
-                   strict=True)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_target_sensitivity_threshold_is_the_highest_such_threshold(seed):
     labels, scores = toy_scores(150, seed)
@@ -171,8 +167,6 @@ def test_target_sensitivity_threshold_is_the_highest_such_threshold(seed):
         assert choose_threshold(labels, scores, target) == highest_threshold_reaching(labels, scores, target)
 
 
-@pytest.mark.xfail(reason="bug: roc_curve(drop_intermediate=True) drops 0.8 from the run of malignant "
-                          "scores 0.9, 0.8, 0.7; target 0.5 then returns 0.7 instead of 0.8", strict=True)
 def test_target_sensitivity_threshold_inside_a_run_of_malignant_scores():
     labels = np.array([1, 1, 1, 0, 1, 0, 0, 0])
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])

@@ -231,9 +231,6 @@ def test_weights_path_with_pickled_objects_is_refused(tmp_path):
         resnet18_backbone(tmp_path / "pickled.pth")
 
 
-@pytest.mark.xfail(reason="bug: resnet18_backbone calls state.get() on whatever torch.load returned; a "
-                          "file holding a bare tensor or list raises AttributeError, not WeightsError",
-                   strict=True)
 def test_weights_path_holding_a_bare_tensor_raises_weights_error(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(WeightsError):
