@@ -73,12 +73,16 @@ def check_image(path):
         with Image.open(path) as image:
             width, height = image.size
             image_format = image.format
+            if width * height > MAX_PIXELS:
+                return f"too large ({width}x{height}); resize it below {MAX_PIXELS:,} pixels"
+            # Decoding at 1/8 scale (JPEG DCT scaling) reads all the compressed data for a
+            # fraction of a full decode, so damaged data is found now and not hours into a run.
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
     except UnidentifiedImageError:
         return "not an image"
-    except (OSError, Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return f"unreadable ({error.__class__.__name__}: {error})"
-    if width * height > MAX_PIXELS:
-        return f"too large ({width}x{height}); resize it below {MAX_PIXELS:,} pixels"
     if image_format == "JPEG":
         # A truncated download lacks the end-of-image marker; decoding it would fail mid-epoch.
         with open(path, "rb") as file:
@@ -98,7 +102,8 @@ def check_images(paths, workers=8):
 def read_rgb(path):
     """A uint8 RGB tensor (3, H, W) from any image file: JPEG, PNG, grayscale, CMYK, RGBA."""
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
     except (RuntimeError, ValueError):
         pass  # torchvision does not decode every variant (CMYK JPEG, some PNG); PIL does
     try:
@@ -145,7 +150,9 @@ def load_split(data_dir, split, benign_limit=0, seed=0, workers=8):
     folder = Path(data_dir) / SPLITS[split]
     for label, name in enumerate(CLASSES):
         if not (labels == label).any():
-            raise DataError(f"{folder / name}: no usable {CLASS_NAMES[label]} images; every split "
+            broken = [f"{path.name} ({reason})" for path, reason in excluded if path.parent.name == name]
+            detail = f" ({len(broken)} excluded as unusable, e.g. {broken[0]})" if broken else ""
+            raise DataError(f"{folder / name}: no usable {CLASS_NAMES[label]} images{detail}; every split "
                             f"needs both classes (re-run to_subdirectories.py or add images)")
     return ImageSplit(split, paths, labels, excluded)
 

@@ -179,6 +179,9 @@ def save_atomic(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -192,7 +195,7 @@ def load_state(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        if "Unsupported global" in str(error):
             raise WeightsError(f"{what} {path}: refused, the file holds pickled Python objects, not "
                                f"just tensors (it could run code); use a checkpoint written by this "
                                f"repo or a plain state_dict") from None
@@ -207,6 +210,9 @@ def load_checkpoint(path):
         raise WeightsError(f"checkpoint {path}: not a checkpoint of this repo (no model and config); "
                            f"pass PROJECT/outputs/best.pth written by train.py")
     config = checkpoint["config"]
+    if not isinstance(config, dict) or config.get("loss") not in LOSSES or "image_size" not in config:
+        raise WeightsError(f"checkpoint {path}: its config is not one train.py writes (no known loss or "
+                           f"image size); pass PROJECT/outputs/best.pth written by train.py")
     model = build_model(config, weights="none")
     try:
         model.load_state_dict(checkpoint["model"])

@@ -36,7 +36,7 @@ from torchvision.transforms import v2
 from dataset import (CLASS_NAMES, DataError, ImageDataset, collate_images, eval_transform, load_split,
                      make_pairs, read_rgb, use_cache)
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
-from modules import WeightsError, load_checkpoint, save_atomic
+from modules import WeightsError, load_checkpoint, load_state, save_atomic
 
 CLASSIFIERS = ("auto", "gallery", "knn", "prototype", "direct")
 
@@ -94,7 +94,7 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
     mine = indices[rank::world_size]
     loader = DataLoader(ImageDataset(split, eval_transform(image_size)), batch_size=batch_size,
                         sampler=mine, num_workers=workers, collate_fn=collate_images,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
     model.eval()
     rows = []
     with autocast(device, amp):
@@ -371,10 +371,17 @@ def predict_images(checkpoint, images, data=None, device="auto"):
 
 
 def load_gallery(path, checkpoint):
+    """The saved gallery, or None when it is missing, unreadable or older than the checkpoint."""
     if not path.exists():
         return None
-    gallery = torch.load(path, map_location="cpu", weights_only=True)
-    return gallery if gallery.get("checkpoint_stamp") == checkpoint_stamp(checkpoint) else None
+    try:
+        gallery = load_state(path, "gallery")
+    except WeightsError as error:
+        print(f"ignoring {error}")
+        return None
+    if not isinstance(gallery, dict) or gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
+        return None
+    return gallery
 
 
 def parse_args(argv=None):
@@ -383,6 +390,7 @@ def parse_args(argv=None):
                                           "writes results/)")
     parser.add_argument("--data", help="split folder made by to_subdirectories.py")
     parser.add_argument("--checkpoint", help="checkpoint to use (default PROJECT/outputs/best.pth)")
+    parser.add_argument("--out", help="results folder (default PROJECT/results; an existing one is moved aside)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="predict this image (repeat the flag for several; exactly two print their similarity)")
     parser.add_argument("--gallery-size", type=int, default=64,
@@ -421,7 +429,7 @@ def main(argv=None):
         if args.save_every < 1 or args.gallery_size < 1 or args.k < 1 or args.batch_size < 1:
             raise ValueError("--save-every, --gallery-size, --k and --batch-size must be at least 1")
         checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
-        evaluate(checkpoint, args.data, Path(args.project) / "results", gallery_size=args.gallery_size,
+        evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
                  classify=args.classify, k=args.k, target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=args.batch_size, device=args.device,
                  workers=args.workers, cache=args.cache)

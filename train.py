@@ -180,8 +180,11 @@ def make_train_loader(train, config, rank, world_size, workers, device):
         partners = config["partners_per_class"] if config["pairing"] == "embed-once" else 0
         sampler = ShuffledBatches(train.labels, config["batch_size"], seed, partners, rank=rank, world_size=world_size)
     collate = None if config["pairing"] == "two-pass" else collate_images
+    # Its own generator: starting an epoch must not draw from the global RNG that dropout uses,
+    # or a resumed run would drift from an uninterrupted one. Augmentation is seeded per image.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(config["seed"]))
     return sampler, loader
 
 
@@ -217,6 +220,9 @@ def validate(model, train, validation, config, device, workers, amp, rank, world
     from one embedding pass over the validation images and the gallery."""
     size, batch, seed = config["image_size"], config["val_batch_size"], config["seed"]
     features = embed_images(model, validation, size, batch, device, workers, amp=amp, rank=rank, world_size=world_size)
+    if not torch.isfinite(features).all():
+        raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
+                         "--no-amp. PROJECT/outputs/best.pth keeps the best model so far")
     picks = choose_gallery(train.labels, config["gallery_size"], seed)
     gallery = embed_images(model, train, size, batch, device, workers, picks, amp, rank, world_size)
     gallery_labels = torch.as_tensor(train.labels[picks], device=device)
@@ -225,6 +231,15 @@ def validate(model, train, validation, config, device, workers, amp, rank, world
     spread = (features - features.mean(0)).norm(dim=1).mean().item()
     return {"val_loss": pairs["pair_loss"], "val_acc": pairs["pair_accuracy"],
             "val_auc": auc_or_nan(validation.labels, scores), "embedding_spread": spread}
+
+
+def collapse_warning(row):
+    """A warning when an epoch's embeddings have collapsed (all alike, or nothing left active)."""
+    if row["embedding_spread"] < 1e-3 or row["active_fraction"] == 0:
+        return (f"WARNING: the embeddings look collapsed at epoch {row['epoch']} (spread "
+                f"{row['embedding_spread']:.2e}, active {row['active_fraction']:.3f}); lower --lr, change "
+                f"--margin or --miner, or use more images per class (--per-class)")
+    return None
 
 
 def selection_score(row, select):
@@ -262,31 +277,46 @@ def plot_history(history, path):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+    """Plain values and tensors only, so last.pth loads with weights_only=True."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [keys.tolist(), int(position), int(has_gauss), float(cached_gauss)],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.asarray(state["numpy"], dtype=np.uint32), 0, 0, 0.0))
+    keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def prepare_outputs(project, args):
-    """Refuse to overwrite an earlier run's outputs unless --resume or --force says what to do."""
-    outputs = Path(project) / "outputs"
+def check_outputs(outputs, args):
+    """Refuse to overwrite an earlier run's outputs unless --resume or --force says what to do.
+    Returns the files --force will delete (once the data have been checked)."""
     found = [name for name in OUTPUT_FILES if (outputs / name).exists()]
     if args.resume and not (outputs / "last.pth").exists():
         raise ValueError(f"--resume: {outputs / 'last.pth'} does not exist; start without --resume")
     if found and not (args.resume or args.force):
         raise ValueError(f"{outputs} already holds {', '.join(found)}; pass --resume to continue that run, "
                          f"--force to delete it and start over, or choose another --project")
-    if args.force:
-        for name in found:
-            (outputs / name).unlink()
-    outputs.mkdir(parents=True, exist_ok=True)
-    return outputs
+    return found if args.force else []
+
+
+def stop_handler(stop):
+    """SIGINT / SIGTERM: note it; the loop finishes the step, saves and exits. A second one stops at once."""
+    main_pid = os.getpid()
+
+    def request_stop(signum, _frame):
+        if os.getpid() != main_pid:
+            return  # a DataLoader worker inherited this handler; the main process does the work
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving last.pth ...", flush=True)
+    return request_stop
 
 
 def main(argv=None):
@@ -296,8 +326,10 @@ def main(argv=None):
         rank, world_size, device = setup_distributed(args.device)
     except ValueError as error:
         sys.exit(f"train.py: error: {error}")
+    stop = {"signal": None}
+    previous = {s: signal.signal(s, stop_handler(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(args, rank, world_size, device)
+        run(args, rank, world_size, device, stop, previous)
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"train.py: error: {error}")
     except OSError as error:
@@ -305,17 +337,18 @@ def main(argv=None):
                  f"free disk space or fix permissions and rerun with --resume; the last complete "
                  f"checkpoint is intact")
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(args, rank, world_size, device):
+def run(args, rank, world_size, device, stop, previous_handlers):
     main_process = rank == 0
     say = print if main_process else (lambda *a, **k: None)
     project = Path(args.project)
-    outputs = prepare_outputs(project, args) if main_process else project / "outputs"
-    if world_size > 1:
-        dist.barrier()
+    outputs = project / "outputs"
+    to_delete = check_outputs(outputs, args) if main_process else []
 
     # ---- state: fresh, or from last.pth
     resume = load_state(outputs / "last.pth", "--resume") if args.resume else None
@@ -339,6 +372,12 @@ def run(args, rank, world_size, device):
             if world_size > 1:
                 dist.barrier()
     train, validation = splits["train"], splits["validation"]
+    if main_process:
+        for name in to_delete:  # --force, now that the data are known to be usable
+            (outputs / name).unlink()
+        outputs.mkdir(parents=True, exist_ok=True)
+    if world_size > 1:
+        dist.barrier()
     excluded = write_excluded(splits.values(), outputs / "excluded_images.txt") if main_process else 0
     if excluded:
         say(f"excluded {excluded} unusable image file(s); the list is in {outputs / 'excluded_images.txt'}")
@@ -374,24 +413,22 @@ def run(args, rank, world_size, device):
     pos_weight = torch.tensor(benign / malignant, device=device)  # ce: malignant errors weigh as much as benign
     sampler, loader = make_train_loader(train, config, rank, world_size, workers, device)
 
-    # ---- SIGINT / SIGTERM: finish the step, save, exit. A second Ctrl-C stops at once.
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        say(f"\n{signal.Signals(signum).name}: finishing this step and saving {outputs / 'last.pth'} ...")
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
     def save_last(epoch, step, sums):
         if main_process:
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "config": config, "epoch": epoch, "step": step,
                          "partial": sums, "best": best, "history": history, "rng": rng_state()},
                         outputs / "last.pth")
+
+    def stop_requested():
+        """Whether any process was signalled; under DDP every process asks, so all stop together."""
+        return reduce_sum([stop["signal"] is not None], device, world_size)[0] > 0
+
+    def exit_for_resume(epochs_done, steps_done):
+        say(f"stopped after {epochs_done} complete epoch(s) and {steps_done} step(s) of the next; "
+            f"{outputs / 'last.pth'} holds that state. Continue with:\n"
+            f"  python train.py --project {args.project} --data {args.data} --resume")
+        sys.exit(128 + (stop["signal"] or signal.SIGINT))
 
     # ---- epochs
     for epoch in range(start_epoch, config["epochs"]):
@@ -408,24 +445,21 @@ def run(args, rank, world_size, device):
             with autocast(device, amp):
                 loss, correct, count, active = training_loss(model, batch, config, device, generator,
                                                              criterion, miner, pos_weight)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # checked before the update, so no NaN reaches the weights
+                raise ValueError(f"the training loss became {loss_value} at epoch {epoch + 1}, step {step}; "
+                                 f"lower --lr or try --no-amp. {outputs / 'best.pth'} keeps the best model so far")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise ValueError(f"the training loss became {loss_value} at epoch {epoch + 1}, step {step}; "
-                                 f"lower --lr or try --no-amp. {outputs / 'best.pth'} keeps the best model so far")
             sums = [sums[0] + loss_value * count, sums[1] + float(correct), sums[2] + count,
                     sums[3] + (0.0 if math.isnan(active) else active), sums[4] + 1]
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
-            stop_now = reduce_sum([stop["signal"] is not None], device, world_size)[0] > 0
-            if stop_now:
+            if (world_size > 1 or stop["signal"] is not None) and stop_requested():
                 save_last(epoch, step, sums)
-                say(f"stopped; {outputs / 'last.pth'} holds epoch {epoch + 1} step {step}. Continue with:\n"
-                    f"  python train.py --project {args.project} --data {args.data} --resume")
-                sys.exit(130)
+                exit_for_resume(epoch, step)
         bar.close()
 
         loss_sum, correct, count, active_sum, steps = reduce_sum(sums, device, world_size)
@@ -438,10 +472,8 @@ def run(args, rank, world_size, device):
         say(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} AUC {row['val_auc']:.3f}  "
             f"({row['seconds']:.0f}s)")
-        if config["loss"] in METRIC_LOSSES and (row["embedding_spread"] < 1e-3 or row["active_fraction"] == 0):
-            say(f"WARNING: the embeddings look collapsed at epoch {epoch + 1} (spread "
-                f"{row['embedding_spread']:.2e}, active {row['active_fraction']:.3f}); lower --lr, change "
-                f"--margin or --miner, or use more images per class (--per-class)")
+        if config["loss"] in METRIC_LOSSES and collapse_warning(row):
+            say(collapse_warning(row))
         score = selection_score(row, config["select"])
         if best is None or score > best:
             best = score
@@ -453,8 +485,12 @@ def run(args, rank, world_size, device):
             write_history(history, outputs / "history.csv")
             plot_history(history, outputs / "training_validation_metrics.png")
         save_last(epoch + 1, 0, None)
+        if stop_requested():
+            exit_for_resume(epoch + 1, 0)
 
-    # ---- test evaluation of the best checkpoint (rank 0 alone)
+    # ---- test evaluation of the best checkpoint (rank 0 alone); Ctrl-C now simply interrupts it
+    for s, handler in previous_handlers.items():
+        signal.signal(s, handler)
     if world_size > 1:
         dist.barrier()
     if main_process:

@@ -246,11 +246,7 @@ def data_copy(data_dir, tmp_path):
     ("random_bytes.jpg", lambda: np.random.default_rng(2).bytes(2000), "not an image"),
     ("notes.txt", lambda: b"not an image at all\n", "not an image"),
     ("header_only.jpg", lambda: b"\xff\xd8\xff\xd9", "not an image"),
-    pytest.param("corrupt_huffman_table.jpg", corrupt_jpeg, "",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "dataset.check_image only reads the header and looks for the end-of-image "
-                     "marker; a JPEG with damaged data passes the start-up check and read_rgb "
-                     "raises DataError mid-epoch, ending the run"))),
+    pytest.param("corrupt_huffman_table.jpg", corrupt_jpeg, ""),
 ])
 def test_broken_file_is_excluded_at_start_up_with_a_reason(tmp_path, name, content, reason):
     path = tmp_path / name
@@ -297,8 +293,7 @@ def test_unreadable_file_is_excluded(tmp_path):
     ("gray_alpha_png.jpg", "LA", "PNG"),
     ("bmp.jpg", "RGB", "BMP"),
     ("webp.jpg", "RGB", "WEBP"),
-    pytest.param("gray16.png", "I;16", "PNG", marks=pytest.mark.xfail(strict=True, reason=(
-        "dataset.read_rgb returns torchvision's uint16 tensor for a 16-bit PNG, not uint8"))),
+    pytest.param("gray16.png", "I;16", "PNG"),
 ])
 def test_decodable_variants_pass_the_check_and_read_as_rgb_uint8(tmp_path, name, mode, fmt):
     path = tmp_path / name
@@ -369,10 +364,6 @@ def test_split_without_both_classes_stops_before_training(data_copy, tmp_path, d
     assert not list((tmp_path / "project").rglob("*.pth"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dataset.load_split raises 'no usable malignant images' before train.run writes "
-    "excluded_images.txt, and the message does not say the class's files exist but were excluded "
-    "as broken, so the user cannot tell an empty folder from a folder of broken files"))
 def test_class_of_only_broken_files_says_they_were_excluded(data_copy, tmp_path, no_test_eval):
     _one_class_only(data_copy)
     project = tmp_path / "project"
@@ -417,9 +408,6 @@ def test_save_atomic_leaves_the_previous_file_intact_when_the_write_fails(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "numpy's RNG position is lost: train.rng_state saves only get_state()[1] and set_rng_state "
-    "restores pos=0 (and no cached gaussian), so the global numpy stream does not continue"))
 def test_rng_state_round_trip_continues_the_same_streams():
     np.random.seed(3)
     torch.manual_seed(3)
@@ -529,20 +517,12 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(sigterm_run, dat
     assert sigterm_run.resumed == (0, "")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a mid-epoch resume is not bit-identical: creating the DataLoader iterator draws a base seed "
-    "from the global torch RNG, so the resumed run re-draws it for the interrupted epoch after "
-    "set_rng_state and every later draw (AlphaDropout in the head) is shifted; epoch 2 differs"))
 def test_run_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(sigterm_run, run_a):
     assert history_without_seconds(sigterm_run.outputs) == history_without_seconds(run_a.outputs)
     for name in ("best.pth", "last.pth"):
         assert_same_weights(sigterm_run.outputs / name, run_a.outputs / name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.run checks the stop flag only after a training step: a signal during validation or "
-    "the final test evaluation is announced, then ignored; the run evaluates the test split and "
-    "exits 0 (mid-run it also starts the next epoch's first step before stopping)"))
 def test_signal_during_the_last_validation_stops_before_the_test_evaluation(data_dir, tmp_path, monkeypatch,
                                                                             capsys):
     real_validate, evaluated = train.validate, []
@@ -581,10 +561,6 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_best(data_dir, tmp_path,
     assert_finite_weights(outputs / "last.pth")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with --lr 1e30 the first loss is finite, the update makes the weights explode, and "
-    "validation feeds NaN scores to sklearn: the run ends with 'train.py: error: Input contains "
-    "NaN.' instead of the non-finite-loss message naming --lr"))
 def test_exploding_learning_rate_stops_with_a_message_naming_lr(data_dir, tmp_path, no_test_eval):
     project = tmp_path / "project"
     status, message = call_main(train.main, tiny(project, data_dir, 2, "--lr", "1e30"))
@@ -638,16 +614,10 @@ def test_failed_write_ends_with_a_message_and_keeps_the_previous_checkpoint(disk
     assert not [p.name for p in disk_full_run.outputs.iterdir() if ".tmp" in p.name]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "modules.save_atomic re-raises torch.save's OSError, whose filename is None, so train.main "
-    "says 'could not write a file' instead of naming PROJECT/outputs/last.pth"))
 def test_failed_write_message_names_the_file(disk_full_run):
     assert str(disk_full_run.outputs / "last.pth") in disk_full_run.message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.run installs SIGINT/SIGTERM handlers and never restores them: after train.main returns, "
-    "the caller's Ctrl-C is swallowed by a stale request_stop closure"))
 def test_in_process_run_restores_the_signal_handlers(run_a):
     assert run_a.handlers_after == run_a.handlers_before
 
@@ -756,16 +726,10 @@ def _checkpoint_case(case, best, path):
         torch.save({"model": _squeezenet_state(), "config": {"arch": "squeezenet1_1", "num_classes": 2}}, path)
 
 
-_FOREIGN_CONFIG_GAP = pytest.mark.xfail(strict=True, reason=(
-    "modules.load_checkpoint passes the config to build_model unchecked: a checkpoint with "
-    "'model' and 'config' keys from another project raises KeyError: 'loss', not WeightsError"))
-_RANDOM_BYTES_GAP = pytest.mark.xfail(strict=True, reason=(
-    "modules.load_state calls every weights_only UnpicklingError 'refused ... pickled Python "
-    "objects (it could run code)'; a corrupt file of random bytes should say truncated or corrupt"))
 CHECKPOINT_CASES = [
     "truncated", "other_torchvision_state_dict", "other_weights_our_config", "our_weights_loss_changed",
-    pytest.param("foreign_config", marks=_FOREIGN_CONFIG_GAP),
-    pytest.param("random_bytes", marks=_RANDOM_BYTES_GAP),
+    "foreign_config",
+    "random_bytes",
 ]
 
 
@@ -809,10 +773,6 @@ def test_train_weights_of_another_architecture_is_one_line(data_dir, tmp_path, n
 
 
 @pytest.mark.parametrize("content", ["pickled_code", "truncated"])
-@pytest.mark.xfail(strict=True, reason=(
-    "predict.load_gallery calls torch.load directly (weights_only=True, so no code runs) without "
-    "modules.load_state's handling: a bad gallery.pt ends in an UnpicklingError/RuntimeError "
-    "traceback instead of a one-line refusal or a rebuild"))
 def test_predict_with_a_bad_gallery_file_is_one_line_and_runs_no_code(content, run_a, tmp_path):
     outputs = tmp_path / "outputs"
     outputs.mkdir()
