@@ -133,7 +133,9 @@ def build_model(config, weights=None):
         return SiameseNetwork(weights)
     if config["loss"] in METRIC_LOSSES:
         return EmbeddingNetwork(weights, config["embed_dim"])
-    return ImageClassifier(weights)
+    if config["loss"] == "ce":
+        return ImageClassifier(weights)
+    raise KeyError(f"unknown loss {config['loss']!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,10 +212,11 @@ def load_checkpoint(path):
         raise WeightsError(f"checkpoint {path}: not a checkpoint of this repo (no model and config); "
                            f"pass PROJECT/outputs/best.pth written by train.py")
     config = checkpoint["config"]
-    if not isinstance(config, dict) or config.get("loss") not in LOSSES or "image_size" not in config:
-        raise WeightsError(f"checkpoint {path}: its config is not one train.py writes (no known loss or "
-                           f"image size); pass PROJECT/outputs/best.pth written by train.py")
-    model = build_model(config, weights="none")
+    try:
+        model = build_model(config, weights="none")
+    except (AttributeError, KeyError, TypeError):
+        raise WeightsError(f"checkpoint {path}: its config is not one train.py writes (no known loss); "
+                           f"pass PROJECT/outputs/best.pth written by train.py") from None
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError:

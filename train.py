@@ -364,13 +364,13 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     # ---- data
     splits = {name: load_split(args.data, name, limit, config["seed"], max(workers, 4))
               for name, limit in zip(("train", "validation", "test"), config["benign_limit"])}
-    if args.cache:
-        for turn in (0, 1):  # rank 0 builds the cache first, the other ranks then map it
-            if (rank == 0) == (turn == 0):
-                for split in splits.values():
-                    use_cache(split, args.cache, config["image_size"], workers)
-            if world_size > 1:
-                dist.barrier()
+    if args.cache:  # rank 0 builds the cache (once); the other ranks wait for it, then map it
+        if rank > 0:
+            dist.barrier()
+        for split in splits.values():
+            use_cache(split, args.cache, config["image_size"], workers)
+        if rank == 0 and world_size > 1:
+            dist.barrier()
     train, validation = splits["train"], splits["validation"]
     if main_process:
         for name in to_delete:  # --force, now that the data are known to be usable
@@ -403,6 +403,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         say(f"resuming {outputs / 'last.pth'} at epoch {start_epoch + 1}, step {start_step}")
     model = raw_model
     if world_size > 1:
+        if config["sync_bn"] and device.type != "cuda":
+            raise ValueError("--sync-bn: SyncBatchNorm works on CUDA devices only; drop the flag on the CPU")
         if config["sync_bn"]:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
