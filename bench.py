@@ -153,6 +153,7 @@ def measure_evaluation(args, device, data):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     amp, size, results = not args.no_amp, args.image_size, {}
+    workers = 0  # predict.py's default: evaluation decodes each image once, no worker start-up to pay
     test = load_split(data, "test", 0, 0)
     train = load_split(data, "train", 0, 0)
     n, references = len(test), torch.arange(min(len(train), 2 * args.gallery_size))
@@ -169,7 +170,7 @@ def measure_evaluation(args, device, data):
     loop_seconds = timed(device, lambda: per_pair_loop(loop_count), 1, 1) / loop_count
 
     def stored_pairs():
-        features = embed_images(model, test, size, args.batch_size, device, args.workers, amp=amp)
+        features = embed_images(model, test, size, args.batch_size, device, workers, amp=amp)
         model.pair_similarity(features, features.roll(1, 0)).sum().item()
     stored_seconds = timed(device, stored_pairs, 1, 1) / n
     results["eval_pairs"] = {"loop_pairs_per_s": 1 / loop_seconds, "stored_pairs_per_s": 1 / stored_seconds, **peaks(device)}
@@ -187,8 +188,8 @@ def measure_evaluation(args, device, data):
     naive_seconds = timed(device, lambda: naive(naive_count), 0, 1) / naive_count
 
     def stored_gallery():
-        features = embed_images(model, test, size, args.batch_size, device, args.workers, amp=amp)
-        references_features = embed_images(model, train, size, args.batch_size, device, args.workers,
+        features = embed_images(model, test, size, args.batch_size, device, workers, amp=amp)
+        references_features = embed_images(model, train, size, args.batch_size, device, workers,
                                            references.tolist(), amp)
         with autocast(device, amp):
             similarity_matrix(model, features, references_features).mean().item()

@@ -220,8 +220,12 @@ def use_cache(split, cache_dir, image_size, workers=0):
 
 
 def train_transform(image_size):
-    """The study's augmentation, on uint8 tensors."""
+    """The study's augmentation, on uint8 tensors. Images are first brought to cache_size (256 px
+    for 224: a no-op on the 256 px Kaggle images), so the JPEG and cached paths give identical
+    inputs and the affine warp never runs on more pixels than the crop can use."""
+    presize = cache_size(image_size)
     return v2.Compose([
+        v2.Resize((presize, presize), antialias=True),
         v2.RandomAffine(degrees=20, translate=(0.2, 0.2), shear=0.2),
         v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True),
         v2.RandomHorizontalFlip(0.5),
@@ -232,7 +236,9 @@ def train_transform(image_size):
 
 def eval_transform(image_size):
     """Deterministic, so a validation or test score does not change from run to run."""
+    presize = cache_size(image_size)
     return v2.Compose([
+        v2.Resize((presize, presize), antialias=True),  # as the cache stores it: same numbers with or without
         v2.Resize((image_size, image_size), antialias=True),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),

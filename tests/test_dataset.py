@@ -400,7 +400,8 @@ def test_train_transform_is_random(uint8_image):
 
 def test_train_transform_has_the_study_parameters():
     steps = train_transform(224).transforms
-    affine, crop, flip = steps[0], steps[1], steps[2]
+    presize, affine, crop, flip = steps[0], steps[1], steps[2], steps[3]
+    assert isinstance(presize, v2.Resize) and tuple(presize.size) == (256, 256)  # the Kaggle images' size
     assert isinstance(affine, v2.RandomAffine) and list(affine.degrees) == [-20.0, 20.0]
     assert tuple(affine.translate) == (0.2, 0.2)
     assert isinstance(crop, v2.RandomResizedCrop) and tuple(crop.size) == (224, 224)
@@ -414,7 +415,8 @@ def test_eval_transform_is_deterministic_and_is_resize_then_normalise(uint8_imag
     transform = eval_transform(32)
     first, second = transform(uint8_image), transform(uint8_image)
     assert torch.equal(first, second) and first.shape == (3, 32, 32) and first.dtype == torch.float32
-    resized = v2.functional.resize(uint8_image, [32, 32], antialias=True).float() / 255
+    cached = v2.functional.resize(uint8_image, [dataset.cache_size(32)] * 2, antialias=True)  # as the cache stores it
+    resized = v2.functional.resize(cached, [32, 32], antialias=True).float() / 255
     mean = torch.tensor(dataset.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(dataset.IMAGENET_STD)[:, None, None]
     assert torch.allclose(first, (resized - mean) / std, atol=1e-5)
