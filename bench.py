@@ -21,14 +21,12 @@ import os
 import resource
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from dataset import batch_pairs, load_split, make_synthetic, use_cache
+from dataset import eval_transform, load_split, make_synthetic, use_cache
 from modules import SiameseNetwork
 from predict import autocast, embed_images, pick_device, similarity_matrix, to_device
 from train import make_config, make_train_loader, parse_args as train_args, training_loss
@@ -200,7 +198,7 @@ def measure_evaluation(args, device, data):
 
 
 def test_batch(split, indices, size):
-    from dataset import eval_transform
+    """Evaluation inputs the plain way: read, transform and stack, one image at a time."""
     transform = eval_transform(size)
     return torch.stack([transform(split.read(i)) for i in indices])
 

@@ -389,6 +389,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     raw_model = build_model(config).to(device)
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     use_scaler = device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
