@@ -246,18 +246,17 @@ def checkpoint_stamp(path):
 
 
 def build_gallery(model, config, train, validation, device, *, gallery_size, method, k,
-                  target_sensitivity, batch_size, workers, amp=True, val_features=None):
+                  target_sensitivity, batch_size, workers, amp=True):
     """References from the training split and the threshold chosen on validation."""
     seed, size = config["seed"], config["image_size"]
     picks = choose_gallery(train.labels, gallery_size, seed)
     gallery = {"features": embed_images(model, train, size, batch_size, device, workers, picks, amp),
                "labels": torch.as_tensor(train.labels[picks], device=device),
                "classify": method, "k": k, "target_sensitivity": target_sensitivity}
-    if val_features is None:
-        val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp)
+    val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp)
     val_scores = malignant_probability(model, val_features, gallery["features"], gallery["labels"], method, k)
     gallery["threshold"] = choose_threshold(validation.labels, val_scores.cpu().numpy(), target_sensitivity)
-    return gallery, val_features, val_scores.cpu().numpy()
+    return gallery, val_scores.cpu().numpy()
 
 
 def prepare_results(results):
@@ -291,7 +290,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=1
     train, validation, test = splits["train"], splits["validation"], splits["test"]
     results = prepare_results(results)
 
-    gallery, val_features, val_scores = build_gallery(
+    gallery, val_scores = build_gallery(
         model, config, train, validation, device, gallery_size=gallery_size, method=method, k=k,
         target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, amp=amp)
     test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp)
@@ -361,7 +360,7 @@ def predict_images(checkpoint, images, data=None, device="auto"):
         seed = config["seed"]
         train, validation = (load_split(data, name, limit, seed) for name, limit in
                              zip(("train", "validation"), config["benign_limit"]))
-        gallery, _, _ = build_gallery(model, config, train, validation, device, gallery_size=64,
+        gallery, _ = build_gallery(model, config, train, validation, device, gallery_size=64,
                                       method=resolve_classifier(config), k=10, target_sensitivity=None,
                                       batch_size=64, workers=0)
     references, labels = gallery["features"].to(device), gallery["labels"].to(device)
