@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import eval_transform, load_split, make_synthetic, use_cache
+from dataset import DataError, eval_transform, load_split, make_synthetic, use_cache
 from modules import SiameseNetwork
 from predict import autocast, embed_images, pick_device, similarity_matrix, to_device
 from train import make_config, make_train_loader, parse_args as train_args, training_loss
@@ -240,8 +240,11 @@ def main(argv=None):
             make_synthetic(data, size=256, seed=0, counts={"train": (n_train, n_train), "validation": (2, 2),
                                                            "test": (n_test // 2, n_test // 2)})
         started = time.perf_counter()
-        results = measure_training(args, device, data)
-        results.update(measure_evaluation(args, device, data))
+        try:
+            results = measure_training(args, device, data)
+            results.update(measure_evaluation(args, device, data))
+        except DataError as error:
+            sys.exit(f"bench.py: error: {error}")
     ratios = {
         "e2e_over_model": results["e2e"]["images_per_s"] / results["model"]["images_per_s"],
         "cached_e2e_over_model": results["cached_e2e"]["images_per_s"] / results["model"]["images_per_s"],

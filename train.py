@@ -152,6 +152,9 @@ def setup_distributed(device_name):
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_name.startswith("cuda:"):
+        raise ValueError(f"--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                         f"pass --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
     if device_name in ("auto", "cuda") and torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -348,7 +351,7 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     say = print if main_process else (lambda *a, **k: None)
     project = Path(args.project)
     outputs = project / "outputs"
-    to_delete = check_outputs(outputs, args) if main_process else []
+    to_delete = check_outputs(outputs, args)  # on every rank, so a refusal stops all of them
 
     # ---- state: fresh, or from last.pth
     resume = load_state(outputs / "last.pth", "--resume") if args.resume else None
@@ -373,7 +376,7 @@ def run(args, rank, world_size, device, stop, previous_handlers):
             dist.barrier()
     train, validation = splits["train"], splits["validation"]
     if main_process:
-        for name in to_delete:  # --force, now that the data are known to be usable
+        for name in to_delete:  # --force, now that the data are known to be usable (rank 0 deletes)
             (outputs / name).unlink()
         outputs.mkdir(parents=True, exist_ok=True)
     if world_size > 1:
@@ -386,7 +389,7 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
 
     # ---- model and optimiser
-    raw_model = build_model(config).to(device)
+    raw_model = build_model(config, weights="none" if resume else None).to(device)  # resume: weights from last.pth
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
@@ -398,7 +401,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     if resume:
         raw_model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        if resume["scaler"] and use_scaler:
+            scaler.load_state_dict(resume["scaler"])
         history, best = resume["history"], resume["best"]
         start_epoch, start_step, partial = resume["epoch"], resume["step"], resume["partial"]
         set_rng_state(resume["rng"])
@@ -416,6 +420,9 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     benign, malignant = train.counts()
     pos_weight = torch.tensor(benign / malignant, device=device)  # ce: malignant errors weigh as much as benign
     sampler, loader = make_train_loader(train, config, rank, world_size, workers, device)
+    if len(sampler) == 0:
+        raise ValueError(f"--batch-size {config['batch_size']} on {world_size} process(es) leaves no training batch "
+                         f"for {len(train)} training images; lower --batch-size")
 
     def save_last(epoch, step, sums):
         if main_process:
@@ -438,7 +445,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     for epoch in range(start_epoch, config["epochs"]):
         started = time.time()
         step0 = start_step if epoch == start_epoch else 0
-        sums = partial if (epoch == start_epoch and partial) else [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, correct, count, active, steps
+        # loss, correct, count, active, steps; a resumed epoch's saved sums are already totals over ranks
+        sums = partial if (epoch == start_epoch and partial and main_process) else [0.0] * 5
         sampler.set_epoch(epoch, step0)
         model.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not main_process,
@@ -450,9 +458,13 @@ def run(args, rank, world_size, device, stop, previous_handlers):
                 loss, correct, count, active = training_loss(model, batch, config, device, generator,
                                                              criterion, miner, pos_weight)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):  # checked before the update, so no NaN reaches the weights
-                raise ValueError(f"the training loss became {loss_value} at epoch {epoch + 1}, step {step}; "
-                                 f"lower --lr or try --no-amp. {outputs / 'best.pth'} keeps the best model so far")
+            # Checked before the update (so no NaN reaches the weights) and agreed by every process,
+            # so all of them stop together instead of some waiting in DDP's gradient all-reduce.
+            bad, stopping = reduce_sum([not math.isfinite(loss_value), stop["signal"] is not None], device, world_size)
+            if bad:
+                raise ValueError(f"the training loss became non-finite ({loss_value} on this process) at epoch "
+                                 f"{epoch + 1}, step {step}; lower --lr or try --no-amp. {outputs / 'best.pth'} "
+                                 f"keeps the best model so far")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -461,8 +473,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
                     sums[3] + (0.0 if math.isnan(active) else active), sums[4] + 1]
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
-            if (world_size > 1 or stop["signal"] is not None) and stop_requested():
-                save_last(epoch, step, sums)
+            if stopping:
+                save_last(epoch, step, reduce_sum(sums, device, world_size))
                 exit_for_resume(epoch, step)
         bar.close()
 
@@ -470,6 +482,9 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
                "active_fraction": active_sum / steps if config["loss"] in METRIC_LOSSES else math.nan,
                "lr": optimizer.param_groups[0]["lr"]}
+        if world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, 0)
         row.update(validate(raw_model, train, validation, config, device, workers, amp, rank, world_size))
         row["seconds"] = time.time() - started
         history.append(row)
