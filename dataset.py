@@ -49,6 +49,20 @@ class DataError(Exception):
 # Finding and checking the images
 
 
+def split_folder(data_dir, split):
+    """The folder of a split; split None: data_dir itself holds 0/ and 1/ (a plain labelled folder)."""
+    return Path(data_dir) / SPLITS[split] if split else Path(data_dir)
+
+
+def has_split(data_dir, split):
+    return split_folder(data_dir, split).is_dir()
+
+
+def is_labelled_folder(data_dir):
+    """DATA/0 and DATA/1 directly, instead of the split layout."""
+    return all((Path(data_dir) / name).is_dir() for name in CLASSES) and not has_split(data_dir, "train")
+
+
 def list_split(data_dir, split):
     """All files of one split as (paths, labels), sorted so the order never depends on the disk."""
     data_dir = Path(data_dir)
@@ -56,7 +70,7 @@ def list_split(data_dir, split):
         raise DataError(f"--data {data_dir}: no such folder\n{EXPECTED_TREE}")
     paths, labels = [], []
     for label, name in enumerate(CLASSES):
-        folder = data_dir / SPLITS[split] / name
+        folder = split_folder(data_dir, split) / name
         if not folder.is_dir():
             raise DataError(f"{folder}: missing folder\n{EXPECTED_TREE}")
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -147,14 +161,14 @@ def load_split(data_dir, split, benign_limit=0, seed=0, workers=8):
         keep = np.sort(np.concatenate([rng.choice(benign, benign_limit, replace=False),
                                        np.flatnonzero(labels == 1)]))
         paths, labels = [paths[i] for i in keep], labels[keep]
-    folder = Path(data_dir) / SPLITS[split]
+    folder = split_folder(data_dir, split)
     for label, name in enumerate(CLASSES):
         if not (labels == label).any():
             broken = [f"{path.name} ({reason})" for path, reason in excluded if path.parent.name == name]
             detail = f" ({len(broken)} excluded as unusable, e.g. {broken[0]})" if broken else ""
             raise DataError(f"{folder / name}: no usable {CLASS_NAMES[label]} images{detail}; every split "
                             f"needs both classes (re-run to_subdirectories.py or add images)")
-    return ImageSplit(split, paths, labels, excluded)
+    return ImageSplit(split or Path(data_dir).name, paths, labels, excluded)
 
 
 def write_excluded(splits, path):
@@ -219,19 +233,30 @@ def use_cache(split, cache_dir, image_size, workers=0):
 # Transforms
 
 
-def train_transform(image_size):
-    """The study's augmentation, on uint8 tensors. Images are first brought to cache_size (256 px
-    for 224: a no-op on the 256 px Kaggle images), so the JPEG and cached paths give identical
-    inputs and the affine warp never runs on more pixels than the crop can use."""
+AUGMENTATIONS = ("study", "dermoscopy")
+
+
+def train_transform(image_size, augment="study"):
+    """Training augmentation on uint8 tensors. Images are first brought to cache_size (256 px for
+    224: a no-op on the 256 px Kaggle images), so the JPEG and cached paths give identical inputs
+    and the affine warp never runs on more pixels than the crop can use.
+    study: the study's affine warp, crop and horizontal flip.
+    dermoscopy: a lesion has no up, down or preferred orientation and dermatoscopes differ in
+    colour, so add vertical flips, 90-degree rotations and colour jitter to the study's."""
     presize = cache_size(image_size)
-    return v2.Compose([
+    steps = [
         v2.Resize((presize, presize), antialias=True),
         v2.RandomAffine(degrees=20, translate=(0.2, 0.2), shear=0.2),
         v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), antialias=True),
         v2.RandomHorizontalFlip(0.5),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    ]
+    if augment == "dermoscopy":
+        steps += [
+            v2.RandomVerticalFlip(0.5),
+            v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+        ]
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def eval_transform(image_size):
@@ -403,24 +428,26 @@ class ShuffledBatches(_EpochBatches):
 
 
 class BalancedBatches(_EpochBatches):
-    """per_class images of each class in every batch (metric learning needs positives and
-    negatives in each). An epoch visits every benign image once; malignant images are drawn
-    from reshuffled passes over the malignant set, so they repeat within an epoch."""
+    """per_class images of each class in every batch, so malignant images are not starved
+    (metric learning also needs positives and negatives in each batch). An epoch holds as many
+    images as the split, like a shuffled epoch; each class is drawn from reshuffled passes over
+    it, so benign images are a fresh subset every epoch and malignant images repeat."""
 
     def __init__(self, labels, per_class, seed, **kw):
         super().__init__(labels, seed, **kw)
         self.per_class = per_class
 
     def plan(self, rng):
-        benign = rng.permutation(np.flatnonzero(self.labels == 0))
-        malignant = np.flatnonzero(self.labels == 1)
-        n_batches = max(1, len(benign) // self.per_class)
-        passes = math.ceil(n_batches * self.per_class / len(malignant))
-        malignant = np.concatenate([rng.permutation(malignant) for _ in range(passes)])
+        n_batches = max(1, len(self.labels) // (2 * self.per_class))
+        drawn = []
+        for c in range(len(CLASSES)):
+            pool = np.flatnonzero(self.labels == c)
+            passes = math.ceil(n_batches * self.per_class / len(pool))
+            drawn.append(np.concatenate([rng.permutation(pool) for _ in range(passes)]))
         plan = []
         for b in range(n_batches):
             window = slice(b * self.per_class, (b + 1) * self.per_class)
-            plan.append([(i, True) for i in np.concatenate([benign[window], malignant[window]])])
+            plan.append([(i, True) for i in np.concatenate([drawn[0][window], drawn[1][window]])])
         return plan
 
 

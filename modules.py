@@ -54,11 +54,14 @@ def resnet18_backbone(weights):
 class SiameseNetwork(nn.Module):
     """The design: f = ResNet18(x) (1000-d); head(concat(f1, f2, f1 * f2)) -> similarity.
     The final Sigmoid is applied in pair_similarity; training uses BCE-with-logits, which is
-    Sigmoid + BCE fused into one numerically stable (and autocast-safe) function."""
+    Sigmoid + BCE fused into one numerically stable (and autocast-safe) function.
+    auxiliary_classifier=True adds Linear(1000, 1) on the same features, trained jointly with
+    the pair loss (--aux-weight): it gives the embedding a direct malignant-vs-benign signal."""
 
-    def __init__(self, weights="none"):
+    def __init__(self, weights="none", auxiliary_classifier=False):
         super().__init__()
         self.backbone = resnet18_backbone(weights)
+        self.classifier = nn.Linear(1000, 1) if auxiliary_classifier else None
         self.head = nn.Sequential(
             nn.Linear(3000, 64),
             nn.BatchNorm1d(64, momentum=0.25),
@@ -76,14 +79,31 @@ class SiameseNetwork(nn.Module):
     def pair_similarity(self, f1, f2):
         return torch.sigmoid(self.pair_logits(f1, f2))
 
-    def forward(self, images, partner_images=None, pairs=None):
+    def similarity_matrix(self, features, references):
+        """(N, M) pair_similarity of every row with every reference, without building the N * M
+        concatenated inputs: Linear(concat(f1, f2, f1 * f2)) = W1 f1 + W2 f2 + (W3 * f1) f2."""
+        linear, norm, activation, _, output = self.head  # AlphaDropout is the identity in eval mode
+        w1, w2, w3 = linear.weight.split(features.shape[1], dim=1)
+        own, other = features @ w1.T + linear.bias, references @ w2.T  # (N, 64), (M, 64)
+        product = torch.einsum("nd,jd,md->nmj", features, w3, references)  # (N, M, 64)
+        hidden = activation(norm((own[:, None] + other[None] + product).flatten(0, 1)))
+        return torch.sigmoid(output(hidden)).view(len(features), len(references))
+
+    def malignant_probability(self, features):
+        return torch.sigmoid(self.classifier(features).squeeze(1))
+
+    def forward(self, images, partner_images=None, pairs=None, with_class_logits=False):
         """Similarity logits. Two-pass (the study): forward(x1, x2). Embed-once: forward(x,
-        pairs=(anchors, partners)) embeds the batch once and scores the pairs of its rows."""
+        pairs=(anchors, partners)) embeds the batch once and scores the pairs of its rows;
+        with_class_logits also returns the auxiliary classifier's logit of every image."""
         if partner_images is not None:
             return self.pair_logits(self.embed(images), self.embed(partner_images))
         features = self.embed(images)
         anchors, partners = pairs
-        return self.pair_logits(features[anchors], features[partners])
+        logits = self.pair_logits(features[anchors], features[partners])
+        if with_class_logits:
+            return logits, self.classifier(features).squeeze(1)
+        return logits
 
 
 class EmbeddingNetwork(nn.Module):
@@ -130,7 +150,7 @@ def build_model(config, weights=None):
     """The network a config describes; weights overrides config['weights'] (loading a checkpoint)."""
     weights = config["weights"] if weights is None else weights
     if config["loss"] == "bce":
-        return SiameseNetwork(weights)
+        return SiameseNetwork(weights, auxiliary_classifier=config.get("aux_weight", 0) > 0)
     if config["loss"] in METRIC_LOSSES:
         return EmbeddingNetwork(weights, config["embed_dim"])
     if config["loss"] == "ce":

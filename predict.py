@@ -7,10 +7,13 @@ Every image is embedded once; pairs and gallery comparisons are scored from the 
 embeddings by the model's head. P(malignant) of an image (--classify):
     gallery    (mean similarity to the malignant references + mean dissimilarity to the benign
                 references) / 2, similarities through the trained head (the BCE model's default)
+    head-knn   the k references most similar through the trained head, weighted by similarity:
+                sum(s_i * y_i) / sum(s_i)
     knn        fraction of malignant among the k nearest references by cosine similarity
     prototype  d_benign / (d_benign + d_malignant), distances to the two class centroids
-    direct     the classifier's own output (--loss ce)
-The references are a seeded, class-balanced sample of the training split (--gallery-size per class).
+    direct     the classifier's own output (--loss ce, or bce with --aux-weight)
+The references are a seeded, class-balanced sample of the training split (--gallery-size per
+class; 0 = every training image). --tta averages each image's features over its four flips.
 """
 import argparse
 import contextlib
@@ -33,12 +36,12 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from dataset import (CLASS_NAMES, DataError, ImageDataset, collate_images, eval_transform, load_split,
-                     make_pairs, read_rgb, use_cache)
+from dataset import (CLASS_NAMES, DataError, ImageDataset, collate_images, eval_transform, has_split,
+                     is_labelled_folder, load_split, make_pairs, read_rgb, use_cache)
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
 from modules import WeightsError, load_checkpoint, load_state, save_atomic
 
-CLASSIFIERS = ("auto", "gallery", "knn", "prototype", "direct")
+CLASSIFIERS = ("auto", "gallery", "head-knn", "knn", "prototype", "direct")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,9 +90,10 @@ def to_device(images, device):
 
 @torch.no_grad()
 def embed_images(model, split, image_size, batch_size, device, workers=0, indices=None, amp=True,
-                 rank=0, world_size=1):
+                 rank=0, world_size=1, tta=False):
     """Features of the split's images (all, or `indices`), one backbone pass per image, in
-    batches. Under DDP each rank embeds every world_size-th image and the rows are gathered."""
+    batches (four with tta: the mean over the image and its horizontal, vertical and double
+    flips). Under DDP each rank embeds every world_size-th image and the rows are gathered."""
     indices = list(range(len(split))) if indices is None else [int(i) for i in indices]
     mine = indices[rank::world_size]
     loader = DataLoader(ImageDataset(split, eval_transform(image_size)), batch_size=batch_size,
@@ -99,7 +103,9 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
     rows = []
     with autocast(device, amp):
         for images, *_ in loader:
-            rows.append(model.embed(to_device(images, device)).float())
+            images = to_device(images, device)
+            views = [images, images.flip(3), images.flip(2), images.flip(2, 3)] if tta else [images]
+            rows.append(torch.stack([model.embed(view).float() for view in views]).mean(0))
     features = torch.cat(rows) if rows else torch.empty(0, device=device)
     if world_size == 1:
         return features
@@ -117,16 +123,20 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
 
 
 @torch.no_grad()
-def similarity_matrix(model, features, references, chunk=65536):
-    """(N, G) P(same class) of every image with every reference, from stored features."""
+def similarity_matrix(model, features, references, chunk=1 << 24):
+    """(N, G) P(same class) of every image with every reference, from stored features, in row
+    blocks of about `chunk` hidden values."""
     model.eval()
     out = torch.empty(len(features), len(references), device=features.device)
-    rows = max(1, chunk // max(1, len(references)))
+    rows = max(1, chunk // (64 * max(1, len(references))))
     for start in range(0, len(features), rows):
         block = features[start:start + rows]
-        f1 = block.repeat_interleave(len(references), 0)
-        f2 = references.repeat(len(block), 1)
-        out[start:start + rows] = model.pair_similarity(f1, f2).float().view(len(block), len(references))
+        if hasattr(model, "similarity_matrix"):  # the Siamese head, without the N * G inputs
+            out[start:start + rows] = model.similarity_matrix(block, references).float()
+        else:
+            f1 = block.repeat_interleave(len(references), 0)
+            f2 = references.repeat(len(block), 1)
+            out[start:start + rows] = model.pair_similarity(f1, f2).float().view(len(block), len(references))
     return out
 
 
@@ -136,8 +146,11 @@ def malignant_probability(model, features, gallery_features, gallery_labels, met
     malignant = gallery_labels == 1
     if method == "direct":
         return model.malignant_probability(features).float()
-    if method == "gallery":
+    if method in ("gallery", "head-knn"):
         similarity = similarity_matrix(model, features, gallery_features)
+        if method == "head-knn":
+            nearest, positions = similarity.topk(min(k, len(gallery_features)), dim=1)
+            return (nearest * malignant[positions]).sum(1) / nearest.sum(1).clamp(min=1e-12)
         return (similarity[:, malignant].mean(1) + (1 - similarity[:, ~malignant]).mean(1)) / 2
     x, g = F.normalize(features.float(), dim=1), F.normalize(gallery_features.float(), dim=1)
     if method == "knn":
@@ -154,18 +167,22 @@ def resolve_classifier(config, method="auto"):
     """--classify auto: the head for the BCE model, kNN for embeddings, the classifier for ce."""
     if method == "auto":
         return {"bce": "gallery", "ce": "direct"}.get(config["loss"], "knn")
-    if method == "direct" and config["loss"] != "ce":
-        raise ValueError("--classify direct needs a --loss ce model; use gallery, knn or prototype")
+    if method == "direct" and not (config["loss"] == "ce" or config.get("aux_weight", 0) > 0):
+        raise ValueError("--classify direct needs a --loss ce model or a bce model trained with --aux-weight; "
+                         "use gallery, head-knn, knn or prototype")
+    if method == "head-knn" and config["loss"] != "bce":
+        raise ValueError("--classify head-knn needs the Siamese head of a --loss bce model; use knn")
     return method
 
 
 def choose_gallery(labels, per_class, seed):
-    """A seeded, class-balanced sample of training indices (all of a class if it is smaller)."""
+    """A seeded, class-balanced sample of training indices (all of a class if it is smaller;
+    per_class 0: every training image)."""
     rng = np.random.default_rng(seed)
     picks = []
     for c in (0, 1):
         pool = np.flatnonzero(np.asarray(labels) == c)
-        picks.append(rng.choice(pool, min(per_class, len(pool)), replace=False))
+        picks.append(rng.choice(pool, min(per_class or len(pool), len(pool)), replace=False))
     return np.sort(np.concatenate(picks))
 
 
@@ -183,11 +200,11 @@ def score_split(model, features, labels, gallery_features, gallery_labels, metho
 # Figures
 
 
-def plot_curves(val, test, results):
-    """roc_curve.png and pr_curve.png, validation and test on the same axes."""
+def plot_curves(curves, results):
+    """roc_curve.png and pr_curve.png, every split of {name: (labels, scores)} on the same axes."""
     for name, display in (("roc_curve", RocCurveDisplay), ("pr_curve", PrecisionRecallDisplay)):
         fig, ax = plt.subplots(figsize=(5, 5))
-        for split, (labels, scores) in (("validation", val), ("test", test)):
+        for split, (labels, scores) in curves.items():
             display.from_predictions(labels, scores, name=split, ax=ax)
         if name == "roc_curve":
             ax.plot([0, 1], [0, 1], "k:", lw=1)
@@ -246,14 +263,14 @@ def checkpoint_stamp(path):
 
 
 def build_gallery(model, config, train, validation, device, *, gallery_size, method, k,
-                  target_sensitivity, batch_size, workers, amp=True):
+                  target_sensitivity, batch_size, workers, amp=True, tta=False):
     """References from the training split and the threshold chosen on validation."""
     seed, size = config["seed"], config["image_size"]
     picks = choose_gallery(train.labels, gallery_size, seed)
-    gallery = {"features": embed_images(model, train, size, batch_size, device, workers, picks, amp),
+    gallery = {"features": embed_images(model, train, size, batch_size, device, workers, picks, amp, tta=tta),
                "labels": torch.as_tensor(train.labels[picks], device=device),
-               "classify": method, "k": k, "target_sensitivity": target_sensitivity}
-    val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp)
+               "classify": method, "k": k, "target_sensitivity": target_sensitivity, "tta": tta}
+    val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp, tta=tta)
     val_scores = malignant_probability(model, val_features, gallery["features"], gallery["labels"], method, k)
     gallery["threshold"] = choose_threshold(validation.labels, val_scores.cpu().numpy(), target_sensitivity)
     return gallery, val_scores.cpu().numpy()
@@ -270,65 +287,93 @@ def prepare_results(results):
     return results
 
 
+def load_evaluation_splits(data, config, workers, cache=None):
+    """{train, validation, evaluated}: the split layout's test split is evaluated, or its
+    validation split when it has none; a plain labelled folder (DATA/0, DATA/1: another
+    clinic's images) is evaluated against the references and threshold of the project's own
+    training data."""
+    seed, limits = config["seed"], dict(zip(("train", "validation", "test"), config["benign_limit"]))
+    home = data
+    if is_labelled_folder(data):
+        home = config["data"]
+        if not has_split(home, "train"):
+            raise DataError(f"{home}: the model's training data is not there any more; its references and "
+                            f"threshold come from it, so restore it or evaluate a split folder (--data)")
+    splits = {name: load_split(home, name, limits[name], seed, max(1, workers)) for name in ("train", "validation")}
+    if is_labelled_folder(data):
+        splits["evaluated"] = load_split(data, None, 0, seed, max(1, workers))
+    elif has_split(data, "test"):
+        splits["evaluated"] = load_split(data, "test", limits["test"], seed, max(1, workers))
+    else:
+        print(f"{data}: no test split; evaluating the validation split, whose threshold is also chosen "
+              f"on it (an optimistic sensitivity and specificity; the AUC does not depend on it)")
+        splits["evaluated"] = splits["validation"]
+    if cache:
+        for split in splits.values():
+            use_cache(split, cache, config["image_size"], workers)
+    return splits
+
+
 def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=10,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
-             cache=None, splits=None, amp=True):
-    """Test metrics of a checkpoint; writes metrics.json, the figures and the saved pairs, and the
-    gallery next to the checkpoint for single-image prediction. Returns the metrics dict."""
+             cache=None, splits=None, amp=True, tta=None):
+    """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
+    metrics.json, the figures and the saved pairs, and the gallery next to the checkpoint for
+    single-image prediction. tta None: as the checkpoint was trained (--tta). Returns the metrics."""
     device = pick_device(device) if isinstance(device, str) else device
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
     method = resolve_classifier(config, classify)
+    tta = config.get("tta", False) if tta is None else tta
     seed, size = config["seed"], config["image_size"]
-    if splits is None:
-        limits = config["benign_limit"]
-        splits = {name: load_split(data, name, limit, seed, max(1, workers))
-                  for name, limit in zip(("train", "validation", "test"), limits)}
-        if cache:
-            for split in splits.values():
-                use_cache(split, cache, size, workers)
-    train, validation, test = splits["train"], splits["validation"], splits["test"]
+    splits = splits or load_evaluation_splits(data, config, workers, cache)
+    train, validation, test = splits["train"], splits["validation"], splits["evaluated"]
+    prefix = "test" if test.name == "test" else "val" if test is validation else "external"
     results = prepare_results(results)
 
     gallery, val_scores = build_gallery(
         model, config, train, validation, device, gallery_size=gallery_size, method=method, k=k,
-        target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, amp=amp)
-    test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp)
+        target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, amp=amp, tta=tta)
+    test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp, tta=tta)
     test_scores, pairs_summary, pairs = score_split(model, test_features, test.labels, gallery["features"],
                                                     gallery["labels"], method, k, seed)
     image = image_metrics(test.labels, test_scores, gallery["threshold"], seed)
 
     metrics = {"checkpoint": str(checkpoint), "loss": config["loss"], "classify": method,
-               "n_test_pairs": len(test), "n_test_images": len(test), "gallery_size": gallery_size,
+               "evaluated_split": prefix, "data": str(data), "tta": tta,
+               f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
                "val_auc": auc_or_nan(validation.labels, val_scores)}
-    metrics.update({f"test_{key}": value for key, value in pairs_summary.items()})
-    metrics.update({f"test_{key}": value for key, value in image.items()})
+    metrics.update({f"{prefix}_{key}": value for key, value in pairs_summary.items()})
+    metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
     (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    plot_curves((validation.labels, val_scores), (test.labels, test_scores), results)
+    curves = {"validation": (validation.labels, val_scores)}
+    if test is not validation:
+        curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, test_scores)
+    plot_curves(curves, results)
     plot_confusion(test.labels, test_scores, gallery["threshold"], results)
     plot_embeddings(test_features, test.labels, results)
     save_pair_figures(test, pairs, save_every, results, size)
-    gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
-    save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)},
-                Path(checkpoint).with_name("gallery.pt"))
+    if prefix != "external":  # the project's gallery describes its own data
+        gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
+        save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)},
+                    Path(checkpoint).with_name("gallery.pt"))
     print_metrics(metrics)
     return metrics
 
 
 def print_metrics(metrics):
-    print(f"\ntest ({metrics['test_n_benign']} benign, {metrics['test_n_malignant']} malignant), "
+    m = {key.removeprefix(metrics["evaluated_split"] + "_"): value for key, value in metrics.items()}
+    print(f"\n{metrics['evaluated_split']} ({m['n_benign']} benign, {m['n_malignant']} malignant), "
           f"{metrics['loss']} model, classifier {metrics['classify']}")
-    rows = [("pair accuracy", metrics["test_pair_accuracy"]), ("pair BCE loss", metrics["test_pair_loss"]),
-            ("AUC", f"{metrics['test_auc']:.4f} (95% CI {metrics['test_auc_ci_low']:.4f}-"
-                    f"{metrics['test_auc_ci_high']:.4f})"),
-            ("average precision", metrics["test_average_precision"]),
-            ("balanced accuracy", metrics["test_balanced_accuracy"]),
-            ("sensitivity", metrics["test_sensitivity"]), ("specificity", metrics["test_specificity"]),
-            (f"threshold ({metrics['threshold_rule']})", metrics["test_threshold"]),
-            ("confusion [tn fp; fn tp]", f"[{metrics['test_tn']} {metrics['test_fp']}; "
-                                         f"{metrics['test_fn']} {metrics['test_tp']}]")]
+    rows = [("pair accuracy", m["pair_accuracy"]), ("pair BCE loss", m["pair_loss"]),
+            ("AUC", f"{m['auc']:.4f} (95% CI {m['auc_ci_low']:.4f}-{m['auc_ci_high']:.4f})"),
+            ("average precision", m["average_precision"]),
+            ("balanced accuracy", m["balanced_accuracy"]),
+            ("sensitivity", m["sensitivity"]), ("specificity", m["specificity"]),
+            (f"threshold ({metrics['threshold_rule']})", m["threshold"]),
+            ("confusion [tn fp; fn tp]", f"[{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]")]
     for name, value in rows:
         print(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
 
@@ -393,7 +438,11 @@ def parse_args(argv=None):
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="predict this image (repeat the flag for several; exactly two print their similarity)")
     parser.add_argument("--gallery-size", type=int, default=64,
-                        help="training references per class for image-level scores (default 64)")
+                        help="training references per class for image-level scores; 0 = every training "
+                             "image (default 64)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average each image's features over its four flips (default: as the model "
+                             "was trained, see train.py --tta)")
     parser.add_argument("--classify", choices=CLASSIFIERS, default="auto",
                         help="how P(malignant) is computed (default auto: gallery for bce, knn for "
                              "contrastive/triplet, direct for ce)")
@@ -425,13 +474,15 @@ def main(argv=None):
             return
         if not args.project or not args.data:
             raise ValueError("pass --project P and --data DATA to evaluate, or --checkpoint C --image X")
-        if args.save_every < 1 or args.gallery_size < 1 or args.k < 1 or args.batch_size < 1:
-            raise ValueError("--save-every, --gallery-size, --k and --batch-size must be at least 1")
+        if args.save_every < 1 or args.k < 1 or args.batch_size < 1:
+            raise ValueError("--save-every, --k and --batch-size must be at least 1")
+        if args.gallery_size < 0:
+            raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
         checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
         evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
                  classify=args.classify, k=args.k, target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=args.batch_size, device=args.device,
-                 workers=args.workers, cache=args.cache)
+                 workers=args.workers, cache=args.cache, tta=args.tta)
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"predict.py: error: {error}")
 

@@ -5,9 +5,11 @@ the rest of the project reads:
     DATA/{train_data,validation_data,test_data}/{0,1}/<name>.jpg     (0 benign, 1 malignant)
     DATA/split.json                                                  how the split was made
 
-The split is 70/15/15 per class by default and grouped by patient (no patient in two splits)
-when the CSV has a patient_id column; the Kaggle "256x256 RESIZED" metadata has none, so then
-it is per image, and the script says so. Images are hard-linked (no extra disk space) unless
+When the CSV has a split column (`split`, values train / val / test, as in ISIC 2017 and
+HAM10000; --split-column names another) that official split is used. Otherwise the split is
+drawn: 70/15/15 per class by default, grouped by patient (no patient in two splits) when the
+CSV has a patient_id column; the Kaggle "256x256 RESIZED" metadata has none, so then it is per
+image, and the script says so. Images are hard-linked (no extra disk space) unless
 --copy is given or linking is impossible (another file system), in which case they are copied.
 
     python to_subdirectories.py --csv train-metadata.csv --images train-image/image --out DATA
@@ -33,6 +35,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAX_FOLDS = 100  # folds are the unit the splits are built from: 100 folds = 1 % steps
 ASSIGNMENT_TRIES = 1000  # random fold -> split assignments tried; the best one is kept
 SHOW = 5  # how many example names a warning lists
+# An official split column (ISIC 2017, HAM10000): its values, case-insensitive, -> our folders.
+SPLIT_VALUES = {"train": "train_data", "training": "train_data", "val": "validation_data",
+                "valid": "validation_data", "validation": "validation_data", "test": "test_data"}
 
 
 def die(message):
@@ -68,11 +73,13 @@ def file_name(name):
     return name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"
 
 
-def read_metadata(csv_path):
+def read_metadata(csv_path, split_column="split"):
     """Usable rows of the metadata CSV and a report of what was skipped and why.
 
-    rows: [{"name": file name on disk, "target": 0 or 1, "patient_id": str, or None if blank}]
-    report: columns, name_column, has_patient_id, rows_read and the lists of skipped rows.
+    rows: [{"name": file name on disk, "target": 0 or 1, "patient_id": str, or None if blank,
+            "split": one of SPLITS from the split column, or None when the CSV has none}]
+    report: columns, name_column, has_patient_id, split_column (or None), rows_read and the
+    lists of skipped rows.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -106,8 +113,10 @@ def read_metadata(csv_path):
         i = index.get(column)
         return record[i].strip() if i is not None and i < len(record) else ""
 
+    has_split = split_column.lower() in index
     report = {"columns": columns, "name_column": name_column, "has_patient_id": "patient_id" in index,
-              "rows_read": len(records), "bad_names": [], "bad_targets": [], "duplicates": [],
+              "split_column": split_column.lower() if has_split else None,
+              "rows_read": len(records), "bad_names": [], "bad_targets": [], "bad_splits": [], "duplicates": [],
               "conflicting_duplicates": [], "blank_patient_ids": 0}
     rows, seen = [], {}
     for line, record in records:
@@ -120,6 +129,10 @@ def read_metadata(csv_path):
         if target is None:
             report["bad_targets"].append(f"{raw_name} (target={raw_target!r})")
             continue
+        split = SPLIT_VALUES.get(cell(record, split_column.lower()).lower()) if has_split else None
+        if has_split and split is None:
+            report["bad_splits"].append(f"{raw_name} ({split_column}={cell(record, split_column.lower())!r})")
+            continue
         if name in seen:  # the same image twice: keep the first row
             report["duplicates"].append(raw_name)
             if seen[name] != target:
@@ -128,7 +141,7 @@ def read_metadata(csv_path):
         seen[name] = target
         patient = cell(record, "patient_id") or None
         report["blank_patient_ids"] += report["has_patient_id"] and patient is None
-        rows.append({"name": name, "target": target, "patient_id": patient})
+        rows.append({"name": name, "target": target, "patient_id": patient, "split": split})
     return rows, report
 
 
@@ -139,6 +152,9 @@ def print_report(report, csv_path):
     if report["bad_targets"]:
         print(f"warning: {len(report['bad_targets'])} rows of {csv_path} skipped: target is not 0 or 1: "
               f"{examples(report['bad_targets'])}")
+    if report["bad_splits"]:
+        print(f"warning: {len(report['bad_splits'])} rows of {csv_path} skipped: {report['split_column']} is not "
+              f"train, val/validation or test: {examples(report['bad_splits'])}")
     if report["duplicates"]:
         print(f"warning: {len(report['duplicates'])} duplicate rows in {csv_path}, each image kept once "
               f"(first row wins): {examples(report['duplicates'])}")
@@ -228,6 +244,27 @@ def check_splittable(labels, groups, n_splits):
                 f"splits needs at least one, so add more {class_name} images to the CSV and image folder")
 
 
+def draw_split(rows, labels, grouped, has_patient_id, ratios, seed, csv_path):
+    """The split of each row, drawn per class by ratio (grouped by patient when possible)."""
+    if grouped:
+        # An image without a patient id is its own group: it cannot share a patient with anything.
+        groups = [row["patient_id"] or f"\0image:{row['name']}" for row in rows]
+        blanks = sum(row["patient_id"] is None for row in rows)
+        if blanks:
+            print(f"note: {blanks:,} images have a blank patient_id; each is treated as a patient of its own")
+    else:
+        groups = None
+        why = "an empty patient_id column" if has_patient_id else "no patient_id column"
+        print(f"note: {csv_path} has {why}, so the split falls back to a per-image split "
+              f"(images of one patient may end up in different splits)")
+    check_splittable(labels, groups, len(SPLITS))
+    n_patients = len({g for g in groups if not g.startswith("\0")}) if grouped else None
+    print(f"splitting {len(rows):,} images" + (f" of {n_patients:,} patients" if grouped else "")
+          + f" {'/'.join(f'{r:g}' for r in ratios)} per class, "
+          + ("grouped by patient_id" if grouped else "per image") + f", seed {seed}")
+    return split_indices(labels, groups, ratios, seed)
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing the folders
 
@@ -272,7 +309,8 @@ def move_into_place(tmp, out):
         for split in SPLITS:
             if (out / split).exists() or (out / split).is_symlink():
                 os.rename(out / split, trash / split)
-            os.rename(tmp / split, out / split)
+            if (tmp / split).exists():  # an official split may lack one (HAM10000 has no test)
+                os.rename(tmp / split, out / split)
         os.rename(tmp / "split.json", out / "split.json")
     finally:
         remove(trash)
@@ -302,6 +340,9 @@ def parse_args(argv):
                         help="folder holding <isic_id>.jpg for every row of the CSV (default: %(default)s)")
     parser.add_argument("--out", default="DATA",
                         help="output folder for the split class folders and split.json (default: %(default)s)")
+    parser.add_argument("--split-column", default=None, metavar="NAME",
+                        help="CSV column holding an official split (values train, val/validation, test): "
+                             "used instead of drawing one; default: a column named 'split' when there is one")
     parser.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
                         metavar=("TRAIN", "VAL", "TEST"),
                         help="fractions of every class for train, validation and test; each > 0, summing "
@@ -339,7 +380,10 @@ def main(argv=None):
             f"or choose another --out")
 
     # 1. Read the CSV and keep the rows whose image is on disk.
-    rows, report = read_metadata(csv_path)
+    rows, report = read_metadata(csv_path, args.split_column or "split")
+    if args.split_column and not report["split_column"]:
+        die(f"--split-column {args.split_column}: {csv_path} has no such column (it has "
+            f"{', '.join(report['columns'])}); name another or leave the flag out to draw a split")
     print(f"{csv_path}: {report['rows_read']:,} rows, file name column {report['name_column']}")
     print_report(report, csv_path)
     if not rows:
@@ -359,37 +403,32 @@ def main(argv=None):
         die(f"--images {images}: none of the images listed in {csv_path} is there{hint}; "
             f"expected files like {images / missing[0]}")
 
-    # 2. Split: grouped by patient when the CSV says who the patient is, else per image.
+    # 2. Split: the CSV's own split column when it has one, else drawn here, grouped by patient
+    #    when the CSV says who the patient is, else per image.
     labels = [row["target"] for row in rows]
     grouped = report["has_patient_id"] and any(row["patient_id"] for row in rows)
-    if grouped:
-        # An image without a patient id is its own group: it cannot share a patient with anything.
-        groups = [row["patient_id"] or f"\0image:{row['name']}" for row in rows]
-        blanks = sum(row["patient_id"] is None for row in rows)
-        if blanks:
-            print(f"note: {blanks:,} images have a blank patient_id; each is treated as a patient of its own")
+    if report["split_column"]:
+        assignment = [row["split"] for row in rows]
+        print(f"using the split in column {report['split_column']} of {csv_path} (--ratios and --seed do not apply)")
     else:
-        groups = None
-        why = "no patient_id column" if not report["has_patient_id"] else "an empty patient_id column"
-        print(f"note: {csv_path} has {why}, so the split falls back to a per-image split "
-              f"(images of one patient may end up in different splits)")
-    check_splittable(labels, groups, len(SPLITS))
-    n_patients = len({g for g in groups if not g.startswith("\0")}) if grouped else None
-    print(f"splitting {len(rows):,} images" + (f" of {n_patients:,} patients" if grouped else "")
-          + f" {'/'.join(f'{r:g}' for r in ratios)} per class, "
-          + ("grouped by patient_id" if grouped else "per image") + f", seed {args.seed}")
-    assignment = split_indices(labels, groups, ratios, args.seed)
+        assignment = draw_split(rows, labels, grouped, report["has_patient_id"], ratios, args.seed, csv_path)
+    n_patients = len({row["patient_id"] for row in rows} - {None}) if grouped else None
 
     counts = {}
     for split in SPLITS:
         members = [i for i, s in enumerate(assignment) if s == split]
+        if not members:
+            print(f"note: no {split} images in {csv_path}; {out / split} is not created")
+            continue
         c = Counter(labels[i] for i in members)
         patients = len({rows[i]["patient_id"] for i in members} - {None}) if grouped else None
         counts[split] = {"benign": c[0], "malignant": c[1], "total": len(members), "patients": patients}
         for label, class_name in enumerate(CLASS_NAMES):
             if c[label] == 0:
-                die(f"the split left {split} without {class_name} images (the class has only "
-                    f"{labels.count(label)}); add more {class_name} images or change --ratios or --seed")
+                fix = ("the CSV's split column puts none there; fix the column" if report["split_column"] else
+                       f"the class has only {labels.count(label)}; add more {class_name} images or change "
+                       f"--ratios or --seed")
+                die(f"the split left {split} without {class_name} images ({fix})")
 
     # 3. Build everything in a temp folder next to --out, then move it into place in one go, so
     #    an interrupted run never leaves a half-written split that looks complete.
@@ -397,19 +436,21 @@ def main(argv=None):
     methods = Counter()
     try:
         remove(tmp)
-        folders = {(split, label): tmp / split / str(label) for split in SPLITS for label in (0, 1)}
+        folders = {(split, label): tmp / split / str(label) for split in counts for label in (0, 1)}
         for folder in folders.values():
             folder.mkdir(parents=True)
         for row, split in zip(rows, assignment):  # os.path.join: pathlib costs a second per 33k files
             src = os.path.join(images, row["name"])
             dst = os.path.join(folders[split, row["target"]], row["name"])
             methods[place(src, dst, args.copy)] += 1
-        info = {"seed": args.seed, "ratios": dict(zip(SPLITS, ratios)),
-                "grouping": "patient_id" if grouped else "image",
+        drawn = {"seed": args.seed, "ratios": dict(zip(SPLITS, ratios)),
+                 "grouping": "patient_id" if grouped else "image"}
+        info = {**({"split_column": report["split_column"]} if report["split_column"] else drawn),
                 "source_csv": str(csv_path.resolve()), "images": str(images.resolve()),
                 "counts": counts, "patients": n_patients, "files": dict(methods),
                 "skipped": {"missing_images": len(missing), "bad_names": len(report["bad_names"]),
-                            "bad_targets": len(report["bad_targets"]), "duplicates": len(report["duplicates"])}}
+                            "bad_targets": len(report["bad_targets"]), "bad_splits": len(report["bad_splits"]),
+                            "duplicates": len(report["duplicates"])}}
         (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
         move_into_place(tmp, out)
     except KeyboardInterrupt:

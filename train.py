@@ -29,14 +29,26 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset import (BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches, batch_pairs,
-                     collate_images, load_split, sample_seed, train_transform, use_cache, write_excluded)
+from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
+                     batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, use_cache,
+                     write_excluded)
 from metrics import auc_or_nan
 from modules import (DEFAULT_MARGIN, LOSSES, METRIC_LOSSES, WeightsError, active_fraction, build_model,
                      load_state, metric_loss, save_atomic)
-from predict import (autocast, choose_gallery, embed_images, evaluate, pick_device, resolve_classifier,
-                     score_split, to_device)
+from predict import (CLASSIFIERS, autocast, choose_gallery, embed_images, evaluate, pick_device,
+                     resolve_classifier, score_split, to_device)
 
+# --recipe: study is the design's setting; tuned is the best Siamese setting found on HAM10000
+# validation (docs/results.md). A flag given on the command line overrides either.
+RECIPES = {
+    "study": {"optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-5, "schedule": "constant", "warmup_epochs": 0.0,
+              "augment": "study", "aux_weight": 0.0, "sampler": "shuffled", "gallery_size": 64, "classify": "auto",
+              "tta": False},
+    "tuned": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1.0,
+              "augment": "dermoscopy", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0,
+              "classify": "auto", "tta": True},
+}
+VALIDATION_GALLERY_CAP = 256  # references per class when validating each epoch (0 = all would cost an epoch's time)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
                    "active_fraction", "embedding_spread", "lr", "seconds"]
 OUTPUT_FILES = ("best.pth", "last.pth", "history.csv", "training_validation_metrics.png", "gallery.pt",
@@ -50,10 +62,33 @@ def parse_args(argv=None):
                                                  "(train_data, validation_data, test_data, each with 0/ and 1/)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (study: 20; with --resume, a new total for the run)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="study",
+                   help="study: the design's settings (the default); tuned: the best Siamese setting found "
+                        "on HAM10000 validation: AdamW lr 1e-3 weight decay 0.05, cosine schedule with 1 "
+                        "warm-up epoch, dermoscopy augmentation, auxiliary classifier (--aux-weight 1), "
+                        "class-balanced batches, every training image as a reference, flip TTA. "
+                        "Flags given explicitly override the recipe")
     p.add_argument("--batch-size", type=int, default=128, help="training images per batch on each process (study: 128)")
     p.add_argument("--val-batch-size", type=int, default=16, help="images per validation/test batch (study: 16)")
-    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (study: 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (study: 1e-5)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (study: 1e-5; tuned: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (study: 1e-5; tuned: 0.05)")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
+                   help="adam: L2 penalty in the gradient, as the study; adamw: decoupled weight decay (tuned)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+                   help="learning rate over the run after the warm-up: constant (study) or cosine decay to "
+                        "0 (tuned)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="epochs of linear learning-rate warm-up from 0 (study: 0; tuned: 1)")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                   help="study: the study's affine warp, crop and horizontal flip; dermoscopy: adds "
+                        "vertical flips, 90-degree rotations and colour jitter (tuned)")
+    p.add_argument("--aux-weight", type=float, default=None,
+                   help="bce: weight of an auxiliary malignant-vs-benign loss on the Siamese features, "
+                        "trained jointly with the pair BCE (study: 0; tuned: 1)")
+    p.add_argument("--sampler", choices=("shuffled", "balanced"), default=None,
+                   help="bce/ce training batches: shuffled (every image once per epoch, study) or balanced "
+                        "(half malignant, so malignant images are not starved; tuned). Contrastive and "
+                        "triplet always use balanced batches")
     p.add_argument("--image-size", type=int, default=224, help="side of the square network input in pixels (study: 224)")
     p.add_argument("--benign-limit", type=int, nargs="+", default=[4000, 1000, 1000], metavar="N",
                    help="cap on benign images in train, validation and test (one value: all three); "
@@ -79,9 +114,14 @@ def parse_args(argv=None):
     p.add_argument("--select", choices=("val_auc", "val_loss"), default="val_auc",
                    help="what best.pth keeps: the highest validation AUC, or the lowest validation "
                         "pair loss (the study's rule)")
-    p.add_argument("--gallery-size", type=int, default=64, help="training references per class for image-level scores")
-    p.add_argument("--classify", choices=("auto", "gallery", "knn", "prototype", "direct"), default="auto",
+    p.add_argument("--gallery-size", type=int, default=None,
+                   help=f"training references per class for image-level scores; 0 = every training image "
+                        f"(study: 64; tuned: 0). Validation during training uses at most "
+                        f"{VALIDATION_GALLERY_CAP} per class")
+    p.add_argument("--classify", choices=CLASSIFIERS, default=None,
                    help="image-level P(malignant); see predict.py --help (default auto)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluate with features averaged over each image's four flips (study: off; tuned: on)")
     p.add_argument("--k", type=int, default=10, help="neighbours for --classify knn (default 10)")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="test threshold reaching this sensitivity on validation (default: Youden's J)")
@@ -98,7 +138,11 @@ def parse_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="DDP: synchronise BatchNorm statistics across processes")
     p.add_argument("--resume", action="store_true", help="continue from PROJECT/outputs/last.pth with its saved settings")
     p.add_argument("--force", action="store_true", help="start over in a project that already holds outputs (deletes them)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def check_args(args):
@@ -108,12 +152,12 @@ def check_args(args):
                          f"or `python dataset.py --synthetic {args.data}`")
     if args.image_size < 32:
         raise ValueError(f"--image-size {args.image_size}: must be at least 32 (ResNet18 downsamples 32x)")
-    for flag in ("batch_size", "val_batch_size", "gallery_size", "k", "save_every", "embed_dim"):
+    for flag in ("batch_size", "val_batch_size", "k", "save_every", "embed_dim"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: must be at least 1")
-    if args.lr <= 0 or args.weight_decay < 0:
+    if not 0 < args.lr < 1e6 or not 0 <= args.weight_decay < 1e6:
         raise ValueError("--lr must be positive and --weight-decay not negative")
     if len(args.benign_limit) not in (1, 3) or min(args.benign_limit) < 0:
         raise ValueError("--benign-limit takes one value or three (train validation test), each 0 or more")
@@ -121,11 +165,18 @@ def check_args(args):
         raise ValueError("--partners-per-class must be at least 2 (an anchor's partner is another image)")
     if args.per_class is not None and args.per_class < 2:
         raise ValueError("--per-class must be at least 2")
+    if args.gallery_size < 0:
+        raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
+    if not 0 <= args.warmup_epochs < 1e6 or not 0 <= args.aux_weight < 1e6:
+        raise ValueError("--warmup-epochs and --aux-weight must be finite and not negative")
+    if args.aux_weight > 0 and (args.loss != "bce" or args.pairing != "embed-once"):
+        raise ValueError("--aux-weight trains a classifier on the Siamese features: it needs --loss bce "
+                         "with --pairing embed-once")
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         raise ValueError("--target-sensitivity must be in (0, 1]")
     if args.resume and args.force:
         raise ValueError("--resume and --force contradict each other; pick one")
-    resolve_classifier({"loss": args.loss}, args.classify)  # raises for an impossible pairing
+    resolve_classifier({"loss": args.loss, "aux_weight": args.aux_weight}, args.classify)  # an impossible pairing raises
 
 
 def make_config(args):
@@ -140,8 +191,11 @@ def make_config(args):
         "margin": args.margin if args.margin is not None else DEFAULT_MARGIN.get(args.loss),
         "miner": args.miner or ("semihard" if args.loss == "triplet" else "all"),
         "per_class": args.per_class or max(2, args.batch_size // 2),
-        "select": args.select, "classify": resolve_classifier({"loss": args.loss}, args.classify),
-        "gallery_size": args.gallery_size, "k": args.k, "sync_bn": args.sync_bn,
+        "select": args.select, "gallery_size": args.gallery_size, "k": args.k, "sync_bn": args.sync_bn,
+        "classify": resolve_classifier({"loss": args.loss, "aux_weight": args.aux_weight}, args.classify),
+        "recipe": args.recipe, "optimizer": args.optimizer, "schedule": args.schedule,
+        "warmup_epochs": args.warmup_epochs, "augment": args.augment, "aux_weight": args.aux_weight,
+        "sampler": "balanced" if args.loss in METRIC_LOSSES else args.sampler, "tta": args.tta,
         "data": str(Path(args.data).resolve()),
     }
 
@@ -176,8 +230,8 @@ def make_train_loader(train, config, rank, world_size, workers, device):
     """The training batches: the study's pair dataset (two-pass) or single images (the rest)."""
     seed = config["seed"]
     dataset_class = PairDataset if config["pairing"] == "two-pass" else ImageDataset
-    dataset = dataset_class(train, train_transform(config["image_size"]), seed, augment=True)
-    if config["loss"] in METRIC_LOSSES:
+    dataset = dataset_class(train, train_transform(config["image_size"], config["augment"]), seed, augment=True)
+    if config["sampler"] == "balanced":
         sampler = BalancedBatches(train.labels, config["per_class"], seed, rank=rank, world_size=world_size)
     else:
         partners = config["partners_per_class"] if config["pairing"] == "embed-once" else 0
@@ -206,6 +260,11 @@ def training_loss(model, batch, config, device, generator, criterion, miner, pos
         loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
         return loss, ((logits > 0) == (labels == 1)).sum(), len(labels), math.nan
     anchors, partners, targets = (t.to(device) for t in batch_pairs(labels.cpu(), is_anchor, generator))
+    if config["loss"] == "bce" and config["aux_weight"] > 0:
+        logits, class_logits = model(images, pairs=(anchors, partners), with_class_logits=True)
+        loss = (F.binary_cross_entropy_with_logits(logits.float(), targets) + config["aux_weight"] *
+                F.binary_cross_entropy_with_logits(class_logits.float(), labels.float(), pos_weight=pos_weight))
+        return loss, ((logits > 0) == (targets > 0.5)).sum(), len(targets), math.nan
     if config["loss"] == "bce":
         logits = model(images, pairs=(anchors, partners)).float()
         loss = F.binary_cross_entropy_with_logits(logits, targets)
@@ -226,7 +285,7 @@ def validate(model, train, validation, config, device, workers, amp, rank, world
     if not torch.isfinite(features).all():
         raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
                          "--no-amp. PROJECT/outputs/best.pth keeps the best model so far")
-    picks = choose_gallery(train.labels, config["gallery_size"], seed)
+    picks = choose_gallery(train.labels, min(config["gallery_size"] or VALIDATION_GALLERY_CAP, VALIDATION_GALLERY_CAP), seed)
     gallery = embed_images(model, train, size, batch, device, workers, picks, amp, rank, world_size)
     gallery_labels = torch.as_tensor(train.labels[picks], device=device)
     scores, pairs, _ = score_split(model, features, validation.labels, gallery, gallery_labels,
@@ -243,6 +302,17 @@ def collapse_warning(row):
                 f"{row['embedding_spread']:.2e}, active {row['active_fraction']:.3f}); lower --lr, change "
                 f"--margin or --miner, or use more images per class (--per-class)")
     return None
+
+
+def learning_rate(step, total_steps, config):
+    """The learning rate at a global step: linear warm-up from 0, then constant or cosine decay to 0."""
+    warmup = config["warmup_epochs"] * total_steps / config["epochs"]
+    if step < warmup:
+        return config["lr"] * (step + 1) / warmup
+    if config["schedule"] == "constant":
+        return config["lr"]
+    progress = (step - warmup) / max(1.0, total_steps - warmup)
+    return config["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def selection_score(row, select):
@@ -355,7 +425,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
 
     # ---- state: fresh, or from last.pth
     resume = load_state(outputs / "last.pth", "--resume") if args.resume else None
-    config = resume["config"] if resume else make_config(args)
+    # A run saved before a setting existed ran with the study's value of it.
+    config = {**RECIPES["study"], "recipe": "study", **resume["config"]} if resume else make_config(args)
     config["data"] = str(Path(args.data).resolve())  # the data may have moved since a resumed run began
     if resume and args.epochs:
         config["epochs"] = args.epochs
@@ -366,7 +437,10 @@ def run(args, rank, world_size, device, stop, previous_handlers):
 
     # ---- data
     splits = {name: load_split(args.data, name, limit, config["seed"], max(workers, 4))
-              for name, limit in zip(("train", "validation", "test"), config["benign_limit"])}
+              for name, limit in zip(("train", "validation", "test"), config["benign_limit"])
+              if name != "test" or has_split(args.data, "test")}
+    if "test" not in splits:
+        say(f"{args.data}: no test_data folder; the final evaluation reports the validation split instead")
     if args.cache:  # rank 0 builds the cache (once); the other ranks wait for it, then map it
         if rank > 0:
             dist.barrier()
@@ -394,7 +468,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         raw_model = raw_model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    optimizer_class = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(raw_model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     use_scaler = device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     history, best, start_epoch, start_step, partial = [], None, 0, 0, None
@@ -418,8 +493,10 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         model = torch.compile(model)
     criterion, miner = metric_loss(config["loss"], config["margin"], config["miner"]) if config["loss"] in METRIC_LOSSES else (None, None)
     benign, malignant = train.counts()
-    pos_weight = torch.tensor(benign / malignant, device=device)  # ce: malignant errors weigh as much as benign
+    # ce and the auxiliary loss: malignant errors weigh as much as benign ones (balanced batches already do that)
+    pos_weight = torch.tensor(1.0 if config["sampler"] == "balanced" else benign / malignant, device=device)
     sampler, loader = make_train_loader(train, config, rank, world_size, workers, device)
+    steps_per_epoch = len(sampler.batches())
     if len(sampler) == 0:
         raise ValueError(f"--batch-size {config['batch_size']} on {world_size} process(es) leaves no training batch "
                          f"for {len(train)} training images; lower --batch-size")
@@ -453,6 +530,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
                    initial=step0, total=step0 + len(sampler), leave=False, dynamic_ncols=True)
         step = step0
         for step, batch in enumerate(bar, start=step0 + 1):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch * steps_per_epoch + step - 1, config["epochs"] * steps_per_epoch, config)
             generator = torch.Generator().manual_seed(sample_seed(config["seed"] + 1, epoch, step))
             with autocast(device, amp):
                 loss, correct, count, active = training_loss(model, batch, config, device, generator,
@@ -513,11 +592,12 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     if world_size > 1:
         dist.barrier()
     if main_process:
-        say(f"\nevaluating {outputs / 'best.pth'} on the test split")
+        evaluated = splits.get("test", validation)
+        say(f"\nevaluating {outputs / 'best.pth'} on the {evaluated.name} split")
         evaluate(outputs / "best.pth", config["data"], project / "results", gallery_size=config["gallery_size"],
                  classify=config["classify"], k=config["k"], target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=config["val_batch_size"], device=device,
-                 workers=workers, splits=splits, amp=amp)
+                 workers=workers, splits={"train": train, "validation": validation, "evaluated": evaluated}, amp=amp)
 
 
 if __name__ == "__main__":

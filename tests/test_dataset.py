@@ -334,13 +334,13 @@ def test_shuffled_batches_len_after_resume_equals_the_batches_it_yields():
 # BalancedBatches
 
 
-def test_balanced_batches_have_per_class_of_each_class_and_cover_benign_once():
+def test_balanced_batches_have_per_class_of_each_class_and_as_many_images_as_the_split():
     labels = np.array([0] * 24 + [1] * 5)
     sampler = BalancedBatches(labels, per_class=4, seed=0)
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
         batches = list(sampler)
-        assert len(batches) == len(sampler) == 6
+        assert len(batches) == len(sampler) == 29 // 8  # an epoch holds as many images as the split
         benign, malignant = [], []
         for batch in batches:
             indices = [i for i, _, _ in batch]
@@ -348,9 +348,9 @@ def test_balanced_batches_have_per_class_of_each_class_and_cover_benign_once():
             assert sorted(labels[indices].tolist()) == [0] * 4 + [1] * 4
             benign += [i for i in indices if labels[i] == 0]
             malignant += [i for i in indices if labels[i] == 1]
-        assert sorted(benign) == list(range(24))  # every benign image exactly once
+        assert len(set(benign)) == len(benign) == 12  # benign: a fresh subset, no repeats
         counts = np.bincount(malignant, minlength=29)[24:]
-        assert len(malignant) == 24 and counts.min() >= 4 and counts.max() <= 5  # reshuffled passes
+        assert len(malignant) == 12 and counts.min() >= 2 and counts.max() <= 3  # reshuffled passes
 
 
 def test_balanced_batches_are_seeded_and_change_with_epoch():

@@ -487,3 +487,63 @@ def test_help_documents_every_flag():
     assert result.returncode == 0
     for flag in ("--csv", "--images", "--out", "--ratios", "--seed", "--copy", "--force"):
         assert flag in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# An official split column (ISIC 2017, HAM10000)
+
+
+def official_counts(out):
+    """{split folder: (benign, malignant)} of a written split; only the folders that exist."""
+    return {split: tuple(len(list((out / split / str(label)).iterdir())) for label in (0, 1))
+            for split in tsd.SPLITS if (out / split).is_dir()}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("isic2017", {"train_data": (1626, 374), "validation_data": (120, 30), "test_data": (483, 117)}),
+    ("ham10000", {"train_data": (6231, 779), "validation_data": (1336, 167)}),
+])
+def test_official_split_column_gives_the_published_counts(name, expected, tmp_path, capsys):
+    source = SHARED / name
+    if not (source / "labels.csv").is_file():
+        pytest.skip(f"{source} not available")
+    out = tmp_path / name
+    info = run_main(source / "labels.csv", source / "images", out)
+    assert official_counts(out) == expected
+    assert info["split_column"] == "split" and "seed" not in info
+    printed = capsys.readouterr().out
+    assert "using the split in column split" in printed
+    if "test_data" not in expected:  # HAM10000's test split is held out: said, and no empty folder
+        assert "no test_data images" in printed and not (out / "test_data").exists()
+
+
+def test_split_column_values_are_mapped_and_bad_ones_reported(tmp_path, capsys):
+    rows = [(f"IMG_{i}", i % 2, split) for i, split in
+            enumerate(["train"] * 6 + ["Validation"] * 4 + ["val"] * 2 + ["TEST"] * 4 + ["holdout", ""])]
+    csv_path, images = make_data(tmp_path, rows, header=("isic_id", "target", "split"))
+    out = tmp_path / "DATA"
+    run_main(csv_path, images, out, "--ratios", "0.5", "0.25", "0.25")  # ratios do not apply
+    placed = layout(out)
+    assert {name: split for name, (split, _) in placed.items()} == {
+        f"IMG_{i}.jpg": ("train_data" if i < 6 else "validation_data" if i < 12 else "test_data")
+        for i in range(16)}
+    assert "2 rows" in capsys.readouterr().out  # 'holdout' and blank: skipped, with a warning
+
+
+def test_split_column_named_by_flag_and_missing_column_refused(tmp_path):
+    rows = [(f"IMG_{i}", i % 2, "train" if i < 4 else "test") for i in range(8)]
+    csv_path, images = make_data(tmp_path, rows, header=("isic_id", "target", "partition"))
+    run_main(csv_path, images, tmp_path / "A", "--split-column", "partition")
+    assert official_counts(tmp_path / "A") == {"train_data": (2, 2), "test_data": (2, 2)}
+    with pytest.raises(SystemExit) as e:
+        run_main(csv_path, images, tmp_path / "B", "--split-column", "fold")
+    assert "--split-column fold" in error_of(e)
+
+
+def test_split_column_that_leaves_a_split_without_a_class_is_refused(tmp_path):
+    rows = [("IMG_0", 0, "train"), ("IMG_1", 1, "train"), ("IMG_2", 0, "test"), ("IMG_3", 0, "test")]
+    csv_path, images = make_data(tmp_path, rows, header=("isic_id", "target", "split"))
+    with pytest.raises(SystemExit) as e:
+        run_main(csv_path, images, tmp_path / "DATA")
+    assert "test_data without malignant" in error_of(e)
+    assert not (tmp_path / "DATA").exists()
