@@ -1,20 +1,24 @@
-"""Train every loss on the same split, seed, image size and epoch budget, and compare them by
-the same image-level metrics. Writes PROJECT/results/comparison.md.
+"""Train every loss under each recipe and seed on the same split, image size and epoch budget, and
+compare them by the same image-level metrics. Writes PROJECT/results/comparison.md.
 
-    python compare.py --project runs/compare --data DATA [train.py flags, e.g. --epochs 5]
+    python compare.py --project runs/compare --data DATA [--recipes study tuned] [--seeds 0 1 2]
+                      [--losses bce ce] [train.py flags, e.g. --epochs 8 --image-size 96]
 
-Each loss trains into PROJECT/<loss>/ with train.py (which evaluates its default classifier);
-the embedding losses are then scored by predict.py with the other classifiers too.
+Each run trains into PROJECT/<loss>-<recipe>-seed<seed>/ with train.py, which evaluates the test
+split (or the validation split when DATA has none) with the loss's default classifier and scores
+every other classifier the model supports from the same embeddings. A run whose
+results/metrics.json exists is not trained again, so an interrupted benchmark continues where it
+stopped. With several seeds a second table gives each row's mean and standard deviation.
 """
 import argparse
 import csv
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-CLASSIFIERS = {"bce": ["gallery", "knn", "prototype"], "contrastive": ["knn", "prototype", "gallery"],
-               "triplet": ["knn", "prototype", "gallery"], "ce": ["direct"]}
+LOSSES = ("bce", "contrastive", "triplet", "ce")
 
 
 def run(*args):
@@ -23,36 +27,64 @@ def run(*args):
         sys.exit(f"compare.py: error: {args[0]} failed (its message is above)")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project", required=True, help="folder for one sub-project per loss and the comparison")
-    parser.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
-    parser.add_argument("--losses", nargs="+", default=list(CLASSIFIERS), choices=list(CLASSIFIERS),
-                        help="losses to train (default: all four)")
-    args, train_flags = parser.parse_known_args()
-    project, rows = Path(args.project), []
-    for loss in args.losses:
-        run("train.py", "--project", project / loss, "--data", args.data, "--loss", loss, *train_flags)
-        history = list(csv.DictReader(open(project / loss / "outputs" / "history.csv")))
-        seconds = sum(float(row["seconds"]) for row in history)
-        default = json.loads((project / loss / "results" / "metrics.json").read_text())
-        for classify in CLASSIFIERS[loss]:
-            if classify == default["classify"]:
-                metrics = default
-            else:
-                out = project / loss / f"results-{classify}"
-                run("predict.py", "--project", project / loss, "--data", args.data, "--classify", classify,
-                    "--out", out, "--save-every", "1000000")
-                metrics = json.loads((out / "metrics.json").read_text())
-            rows.append((loss, classify, metrics, seconds, len(history)))
+def train_and_score(project, data, loss, recipe, seed, train_flags):
+    """metrics.json of one run (train.py scores every classifier the model supports); trains only
+    when the run has no results yet."""
+    metrics_path = project / "results" / "metrics.json"
+    if not metrics_path.exists():
+        run("train.py", "--project", project, "--data", data, "--loss", loss, "--recipe", recipe,
+            "--seed", seed, "--force", *train_flags)
+    return json.loads(metrics_path.read_text())
 
-    lines = [f"Data: `{args.data}`; train.py flags: `{' '.join(train_flags) or '(defaults)'}`\n",
-             "| loss | classifier | test AUC (95% CI) | balanced acc. | sensitivity | specificity | pair acc. | training time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for loss, classify, m, seconds, epochs in rows:
-        lines.append(f"| {loss} | {classify} | {m['test_auc']:.3f} ({m['test_auc_ci_low']:.3f}-{m['test_auc_ci_high']:.3f}) "
-                     f"| {m['test_balanced_accuracy']:.3f} | {m['test_sensitivity']:.3f} | {m['test_specificity']:.3f} "
-                     f"| {m['test_pair_accuracy']:.3f} | {seconds:.0f} s ({epochs} epochs) |")
+
+def rows_of(metrics, history):
+    """One table row per classifier: (classifier, {auc, ci, balanced accuracy, ...})."""
+    prefix = metrics["evaluated_split"] + "_"
+    main = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+    rows = [(metrics["classify"], main)] + list(metrics.get("other_classifiers", {}).items())
+    seconds = sum(float(row["seconds"]) for row in history)
+    return [(name, m, seconds, len(history)) for name, m in rows]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--project", required=True, help="folder for one sub-project per run and the comparison")
+    parser.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
+                        help="losses to train (default: all four)")
+    parser.add_argument("--recipes", nargs="+", default=["study"], choices=("study", "tuned"),
+                        help="train.py --recipe values to run for every loss (default: study)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
+    args, train_flags = parser.parse_known_args()
+    project, table = Path(args.project), []
+    for recipe in args.recipes:
+        for loss in args.losses:
+            for seed in args.seeds:
+                folder = project / f"{loss}-{recipe}-seed{seed}"
+                metrics = train_and_score(folder, args.data, loss, recipe, seed, train_flags)
+                history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
+                table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
+
+    split = metrics["evaluated_split"]
+    lines = [f"Data: `{args.data}` ({split} split); seeds {' '.join(map(str, args.seeds))}; "
+             f"train.py flags: `{' '.join(train_flags) or '(defaults)'}`\n",
+             f"| loss | recipe | seed | classifier | {split} AUC (95% CI) | balanced acc. | sensitivity | "
+             f"specificity | training time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for loss, recipe, seed, classify, m, seconds, epochs in table:
+        lines.append(f"| {loss} | {recipe} | {seed} | {classify} | {m['auc']:.3f} ({m['auc_ci_low']:.3f}-"
+                     f"{m['auc_ci_high']:.3f}) | {m['balanced_accuracy']:.3f} | {m['sensitivity']:.3f} | "
+                     f"{m['specificity']:.3f} | {seconds / 60:.0f} min ({epochs} epochs) |")
+    if len(args.seeds) > 1:
+        lines += ["", f"Mean ± standard deviation over the {len(args.seeds)} seeds:", "",
+                  f"| loss | recipe | classifier | {split} AUC | balanced acc. | sensitivity | specificity |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for key in dict.fromkeys((loss, recipe, classify) for loss, recipe, _, classify, *_ in table):
+            runs = [m for loss, recipe, _, classify, m, *_ in table if (loss, recipe, classify) == key]
+            cells = [f"{statistics.mean(r[name] for r in runs):.3f} ± {statistics.stdev(r[name] for r in runs):.3f}"
+                     for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")]
+            lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
     (project / "results").mkdir(parents=True, exist_ok=True)
     (project / "results" / "comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

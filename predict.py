@@ -175,6 +175,17 @@ def resolve_classifier(config, method="auto"):
     return method
 
 
+def applicable_classifiers(config):
+    """Every --classify method this model supports."""
+    methods = []
+    for method in CLASSIFIERS[1:]:
+        try:
+            methods.append(resolve_classifier(config, method))
+        except ValueError:
+            pass
+    return methods
+
+
 def choose_gallery(labels, per_class, seed):
     """A seeded, class-balanced sample of training indices (all of a class if it is smaller;
     per_class 0: every training image)."""
@@ -273,7 +284,7 @@ def build_gallery(model, config, train, validation, device, *, gallery_size, met
     val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp, tta=tta)
     val_scores = malignant_probability(model, val_features, gallery["features"], gallery["labels"], method, k)
     gallery["threshold"] = choose_threshold(validation.labels, val_scores.cpu().numpy(), target_sensitivity)
-    return gallery, val_scores.cpu().numpy()
+    return gallery, val_scores.cpu().numpy(), val_features
 
 
 def prepare_results(results):
@@ -285,6 +296,15 @@ def prepare_results(results):
         print(f"earlier results moved to {moved}")
     results.mkdir(parents=True, exist_ok=True)
     return results
+
+
+def other_classifier_metrics(model, method, k, gallery, validation, evaluated, target_sensitivity, seed):
+    """Image-level metrics of one more way of scoring the stored features."""
+    (val_labels, val_features), (labels, features) = validation, evaluated
+    val_scores, scores = (malignant_probability(model, f, gallery["features"], gallery["labels"], method, k).cpu().numpy()
+                          for f in (val_features, features))
+    threshold = choose_threshold(val_labels, val_scores, target_sensitivity)
+    return {"val_auc": auc_or_nan(val_labels, val_scores), **image_metrics(labels, scores, threshold, seed)}
 
 
 def load_evaluation_splits(data, config, workers, cache=None):
@@ -323,7 +343,8 @@ def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=1
     device = pick_device(device) if isinstance(device, str) else device
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    method = resolve_classifier(config, classify)
+    methods = [resolve_classifier(config, name) for name in ([classify] if isinstance(classify, str) else classify)]
+    method = methods[0]
     tta = config.get("tta", False) if tta is None else tta
     seed, size = config["seed"], config["image_size"]
     splits = splits or load_evaluation_splits(data, config, workers, cache)
@@ -331,7 +352,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=1
     prefix = "test" if test.name == "test" else "val" if test is validation else "external"
     results = prepare_results(results)
 
-    gallery, val_scores = build_gallery(
+    gallery, val_scores, val_features = build_gallery(
         model, config, train, validation, device, gallery_size=gallery_size, method=method, k=k,
         target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, amp=amp, tta=tta)
     test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp, tta=tta)
@@ -340,12 +361,17 @@ def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=1
     image = image_metrics(test.labels, test_scores, gallery["threshold"], seed)
 
     metrics = {"checkpoint": str(checkpoint), "loss": config["loss"], "classify": method,
+               "recipe": config.get("recipe", "study"), "aux_weight": config.get("aux_weight", 0.0),
                "evaluated_split": prefix, "data": str(data), "tta": tta,
                f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
                "val_auc": auc_or_nan(validation.labels, val_scores)}
     metrics.update({f"{prefix}_{key}": value for key, value in pairs_summary.items()})
     metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
+    metrics["other_classifiers"] = {  # the same embeddings scored other ways, each thresholded on validation
+        name: other_classifier_metrics(model, name, k, gallery, (validation.labels, val_features),
+                                       (test.labels, test_features), target_sensitivity, seed)
+        for name in dict.fromkeys(methods[1:]) if name != method}
     (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
     curves = {"validation": (validation.labels, val_scores)}
@@ -405,7 +431,7 @@ def predict_images(checkpoint, images, data=None, device="auto"):
         seed = config["seed"]
         train, validation = (load_split(data, name, limit, seed) for name, limit in
                              zip(("train", "validation"), config["benign_limit"]))
-        gallery, _ = build_gallery(model, config, train, validation, device, gallery_size=64,
+        gallery, *_ = build_gallery(model, config, train, validation, device, gallery_size=64,
                                       method=resolve_classifier(config), k=10, target_sensitivity=None,
                                       batch_size=64, workers=0)
     references, labels = gallery["features"].to(device), gallery["labels"].to(device)
@@ -443,9 +469,11 @@ def parse_args(argv=None):
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average each image's features over its four flips (default: as the model "
                              "was trained, see train.py --tta)")
-    parser.add_argument("--classify", choices=CLASSIFIERS, default="auto",
+    parser.add_argument("--classify", choices=CLASSIFIERS, nargs="+", default=["auto"],
                         help="how P(malignant) is computed (default auto: gallery for bce, knn for "
-                             "contrastive/triplet, direct for ce)")
+                             "contrastive/triplet, direct for ce). Several: the first gives the figures and "
+                             "the main metrics, the others are scored from the same embeddings into "
+                             "metrics.json's other_classifiers")
     parser.add_argument("--k", type=int, default=10, help="neighbours for --classify knn (default 10)")
     parser.add_argument("--target-sensitivity", type=float, default=None,
                         help="choose the threshold that reaches this sensitivity on validation "

@@ -35,7 +35,7 @@ from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, Pa
 from metrics import auc_or_nan
 from modules import (DEFAULT_MARGIN, LOSSES, METRIC_LOSSES, WeightsError, active_fraction, build_model,
                      load_state, metric_loss, save_atomic)
-from predict import (CLASSIFIERS, autocast, choose_gallery, embed_images, evaluate, pick_device,
+from predict import (CLASSIFIERS, applicable_classifiers, autocast, choose_gallery, embed_images, evaluate, pick_device,
                      resolve_classifier, score_split, to_device)
 
 # --recipe: study is the design's setting; tuned is the best Siamese setting found on HAM10000
@@ -140,8 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="start over in a project that already holds outputs (deletes them)")
     args = p.parse_args(argv)
     for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+        if getattr(args, name) is None:  # not given on the command line
+            setattr(args, name, 0.0 if name == "aux_weight" and args.loss != "bce" else value)
     return args
 
 
@@ -595,7 +595,7 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         evaluated = splits.get("test", validation)
         say(f"\nevaluating {outputs / 'best.pth'} on the {evaluated.name} split")
         evaluate(outputs / "best.pth", config["data"], project / "results", gallery_size=config["gallery_size"],
-                 classify=config["classify"], k=config["k"], target_sensitivity=args.target_sensitivity,
+                 classify=[config["classify"], *applicable_classifiers(config)], k=config["k"], target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=config["val_batch_size"], device=device,
                  workers=workers, splits={"train": train, "validation": validation, "evaluated": evaluated}, amp=amp)
 

@@ -137,3 +137,43 @@ def test_demo_reaches_its_targets(tmp_path):
     metrics = json.loads((tmp_path / "demo_run" / "results" / "metrics.json").read_text())
     assert metrics["test_pair_accuracy"] >= 0.8, metrics
     assert metrics["test_auc"] >= 0.9, metrics
+
+
+def project_files(project):
+    """{relative path: bytes} of every file under the project."""
+    return {str(p.relative_to(project)): p.read_bytes() for p in sorted(project.rglob("*")) if p.is_file()}
+
+
+def test_evaluation_on_another_clinics_folder_writes_only_to_out(trained, tmp_path):
+    """predict.py --data D --out X with D a plain labelled folder (0/ and 1/): scored against the
+    project's own references and threshold; the project's files stay byte-identical."""
+    project, _ = trained
+    clinic = tmp_path / "clinic"
+    make_synthetic(tmp_path / "other", size=40, seed=7, counts={"test": (5, 4)})
+    (tmp_path / "other" / "test_data").rename(clinic)  # clinic/0/*.jpg, clinic/1/*.jpg
+    before = project_files(project)
+    stdout = run("predict.py", "--project", project, "--data", clinic, "--out", tmp_path / "X", "--gallery-size", "4")
+    assert project_files(project) == before
+    metrics = json.loads((tmp_path / "X" / "metrics.json").read_text())
+    assert metrics["evaluated_split"] == "external" and metrics["n_external_images"] == 9
+    assert (metrics["external_n_benign"], metrics["external_n_malignant"]) == (5, 4)
+    assert "external (5 benign, 4 malignant)" in stdout
+
+
+def test_data_without_a_test_split_trains_and_reports_validation(tiny_data, tmp_path):
+    data = tmp_path / "no_test"
+    data.mkdir()
+    for split in ("train_data", "validation_data"):
+        (data / split).symlink_to(tiny_data / split)
+    project = tmp_path / "exp"
+    args = TINY[:]
+    args[args.index("--epochs") + 1] = "1"
+    stdout = run("train.py", "--project", project, "--data", data, *args, "--recipe", "tuned", "--gallery-size", "0")
+    assert "no test_data folder" in stdout
+    metrics = json.loads((project / "results" / "metrics.json").read_text())
+    assert metrics["evaluated_split"] == "val" and metrics["n_val_images"] == 10
+    assert metrics["val_auc"] == pytest.approx(metrics["val_auc"]) and metrics["tta"] is True
+    # every classifier the tuned Siamese model supports, scored from the same embeddings
+    assert set(metrics["other_classifiers"]) == {"head-knn", "knn", "prototype", "direct"}
+    for other in metrics["other_classifiers"].values():
+        assert 0 <= other["auc"] <= 1 and other["tn"] + other["fp"] == 6

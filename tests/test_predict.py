@@ -295,3 +295,40 @@ def test_cli_image_that_does_not_exist_fails_with_a_clear_message(cli_errors):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr
     assert str(folder / "missing.jpg") in lines[0] and "no such file" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring levers: head-knn, every training image as a reference, flip TTA
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_head_knn_is_the_similarity_weighted_malignant_share_of_the_k_most_similar(siamese, k):
+    features, gallery, labels = toy(4, 6, 1000, seed=8)
+    result = malignant_probability(siamese, features, gallery, labels, "head-knn", k)
+    similarity = similarity_matrix(siamese, features, gallery)
+    for row, score in zip(similarity, result):
+        top = sorted(zip(row.tolist(), labels.tolist()), reverse=True)[:k]
+        assert score.item() == pytest.approx(sum(s * y for s, y in top) / sum(s for s, _ in top), rel=1e-5)
+
+
+def test_choose_gallery_zero_takes_every_training_image():
+    labels = np.array([0] * 30 + [1] * 7)
+    assert np.array_equal(choose_gallery(labels, 0, seed=0), np.arange(37))
+
+
+def test_tta_embedding_is_the_mean_over_the_four_flips(tiny_data_dir, siamese):
+    split = load_split(tiny_data_dir, "test")
+    result = embed_images(siamese, split, 32, 4, torch.device("cpu"), tta=True)
+    images = torch.stack([eval_transform(32)(split.read(i)) for i in range(len(split))])
+    with torch.no_grad():
+        views = [images, images.flip(3), images.flip(2), images.flip(2, 3)]
+        expected = torch.stack([siamese.embed(v) for v in views]).mean(0)
+    assert torch.allclose(result, expected, atol=1e-4)
+    assert not torch.allclose(result, embed_images(siamese, split, 32, 4, torch.device("cpu")), atol=1e-4)
+
+
+def test_applicable_classifiers_follow_the_model():
+    assert predict.applicable_classifiers({"loss": "bce"}) == ["gallery", "head-knn", "knn", "prototype"]
+    assert "direct" in predict.applicable_classifiers({"loss": "bce", "aux_weight": 1.0})
+    assert predict.applicable_classifiers({"loss": "triplet"}) == ["gallery", "knn", "prototype"]
+    assert "direct" in predict.applicable_classifiers({"loss": "ce"})

@@ -83,3 +83,86 @@ def test_selection_prefers_higher_auc_then_lower_loss():
     assert max(range(3), key=lambda i: scores[i]) == 2
     assert max(range(3), key=lambda i: train.selection_score(rows[i], "val_loss")) == 2
     assert train.selection_score(rows[0], "val_loss") > train.selection_score(rows[1], "val_loss")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and the levers they set
+
+
+def config_of(*flags, data="d"):
+    return train.make_config(train.parse_args(["--project", "p", "--data", data, *flags]))
+
+
+def test_study_recipe_is_the_default_and_the_designs_setting():
+    config = config_of()
+    assert config == config_of("--recipe", "study")
+    assert (config["optimizer"], config["schedule"], config["warmup_epochs"]) == ("adam", "constant", 0.0)
+    assert (config["augment"], config["aux_weight"], config["sampler"], config["tta"]) == ("study", 0.0, "shuffled", False)
+    assert config["gallery_size"] == 64 and config["classify"] == "gallery"
+
+
+def test_tuned_recipe_sets_its_levers_and_explicit_flags_override_it():
+    config = config_of("--recipe", "tuned")
+    for name, value in train.RECIPES["tuned"].items():
+        assert config[name] == (value if name != "classify" else "gallery"), name
+    assert config["recipe"] == "tuned"
+    overridden = config_of("--recipe", "tuned", "--lr", "3e-4", "--aux-weight", "0", "--no-tta", "--sampler", "shuffled")
+    assert (overridden["lr"], overridden["aux_weight"], overridden["tta"], overridden["sampler"]) == (3e-4, 0.0, False, "shuffled")
+    assert overridden["optimizer"] == "adamw"  # the rest of the recipe stays
+
+
+def test_tuned_recipe_gives_the_auxiliary_loss_to_bce_only():
+    assert config_of("--recipe", "tuned", "--loss", "triplet")["aux_weight"] == 0.0
+    assert config_of("--recipe", "tuned", "--loss", "ce")["sampler"] == "balanced"
+    assert config_of("--loss", "contrastive")["sampler"] == "balanced"  # metric losses need both classes
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--aux-weight", "1", "--loss", "ce"], "--aux-weight"), (["--aux-weight", "1", "--pairing", "two-pass"], "--aux-weight"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--gallery-size", "-1"], "--gallery-size -1"),
+    (["--classify", "head-knn", "--loss", "triplet"], "head-knn")])
+def test_bad_lever_flags_are_refused(flags, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train.check_args(train.parse_args(["--project", "p", "--data", str(tmp_path), *flags]))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
+    config = {"lr": 1e-3, "epochs": 4, "warmup_epochs": 1.0, "schedule": "cosine"}
+    rates = [train.learning_rate(step, 400, config) for step in range(400)]
+    assert rates[0] == pytest.approx(1e-5) and rates[99] == pytest.approx(1e-3)  # 100 warm-up steps
+    assert all(a < b for a, b in zip(rates[:99], rates[1:100]))
+    assert all(a >= b for a, b in zip(rates[100:], rates[101:]))
+    assert rates[250] == pytest.approx(5e-4, rel=0.02) and rates[-1] < 1e-6
+    constant = {**config, "schedule": "constant", "warmup_epochs": 0.0}
+    assert {train.learning_rate(step, 400, constant) for step in range(400)} == {1e-3}
+
+
+def test_auxiliary_classifier_is_trained_with_the_pair_loss(tiny_data_dir):
+    torch.manual_seed(0)
+    config = config_of("--weights", "none", "--image-size", "32", "--aux-weight", "1", data=str(tiny_data_dir))
+    model = build_model(config)
+    assert model.classifier is not None and build_model(config_of("--weights", "none")).classifier is None
+    split = load_split(tiny_data_dir, "train")
+    dataset = ImageDataset(split, train_transform(32), augment=False)
+    batch = collate_images([dataset[item] for item in next(iter(BalancedBatches(split.labels, 4, 0)))])
+    pair_only = {**config, "aux_weight": 0.0}
+    model.eval()  # no dropout: both calls see the same network
+    with torch.no_grad():
+        generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731  the same pairs for both
+        joint, *_ = train.training_loss(model, batch, config, torch.device("cpu"), generator(), None, None, torch.tensor(1.0))
+        pairs, *_ = train.training_loss(model, batch, pair_only, torch.device("cpu"), generator(), None, None, torch.tensor(1.0))
+        class_logits = model.classifier(model.embed(batch[0])).squeeze(1)
+        auxiliary = torch.nn.functional.binary_cross_entropy_with_logits(class_logits, batch[1].float())
+    assert joint.item() == pytest.approx(pairs.item() + auxiliary.item(), rel=1e-4)
+
+
+def test_dermoscopy_augmentation_flips_and_rotates():
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    image[:, :20, :20] = 255  # a bright top-left quadrant
+    bright = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out = train_transform(32, "dermoscopy")(image)
+        quadrants = [out[:, :16, :16], out[:, :16, 16:], out[:, 16:, :16], out[:, 16:, 16:]]
+        bright.add(int(torch.stack([q.mean() for q in quadrants]).argmax()))
+    assert bright == {0, 1, 2, 3}  # the study's horizontal flip alone reaches only two quadrants
