@@ -79,7 +79,8 @@ def check_unexpected(split_folder, data_dir):
     more = f" ({len(unexpected) - 1} more such entries)" if len(unexpected) > 1 else ""
     if path.parent == split_folder:
         what = (f"unexpected {'folder' if path.is_dir() else 'file'}{more}; the classes are {split_folder}/0 "
-                f"(benign) and {split_folder}/1 (malignant): move its images into one of them, or move it out of {data_dir}")
+                f"(benign) and {split_folder}/1 (malignant): move its images into one of them, or move it out "
+                f"of {data_dir}")
     elif path.is_dir():
         what = (f"a folder inside a class folder{more}; images must sit directly in {path.parent}: "
                 f"move them up, or the folder out of {data_dir}")
