@@ -296,8 +296,9 @@ def prepare_results(results):
 def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=10,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
              cache=None, splits=None, amp=True):
-    """Test metrics of a checkpoint; writes metrics.json, the figures and the saved pairs, and the
-    gallery next to the checkpoint for single-image prediction. Returns the metrics dict."""
+    """Test metrics of a checkpoint; writes metrics.json, the figures and the saved pairs, and (only
+    for the project's own data and results folder) the gallery next to the checkpoint for
+    single-image prediction. Returns the metrics dict."""
     device = pick_device(device) if isinstance(device, str) else device
     if Path(results).exists() and not Path(results).is_dir():
         raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
