@@ -1120,6 +1120,7 @@ def test_gallery_still_fits_a_project_copied_with_new_file_times(evaluated, tmp_
     assert status != 0 and "made for another checkpoint" in message and "--data" in message
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the size is the subject
 def test_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(run_a, tmp_path, monkeypatch):
     data = bytearray(jpeg_bytes())
     frame = data.find(b"\xff\xc0")  # start of frame: height and width at bytes 5-8
