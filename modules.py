@@ -5,6 +5,7 @@ Every model has the same two calls that evaluation needs:
     embed(images)            -> one feature row per image (computed once per image)
     pair_similarity(e1, e2)  -> P(same class) in [0, 1] for rows of stored features
 """
+import math
 import os
 from pathlib import Path
 
@@ -204,6 +205,10 @@ def save_atomic(obj, path):
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+    except RuntimeError as error:  # torch.save's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(None, f"torch.save failed: {reason}", str(path)) from error
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -225,6 +230,69 @@ def load_state(path, what="checkpoint"):
                            f"the file is truncated or corrupt, re-copy it or train again") from None
 
 
+def _whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What train.py's make_config writes: key -> (test, what the value must be). A hand-edited or
+# damaged config fails here, in one line, not as a KeyError or TypeError deep in a run.
+CONFIG_RULES = {
+    "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
+    "pairing": (lambda v: v in (None, "embed-once", "two-pass"), "embed-once, two-pass or None"),
+    "weights": (lambda v: isinstance(v, str), "a string"),
+    "image_size": (lambda v: _whole(v) and v >= 32, "an integer of at least 32"),
+    "epochs": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "batch_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "val_batch_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "benign_limit": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_whole(x) and x >= 0 for x in v),
+                     "three integers >= 0"),
+    "seed": (lambda v: _whole(v) and 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1"),
+    "partners_per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
+    "embed_dim": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "margin": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0 or None"),
+    "miner": (lambda v: v in ("semihard", "hard", "all"), "semihard, hard or all"),
+    "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
+    "select": (lambda v: v in ("val_auc", "val_loss"), "val_auc or val_loss"),
+    "classify": (lambda v: v in ("gallery", "knn", "prototype", "direct"), "gallery, knn, prototype or direct"),
+    "gallery_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "k": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "sync_bn": (lambda v: isinstance(v, bool), "True or False"),
+    "data": (lambda v: isinstance(v, str), "a string"),
+}
+MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")  # what evaluation reads
+
+
+def check_config(config, path, required=tuple(CONFIG_RULES)):
+    """Every key in `required` present and every known key valid, else one WeightsError naming path."""
+    if not isinstance(config, dict):
+        raise WeightsError(f"checkpoint {path}: its config is not a dict; the file was edited or damaged, "
+                           f"use the one train.py wrote or train again")
+    for key, (valid, what) in CONFIG_RULES.items():
+        if key not in config and key in required:
+            problem = f"has no {key!r}"
+        elif key in config and not valid(config[key]):
+            problem = f"has {key} = {config[key]!r}, expected {what}"
+        else:
+            continue
+        raise WeightsError(f"checkpoint {path}: its config {problem}; the file was edited or damaged, "
+                           f"use the one train.py wrote or train again")
+
+
+def check_finite_weights(state, path):
+    """A diverged run's NaN or inf weights would score every image alike (or fail much later)."""
+    bad = [key for key, value in state.items()
+           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise WeightsError(f"checkpoint {path}: {len(bad)} weight tensor(s) are not finite (NaN or inf, e.g. "
+                           f"{bad[0]}): the run diverged; use an earlier checkpoint, or train again with a lower --lr")
+
+
 def load_checkpoint(path):
     """(model in eval mode, its config, the whole checkpoint dict) from best.pth or last.pth."""
     checkpoint = load_state(path)
@@ -232,6 +300,8 @@ def load_checkpoint(path):
         raise WeightsError(f"checkpoint {path}: not a checkpoint of this repo (no model and config); "
                            f"pass PROJECT/outputs/best.pth written by train.py")
     config = checkpoint["config"]
+    if isinstance(config, dict) and config.get("loss") in LOSSES:  # another repo's config: the message below
+        check_config(config, path, MODEL_KEYS)
     try:
         model = build_model(config, weights="none")
     except (AttributeError, KeyError, TypeError):
@@ -239,7 +309,8 @@ def load_checkpoint(path):
                            f"pass PROJECT/outputs/best.pth written by train.py") from None
     try:
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):
         raise WeightsError(f"checkpoint {path}: its weights do not fit the {config.get('loss')} "
                            f"model its config describes; the file was edited or mixed up") from None
+    check_finite_weights(checkpoint["model"], path)
     return model.eval(), config, checkpoint

@@ -17,7 +17,9 @@ class; 0 = every training image). --tta averages each image's features over its 
 """
 import argparse
 import contextlib
+import hashlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -36,7 +38,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from dataset import (CLASS_NAMES, DataError, ImageDataset, collate_images, eval_transform, has_split,
+from dataset import (CLASS_NAMES, DataError, ImageDataset, check_image, collate_images, eval_transform, has_split,
                      is_labelled_folder, load_split, make_pairs, read_rgb, use_cache)
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
 from modules import WeightsError, load_checkpoint, load_state, save_atomic
@@ -269,8 +271,29 @@ def save_pair_figures(split, pairs, every, results, size=224):
 
 
 def checkpoint_stamp(path):
-    stat = Path(path).stat()
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
+    """sha256 of the checkpoint's bytes: ties a gallery to its checkpoint through copies (cp -r,
+    rsync) that change file times. A gallery with an older size-and-time stamp is rebuilt."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def writes_gallery(checkpoint, data, results, config):
+    """Whether this evaluation replaces the gallery.pt next to the checkpoint that single-image
+    predictions use: only when it evaluates the checkpoint's own training data into its project's
+    results folder. Evaluation on other data, or into --out, never writes to the project."""
+    project_results = Path(checkpoint).resolve().parent.parent / "results"
+    same_data = "data" in config and Path(data).resolve() == Path(config["data"]).resolve()
+    return Path(results).resolve() == project_results and same_data
+
+
+def check_finite(features, checkpoint):
+    """Non-finite features (diverged weights that passed the load check) would score every image alike."""
+    if not torch.isfinite(features).all():
+        raise WeightsError(f"checkpoint {checkpoint}: the model's outputs are not finite (NaN or inf); the run "
+                           f"diverged, use an earlier checkpoint or train again with a lower --lr")
 
 
 def build_gallery(model, config, train, validation, device, *, gallery_size, method, k,
@@ -338,10 +361,13 @@ def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=1
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
              cache=None, splits=None, amp=True, tta=None):
     """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
-    metrics.json, the figures and the saved pairs, and the gallery next to the checkpoint for
-    single-image prediction. tta None: as the checkpoint was trained (--tta). Returns the metrics."""
+    metrics.json, the figures and the saved pairs, and (only for the project's own data and
+    results folder) the gallery next to the checkpoint for single-image prediction. tta None: as
+    the checkpoint was trained (--tta). Returns the metrics dict."""
     device = pick_device(device) if isinstance(device, str) else device
-    model, config, _ = load_checkpoint(checkpoint)
+    if Path(results).exists() and not Path(results).is_dir():
+        raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
+    model, config, _ = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
     model.to(device)
     methods = [resolve_classifier(config, name) for name in ([classify] if isinstance(classify, str) else classify)]
     method = methods[0]
@@ -381,10 +407,13 @@ def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=1
     plot_confusion(test.labels, test_scores, gallery["threshold"], results)
     plot_embeddings(test_features, test.labels, results)
     save_pair_figures(test, pairs, save_every, results, size)
-    if prefix != "external":  # the project's gallery describes its own data
-        gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
-        save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)},
-                    Path(checkpoint).with_name("gallery.pt"))
+    gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
+    gallery_path = Path(checkpoint).with_name("gallery.pt")
+    if writes_gallery(checkpoint, data, results, config):
+        save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)}, gallery_path)
+    else:
+        print(f"{gallery_path} not updated: only an evaluation of the training data into the project's results "
+              f"folder replaces it")
     print_metrics(metrics)
     return metrics
 
@@ -412,21 +441,33 @@ def print_metrics(metrics):
 def predict_images(checkpoint, images, data=None, device="auto"):
     """One image or several: P(malignant) and the decision at the stored threshold; exactly two:
     their similarity. Returns the printed lines."""
+    for path in images:  # the training limit (dataset.MAX_PIXELS) too, from the header, before decoding
+        reason = check_image(Path(path))
+        if reason:
+            raise DataError(f"--image {path}: {reason}")
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
     size = config["image_size"]
     batch = torch.stack([eval_transform(size)(read_rgb(path)) for path in images])
     features = model.embed(to_device(batch, device)).float()
+    check_finite(features, checkpoint)
     if len(images) == 2:
         similarity = model.pair_similarity(features[:1], features[1:]).item()
         return [f"similarity {similarity:.4f}  ({'same class' if similarity > 0.5 else 'different classes'})"
                 f"  {images[0]}  {images[1]}"]
     gallery_path = Path(checkpoint).with_name("gallery.pt")
     gallery = load_gallery(gallery_path, checkpoint)
+    problem = gallery_problem(gallery, features.shape[1]) if gallery is not None else None
+    if problem:
+        if data is None:
+            raise DataError(f"{gallery_path}: {problem}; pass --data DATA to rebuild it from the training and "
+                            f"validation splits (or evaluate the project again)")
+        print(f"ignoring {gallery_path}: {problem}; rebuilding it from --data {data}")
+        gallery = None
     if gallery is None:
         if data is None:
-            raise DataError(f"{gallery_path}: missing or older than the checkpoint; pass --data DATA to "
+            raise DataError(f"{gallery_path}: missing or made for another checkpoint; pass --data DATA to "
                             f"rebuild it from the training and validation splits")
         seed = config["seed"]
         train, validation = (load_split(data, name, limit, seed) for name, limit in
@@ -440,8 +481,29 @@ def predict_images(checkpoint, images, data=None, device="auto"):
             f"  (threshold {gallery['threshold']:.4f})  {path}" for p, path in zip(scores.tolist(), images)]
 
 
+def gallery_problem(gallery, width):
+    """What makes a loaded gallery unusable with a model whose features are `width` wide, or None."""
+    features, labels, threshold = gallery.get("features"), gallery.get("labels"), gallery.get("threshold")
+    if not (torch.is_tensor(features) and features.is_floating_point() and features.ndim == 2):
+        return "its features are not a table of numbers"
+    if features.shape[1] != width:
+        return f"its features are {features.shape[1]} wide, the checkpoint's are {width}"
+    if not torch.isfinite(features).all():
+        return "its features are not finite (NaN or inf)"
+    if not (torch.is_tensor(labels) and labels.shape == (len(features),) and set(labels.tolist()) == {0, 1}):
+        return "its labels are not one 0 or 1 per feature row, with both classes"
+    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
+        return f"its threshold {threshold!r} is not a number"
+    if gallery.get("classify") not in ("gallery", "knn", "prototype", "direct"):
+        return f"its classifier {gallery.get('classify')!r} is unknown"
+    k = gallery.get("k")
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+        return f"its k {k!r} is not a count"
+    return None
+
+
 def load_gallery(path, checkpoint):
-    """The saved gallery, or None when it is missing, unreadable or older than the checkpoint."""
+    """The saved gallery, or None when it is missing, unreadable or made for another checkpoint."""
     if not path.exists():
         return None
     try:
@@ -506,6 +568,10 @@ def main(argv=None):
             raise ValueError("--save-every, --k and --batch-size must be at least 1")
         if args.gallery_size < 0:
             raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
+        if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
+            raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
+        if args.workers < 0:
+            raise ValueError(f"--workers {args.workers}: must be 0 or more")
         checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
         evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
                  classify=args.classify, k=args.k, target_sensitivity=args.target_sensitivity,
@@ -513,6 +579,9 @@ def main(argv=None):
                  workers=args.workers, cache=args.cache, tta=args.tta)
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"predict.py: error: {error}")
+    except OSError as error:  # a full disk or a folder without write permission (--out, gallery.pt)
+        sys.exit(f"predict.py: error: could not write {error.filename or 'a file'} ({error.strerror or error}); "
+                 f"free disk space or fix permissions, or choose another --out")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -269,17 +270,39 @@ def draw_split(rows, labels, grouped, has_patient_id, ratios, seed, csv_path):
 # Writing the folders
 
 
+class UnreadableSource(Exception):
+    """A source image that cannot be read: the fault is in --images, not in --out."""
+
+
 def place(src, dst, copy):
     """Hard-link src to dst (no extra disk space), or copy when asked or when linking fails
-    (another file system, no permission, too many links). Returns 'link' or 'copy'."""
+    (another file system, no permission, too many links). Returns 'link' or 'copy'.
+    A symlinked source is resolved first: linking the link itself would leave a dangling link."""
+    src = os.path.realpath(src)
     if not copy:
         try:
             os.link(src, dst)
             return "link"
         except OSError:
             pass
-    shutil.copy2(src, dst)
+    try:
+        shutil.copy2(src, dst)
+    except OSError as error:
+        if error.filename == src:
+            raise UnreadableSource(src, error.strerror or str(error)) from None
+        raise
     return "copy"
+
+
+def inside(folder, other):
+    """Whether folder is other or lies inside it (symlinks resolved)."""
+    folder, other = Path(folder).resolve(), Path(other).resolve()
+    return folder == other or other in folder.parents
+
+
+def interrupt_on_sigterm(signum, _frame):
+    """SIGTERM (kill, a job scheduler) ends the run like Ctrl-C, so the unfinished split is removed."""
+    raise KeyboardInterrupt(signum)
 
 
 def remove(path):
@@ -375,6 +398,10 @@ def main(argv=None):
             f"(train-image/image in the Kaggle download)")
     if out.exists() and not out.is_dir():
         die(f"--out {out}: is a file, not a folder; choose another --out")
+    # --force replaces folders in --out: never where the source images are, nor inside their folder
+    if inside(images, out) or (args.force and inside(out, images)):
+        die(f"--out {out} and --images {images} overlap (one folder is inside the other), so --force "
+            f"could delete source images; choose an --out outside the image folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         die(f"--out {out}: folder is not empty; pass --force to replace the split in it, "
             f"or choose another --out")
@@ -434,6 +461,7 @@ def main(argv=None):
     #    an interrupted run never leaves a half-written split that looks complete.
     tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
     methods = Counter()
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         remove(tmp)
         folders = {(split, label): tmp / split / str(label) for split in counts for label in (0, 1)}
@@ -453,16 +481,22 @@ def main(argv=None):
                             "duplicates": len(report["duplicates"])}}
         (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
         move_into_place(tmp, out)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         remove(tmp)
         print(f"to_subdirectories.py: interrupted; removed the unfinished split (--out {out})", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(128 + (interrupt.args[0] if interrupt.args else signal.SIGINT))
+    except UnreadableSource as e:
+        remove(tmp)
+        source, reason = e.args
+        die(f"--images: cannot read {source} ({reason}); fix its permissions, or remove its row from {csv_path}")
     except OSError as e:
         remove(tmp)
         die(f"--out {out}: cannot write the split ({e}); check the free space and permissions there")
     except BaseException:
         remove(tmp)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
     how = ", ".join(f"{n:,} {'hard-linked' if m == 'link' else 'copied'}" for m, n in sorted(methods.items()))
     if methods["copy"] and not args.copy:

@@ -17,6 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import fcntl  # advisory file locks (POSIX)
+except ImportError:  # Windows: runs are not locked against each other
+    fcntl = None
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -34,7 +39,7 @@ from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, Pa
                      write_excluded)
 from metrics import auc_or_nan
 from modules import (DEFAULT_MARGIN, LOSSES, METRIC_LOSSES, WeightsError, active_fraction, build_model,
-                     load_state, metric_loss, save_atomic)
+                     check_config, check_finite_weights, load_state, metric_loss, save_atomic)
 from predict import (CLASSIFIERS, applicable_classifiers, autocast, choose_gallery, embed_images, evaluate, pick_device,
                      resolve_classifier, score_split, to_device)
 
@@ -53,6 +58,7 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "v
                    "active_fraction", "embedding_spread", "lr", "seconds"]
 OUTPUT_FILES = ("best.pth", "last.pth", "history.csv", "training_validation_metrics.png", "gallery.pt",
                 "excluded_images.txt")
+RESUME_KEYS = ("model", "optimizer", "scaler", "config", "epoch", "step", "partial", "best", "history", "rng")
 
 
 def parse_args(argv=None):
@@ -139,6 +145,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from PROJECT/outputs/last.pth with its saved settings")
     p.add_argument("--force", action="store_true", help="start over in a project that already holds outputs (deletes them)")
     args = p.parse_args(argv)
+    # The flags typed on the command line, not defaulted: --resume refuses a typed flag that would
+    # change the saved run instead of ignoring it. argparse fills in a default only where the
+    # namespace it is given lacks the name, so a second parse into a namespace of markers tells.
+    unset = object()
+    typed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    args.given = {name for name, value in vars(typed).items() if value is not unset}
     for name, value in RECIPES[args.recipe].items():
         if getattr(args, name) is None:  # not given on the command line
             setattr(args, name, 0.0 if name == "aux_weight" and args.loss != "bce" else value)
@@ -157,8 +169,19 @@ def check_args(args):
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs {args.epochs}: must be at least 1")
-    if not 0 < args.lr < 1e6 or not 0 <= args.weight_decay < 1e6:
-        raise ValueError("--lr must be positive and --weight-decay not negative")
+    if args.batch_size < 2:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 2 (BatchNorm needs two or more "
+                         f"images, or pairs, per training batch)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr {args.lr}: must be a finite number > 0 (study: 1e-5)")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay {args.weight_decay}: must be a finite number >= 0 (study: 1e-5)")
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin > 0):
+        raise ValueError(f"--margin {args.margin}: must be a finite number > 0")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed {args.seed}: must be between 0 and {2 ** 32 - 1}")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: must be 0 or more")
     if len(args.benign_limit) not in (1, 3) or min(args.benign_limit) < 0:
         raise ValueError("--benign-limit takes one value or three (train validation test), each 0 or more")
     if args.partners_per_class < 2:
@@ -283,8 +306,7 @@ def validate(model, train, validation, config, device, workers, amp, rank, world
     size, batch, seed = config["image_size"], config["val_batch_size"], config["seed"]
     features = embed_images(model, validation, size, batch, device, workers, amp=amp, rank=rank, world_size=world_size)
     if not torch.isfinite(features).all():
-        raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
-                         "--no-amp. PROJECT/outputs/best.pth keeps the best model so far")
+        raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try --no-amp")
     picks = choose_gallery(train.labels, min(config["gallery_size"] or VALIDATION_GALLERY_CAP, VALIDATION_GALLERY_CAP), seed)
     gallery = embed_images(model, train, size, batch, device, workers, picks, amp, rank, world_size)
     gallery_labels = torch.as_tensor(train.labels[picks], device=device)
@@ -377,6 +399,70 @@ def check_outputs(outputs, args):
     return found if args.force else []
 
 
+def saved_so_far(outputs):
+    """What a stopped run leaves on disk, for its message: only files that are there."""
+    kept = [f"{outputs / name} {what}" for name, what in (("best.pth", "keeps the best model so far"),
+                                                          ("last.pth", "holds the last saved state"))
+            if (outputs / name).exists()]
+    return "; ".join(kept) if kept else f"no checkpoint was saved yet in {outputs}"
+
+
+def lock_project(project, rank, world_size, device):
+    """One run owns a project at a time: rank 0 holds an advisory lock on PROJECT/.lock for the
+    whole run (the OS releases it when the process ends, even after kill -9), and a second run on
+    the same project stops at once, naming the first one's pid. Returns the open lock file."""
+    path, file, holder = Path(project) / ".lock", None, None
+    if rank == 0 and fcntl is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            file.truncate(0)
+            file.write(f"{os.getpid()}\n")
+            file.flush()
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+    if reduce_sum([holder is not None], device, world_size)[0]:
+        raise ValueError(f"{path}: another train.py run (pid {holder or 'on rank 0'}) is using --project "
+                         f"{project}; wait for it to end, or choose another --project")
+    return file
+
+
+def check_resume(state, path):
+    """last.pth as train.py writes it (keys, config, finite weights), else one line naming it."""
+    missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise WeightsError(f"--resume {path}: not a last.pth written by train.py (no {', '.join(missing)}); "
+                           f"start over with --force")
+    check_config(state["config"], path)
+    for key in ("epoch", "step"):
+        if not (isinstance(state[key], int) and state[key] >= 0):
+            raise WeightsError(f"--resume {path}: {key} = {state[key]!r} is not a count; the file was edited or "
+                               f"damaged, start over with --force")
+    check_finite_weights(state["model"], path)
+
+
+def apply_resume_flags(args, config, epochs_done, say):
+    """--resume continues the saved run with its settings. --epochs sets a new total and is applied
+    (and said so); another setting typed with a different value is refused, never ignored."""
+    typed = argparse.Namespace(**{**vars(args), "loss": args.loss if "loss" in args.given else config["loss"]})
+    wanted = make_config(typed)  # the typed flags as the config would hold them
+    for flag in sorted(args.given - {"epochs", "data"}):
+        if flag in config and wanted[flag] != config[flag]:
+            value = getattr(args, flag)
+            value = " ".join(map(str, value)) if isinstance(value, list) else value  # as typed
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: the resumed run has "
+                             f"{config[flag]!r} (saved in last.pth), and --resume keeps its settings (only "
+                             f"--epochs changes); drop the flag, or start a new run with --force or another --project")
+    if args.epochs and args.epochs != config["epochs"]:
+        if args.epochs < epochs_done:
+            raise ValueError(f"--epochs {args.epochs}: the resumed run has finished {epochs_done} epochs already")
+        say(f"--epochs {args.epochs}: applied (the run was set to {config['epochs']})")
+        config["epochs"] = args.epochs
+
+
 def stop_handler(stop):
     """SIGINT / SIGTERM: note it; the loop finishes the step, saves and exits. A second one stops at once."""
     main_pid = os.getpid()
@@ -401,7 +487,10 @@ def main(argv=None):
         sys.exit(f"train.py: error: {error}")
     stop = {"signal": None}
     previous = {s: signal.signal(s, stop_handler(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
+    lock = None
     try:
+        check_outputs(Path(args.project) / "outputs", args)  # before the lock: a refused run creates nothing
+        lock = lock_project(args.project, rank, world_size, device)
         run(args, rank, world_size, device, stop, previous)
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"train.py: error: {error}")
@@ -410,6 +499,8 @@ def main(argv=None):
                  f"free disk space or fix permissions and rerun with --resume; the last complete "
                  f"checkpoint is intact")
     finally:
+        if lock is not None:
+            lock.close()  # releases the project
         for s, handler in previous.items():
             signal.signal(s, handler)
         if dist.is_initialized():
@@ -425,11 +516,13 @@ def run(args, rank, world_size, device, stop, previous_handlers):
 
     # ---- state: fresh, or from last.pth
     resume = load_state(outputs / "last.pth", "--resume") if args.resume else None
+    if resume:
+        check_resume(resume, outputs / "last.pth")
     # A run saved before a setting existed ran with the study's value of it.
     config = {**RECIPES["study"], "recipe": "study", **resume["config"]} if resume else make_config(args)
     config["data"] = str(Path(args.data).resolve())  # the data may have moved since a resumed run began
-    if resume and args.epochs:
-        config["epochs"] = args.epochs
+    if resume:
+        apply_resume_flags(args, config, resume["epoch"], say)
     torch.manual_seed(config["seed"])
     np.random.seed(config["seed"])
     workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
@@ -474,8 +567,13 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     history, best, start_epoch, start_step, partial = [], None, 0, 0, None
     if resume:
-        raw_model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        try:
+            raw_model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError):
+            raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights or optimizer state do not fit the "
+                               f"{config['loss']} model its config describes; the file was edited or mixed up, "
+                               f"start over with --force") from None
         if resume["scaler"] and use_scaler:
             scaler.load_state_dict(resume["scaler"])
         history, best = resume["history"], resume["best"]
@@ -542,8 +640,7 @@ def run(args, rank, world_size, device, stop, previous_handlers):
             bad, stopping = reduce_sum([not math.isfinite(loss_value), stop["signal"] is not None], device, world_size)
             if bad:
                 raise ValueError(f"the training loss became non-finite ({loss_value} on this process) at epoch "
-                                 f"{epoch + 1}, step {step}; lower --lr or try --no-amp. {outputs / 'best.pth'} "
-                                 f"keeps the best model so far")
+                                 f"{epoch + 1}, step {step}; lower --lr or try --no-amp. {saved_so_far(outputs)}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -564,7 +661,10 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         if world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
             for buffer in raw_model.buffers():
                 dist.broadcast(buffer, 0)
-        row.update(validate(raw_model, train, validation, config, device, workers, amp, rank, world_size))
+        try:
+            row.update(validate(raw_model, train, validation, config, device, workers, amp, rank, world_size))
+        except ValueError as error:  # diverged: say what is on disk
+            raise ValueError(f"{error}. {saved_so_far(outputs)}") from None
         row["seconds"] = time.time() - started
         history.append(row)
         say(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
@@ -579,10 +679,10 @@ def run(args, rank, world_size, device, stop, previous_handlers):
                 save_atomic({"model": raw_model.state_dict(), "config": config, "epoch": epoch + 1,
                              "select": config["select"], "score": best[0]}, outputs / "best.pth")
             say(f"  best {config['select']} so far ({best[0]:.4f}): saved {outputs / 'best.pth'}")
+        save_last(epoch + 1, 0, None)  # first: a history.csv that lists epoch k means last.pth holds it
         if main_process:
             write_history(history, outputs / "history.csv")
             plot_history(history, outputs / "training_validation_metrics.png")
-        save_last(epoch + 1, 0, None)
         if stop_requested():
             exit_for_resume(epoch + 1, 0)
 

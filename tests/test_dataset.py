@@ -46,13 +46,48 @@ def test_list_split_returns_sorted_paths_with_labels_per_class_folder(tiny_data_
     assert paths[:benign] == sorted(paths[:benign]) and paths[benign:] == sorted(paths[benign:])
 
 
-def test_list_split_skips_hidden_files_and_subfolders(tiny_data_dir, tmp_path):
+def test_list_split_skips_hidden_files_and_folders(tiny_data_dir, tmp_path):
     data = copy_of(tiny_data_dir, tmp_path)
     (data / "train_data" / "0" / ".DS_Store").write_bytes(b"junk")
-    (data / "train_data" / "1" / "nested").mkdir()
+    (data / "train_data" / "1" / ".ipynb_checkpoints").mkdir()
+    (data / "train_data" / ".Trashes").mkdir()
     paths, labels = list_split(data, "train")
     assert len(paths) == sum(TINY_COUNTS["train"])
     assert not any(p.name.startswith(".") or p.is_dir() for p in paths)
+
+
+def _extra_class_folder(split):
+    (split / "2").mkdir()
+    (split / "1" / "SYN_train_1_0000.jpg").rename(split / "2" / "moved.jpg")
+    return split / "2", "the classes are"
+
+
+def _nested_folder(split):
+    (split / "1" / "batch2").mkdir()
+    for path in sorted((split / "1").glob("*.jpg"))[:3]:
+        path.rename(split / "1" / "batch2" / path.name)
+    return split / "1" / "batch2", "inside a class folder"
+
+
+def _file_beside_the_class_folders(split):
+    (split / "SYN_train_1_0000.jpg").write_bytes(b"an unlabelled image")
+    return split / "SYN_train_1_0000.jpg", "unexpected file"
+
+
+def _link_to_a_missing_file(split):
+    (split / "0" / "IMG_17.jpg").symlink_to("../store/IMG_17.jpg")  # what a split of symlinks left
+    return split / "0" / "IMG_17.jpg", "missing file"
+
+
+@pytest.mark.parametrize("damage", [_extra_class_folder, _nested_folder, _file_beside_the_class_folders,
+                                    _link_to_a_missing_file])
+def test_unexpected_entry_in_a_split_is_a_one_line_data_error_naming_it(tiny_data_dir, tmp_path, damage):
+    data = copy_of(tiny_data_dir, tmp_path)
+    path, what = damage(data / "train_data")
+    with pytest.raises(DataError) as error:
+        load_split(data, "train")
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and what in message and "\n" not in message
 
 
 @pytest.mark.parametrize("split", ["train", "validation", "test"])

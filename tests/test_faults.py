@@ -10,6 +10,9 @@ numbered as in the issue):
 4. checkpoints are data, not code: pickled code is refused unrun; other architectures and
               truncated files give WeightsError / one line from predict.py
 5. flags      bad flags fail in one line before any work
+issue 10      one run per project (a lock), last.pth before history.csv, edited configs, damaged
+              galleries and NaN weights in one line, --resume applies or refuses each flag,
+              evaluation into --out never writes to the project
 
 Training runs in-process through train.main (fast) with the test-split evaluation stubbed out
 where it is not the subject; subprocesses only for signals and the real command line.
@@ -18,6 +21,7 @@ import ast
 import builtins
 import contextlib
 import csv
+import functools
 import io
 import os
 import pickle
@@ -39,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
+import metrics  # noqa: E402
 import modules  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
@@ -373,6 +378,18 @@ def test_class_of_only_broken_files_says_they_were_excluded(data_copy, tmp_path,
     assert "exclude" in message or (listing.exists() and "SYN_train_1_0000.jpg" in listing.read_text())
 
 
+def test_extra_class_folder_stops_training_in_one_line_naming_it(data_copy, tmp_path, no_test_eval):
+    extra = data_copy / "train_data" / "2"  # the images in it used to be dropped without a word
+    extra.mkdir()
+    for path in sorted((data_copy / "train_data" / "1").glob("SYN_*"))[:3]:
+        path.rename(extra / path.name)
+    project = tmp_path / "project"
+    status, message = call_main(train.main, tiny(project, data_copy))
+    assert status != 0
+    assert_one_line(message, f"train.py: error: {extra}:")
+    assert not list(project.rglob("*.pth"))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Training state
 
@@ -622,6 +639,144 @@ def test_in_process_run_restores_the_signal_handlers(run_a):
     assert run_a.handlers_after == run_a.handlers_before
 
 
+def test_last_checkpoint_is_saved_before_the_history_lists_the_epoch(data_dir, tmp_path, monkeypatch, no_test_eval):
+    """A kill between the two writes (the OOM killer) must never leave a history ahead of last.pth."""
+    real_write, seen = train.write_history, []
+
+    def write_history(history, path):
+        last = Path(path).with_name("last.pth")
+        seen.append((len(history), load(last)["epoch"] if last.exists() else None))
+        return real_write(history, path)
+
+    monkeypatch.setattr(train, "write_history", write_history)
+    assert call_main(train.main, tiny(tmp_path / "project", data_dir, 1)) == (0, "")
+    assert seen == [(1, 1)]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_torch_save_runtime_error_on_a_full_disk_is_one_line_naming_the_file(data_dir, tmp_path, monkeypatch,
+                                                                              no_test_eval):
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "last.pth" in Path(f).name:
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+            real_save(obj, "/dev/full")  # the RuntimeError torch.save really raises on a full disk
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(modules.torch, "save", full_disk)
+    project = tmp_path / "project"
+    status, message = call_main(train.main, tiny(project, data_dir, 1))
+    assert status != 0
+    assert_one_line(message, f"train.py: error: could not write {project / 'outputs' / 'last.pth'} (torch.save")
+    assert "free disk space" in message
+    assert not [p.name for p in (project / "outputs").iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("where", ["training_loss", "validation"])
+def test_divergence_in_the_first_epoch_does_not_claim_a_saved_checkpoint(where, data_dir, tmp_path, monkeypatch,
+                                                                         no_test_eval):
+    if where == "training_loss":
+        real_loss = train.training_loss
+        monkeypatch.setattr(train, "training_loss",
+                            lambda *a, **k: (lambda loss, *rest: (loss * float("nan"), *rest))(*real_loss(*a, **k)))
+    else:  # the weights took a finite but exploding step: the validation features overflow
+        real_embed = train.embed_images
+        monkeypatch.setattr(train, "embed_images", lambda *a, **k: real_embed(*a, **k) * float("inf"))
+    project = tmp_path / "project"
+    status, message = call_main(train.main, tiny(project, data_dir, 1))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert "--lr" in message and "best.pth" not in message
+    assert f"no checkpoint was saved yet in {project / 'outputs'}" in message
+    assert not list(project.rglob("*.pth"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="advisory file locks (fcntl) are POSIX")
+def test_second_run_on_a_project_in_use_stops_at_once_naming_the_lock_and_pid(data_dir, tmp_path, no_test_eval):
+    project = tmp_path / "project"
+    first = train.lock_project(project, 0, 1, torch.device("cpu"))  # what the first run holds while it runs
+    try:
+        status, message = call_main(train.main, tiny(project, data_dir, 1))
+    finally:
+        first.close()
+    assert status != 0
+    assert_one_line(message, f"train.py: error: {project / '.lock'}: another train.py run (pid {os.getpid()})")
+    assert not (project / "outputs").exists()
+    assert call_main(train.main, tiny(project, data_dir, 1)) == (0, "")  # closed: the project is free again
+
+
+@pytest.mark.skipif(os.name != "posix", reason="advisory file locks (fcntl) are POSIX")
+def test_a_finished_run_releases_its_project(run_a):
+    train.lock_project(run_a.project, 0, 1, torch.device("cpu")).close()
+
+
+@pytest.fixture
+def resumable(run_a, tmp_path):
+    """A copy of run_a's project (2 epochs done, lr 1e-3, batch 8, image size 32)."""
+    project = tmp_path / "project"
+    shutil.copytree(run_a.outputs, project / "outputs")
+    return project
+
+
+@pytest.mark.parametrize("flag, value, saved", [("--lr", "0.05", "0.001"), ("--batch-size", "4", "8"),
+                                                ("--loss", "triplet", "'bce'"), ("--image-size", "64", "32"),
+                                                ("--benign-limit", "3", "[4000, 1000, 1000]")])
+def test_resume_refuses_a_changed_setting_naming_the_flag(resumable, data_dir, flag, value, saved, no_test_eval):
+    last = resumable / "outputs" / "last.pth"
+    before = last.stat().st_mtime_ns
+    status, message = call_main(train.main, tiny(resumable, data_dir, 3, "--resume", flag, value))
+    assert status != 0
+    assert_one_line(message, f"train.py: error: {flag} {value}: the resumed run has {saved}")
+    assert "--force" in message
+    assert last.stat().st_mtime_ns == before
+
+
+def test_resume_applies_a_new_epoch_total_and_says_so(resumable, data_dir, capsys, no_test_eval):
+    status, message = call_main(train.main, tiny(resumable, data_dir, 1, "--resume"))
+    assert status != 0 and "--epochs 1: the resumed run has finished 2 epochs" in message
+    assert call_main(train.main, tiny(resumable, data_dir, 3, "--resume")) == (0, "")
+    assert "--epochs 3: applied (the run was set to 2)" in capsys.readouterr().out
+    assert load(resumable / "outputs" / "last.pth")["epoch"] == 3
+
+
+def _delete(key):
+    return lambda config: config.pop(key)
+
+
+def _set(key, value):
+    return lambda config: config.update({key: value})
+
+
+@pytest.mark.parametrize("name, edit, what", [
+    ("best.pth", _delete("image_size"), "has no 'image_size'"),
+    ("best.pth", _set("image_size", "32px"), "image_size = '32px'"),
+    ("best.pth", _delete("benign_limit"), "has no 'benign_limit'"),
+    ("last.pth", _delete("benign_limit"), "has no 'benign_limit'"),
+    ("last.pth", _set("lr", "fast"), "lr = 'fast'"),
+    ("last.pth", _set("loss", "triplet"), "do not fit"),
+])
+def test_hand_edited_config_is_one_line_naming_the_checkpoint(resumable, data_dir, tmp_path, name, edit, what,
+                                                              no_test_eval):
+    path = resumable / "outputs" / name
+    checkpoint = load(path)
+    edit(checkpoint["config"])
+    torch.save(checkpoint, path)
+    if name == "best.pth":
+        image = tmp_path / "x.jpg"
+        image.write_bytes(jpeg_bytes())
+        script, argv = predict, ["--checkpoint", path, "--image", image, "--device", "cpu"]
+    else:
+        script, argv = train, tiny(resumable, data_dir, 3, "--resume")
+    try:
+        status, message = call_main(script.main, argv)
+    except Exception as error:  # a KeyError or TypeError from deep inside is the failure looked for
+        pytest.fail(f"{type(error).__name__}: {error}")
+    assert status != 0
+    assert_one_line(message, f"{script.__name__}.py: error:")
+    assert str(path) in message and what in message
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Checkpoints are data, not code
 
@@ -797,6 +952,205 @@ def test_predict_with_a_bad_gallery_file_is_one_line_and_runs_no_code(content, r
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation and prediction: nothing written outside --out, everything loaded is validated
+
+
+@pytest.fixture
+def quick_metrics(monkeypatch):
+    """20 bootstrap resamples for the AUC interval instead of 1000: not what these tests check."""
+    monkeypatch.setattr(predict, "image_metrics", functools.partial(metrics.image_metrics, n_bootstrap=20))
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_a, data_dir, tmp_path_factory):
+    """A copy of run_a's project evaluated into its own results folder: outputs/gallery.pt exists."""
+    project = tmp_path_factory.mktemp("evaluated") / "project"
+    shutil.copytree(run_a.outputs, project / "outputs")
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(predict, "image_metrics", functools.partial(metrics.image_metrics, n_bootstrap=20))
+        status, message = call_main(predict.main, ["--project", project, "--data", data_dir, "--device", "cpu",
+                                                   "--save-every", "5", "--gallery-size", "4"])
+    assert (status, message) == (0, "")
+    assert (project / "outputs" / "gallery.pt").exists()
+    return project
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg_bytes())
+    return path
+
+
+def copy_outputs(evaluated, tmp_path, *names):
+    """best.pth and the named files of the evaluated project, with their times (as copy2 keeps them)."""
+    outputs = tmp_path / "copy" / "outputs"
+    outputs.mkdir(parents=True)
+    for name in ("best.pth", *names):
+        shutil.copy2(evaluated / "outputs" / name, outputs / name)
+    return outputs
+
+
+def evaluate_argv(project, data, *extra):
+    return ["--project", project, "--data", data, "--device", "cpu", "--save-every", "5", "--gallery-size", "4",
+            *extra]
+
+
+def test_evaluation_into_out_or_of_other_data_leaves_the_projects_gallery(evaluated, data_dir, tmp_path,
+                                                                          quick_metrics):
+    project = tmp_path / "project"
+    shutil.copytree(evaluated / "outputs", project / "outputs")
+    gallery = project / "outputs" / "gallery.pt"
+    before = (gallery.stat().st_ino, gallery.stat().st_mtime_ns, gallery.read_bytes())
+    out = tmp_path / "elsewhere"
+    assert call_main(predict.main, evaluate_argv(project, data_dir, "--out", out)) == (0, "")
+    assert (out / "metrics.json").exists() and not (project / "results").exists()
+    other = Path(shutil.copytree(data_dir, tmp_path / "other_data"))
+    assert call_main(predict.main, evaluate_argv(project, other)) == (0, "")
+    assert (gallery.stat().st_ino, gallery.stat().st_mtime_ns, gallery.read_bytes()) == before
+
+
+def test_evaluation_of_the_training_data_into_the_project_replaces_the_gallery(evaluated, data_dir, tmp_path,
+                                                                               quick_metrics):
+    project = tmp_path / "project"
+    shutil.copytree(evaluated / "outputs", project / "outputs")
+    gallery = project / "outputs" / "gallery.pt"
+    gallery.unlink()
+    assert call_main(predict.main, evaluate_argv(project, data_dir)) == (0, "")
+    assert load(gallery)["checkpoint_stamp"] == predict.checkpoint_stamp(project / "outputs" / "best.pth")
+
+
+def test_predict_out_that_is_a_file_is_one_line(evaluated, data_dir, tmp_path):
+    report = tmp_path / "report.txt"
+    report.write_text("mine")
+    status, message = call_main(predict.main, evaluate_argv(evaluated, data_dir, "--out", report))
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: --out {report}: is a file")
+    assert report.read_text() == "mine"
+
+
+def test_predict_full_disk_is_one_line_naming_the_file(evaluated, data_dir, tmp_path, monkeypatch, quick_metrics):
+    real_write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "metrics.json":
+            raise OSError(28, "No space left on device", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "report"
+    try:
+        status, message = call_main(predict.main, evaluate_argv(evaluated, data_dir, "--out", out))
+    except OSError as error:
+        pytest.fail(f"traceback: {error!r}")
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: could not write {out / 'metrics.json'} (No space left on device)")
+
+
+def test_save_atomic_turns_torchs_runtime_error_into_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "gallery.pt"
+    modules.save_atomic({"threshold": 0.5}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(modules.torch, "save", full_disk)
+    with pytest.raises(OSError) as error:
+        modules.save_atomic({"threshold": 0.7}, path)
+    assert error.value.filename == str(path) and "unexpected pos" in error.value.strerror
+    monkeypatch.undo()
+    assert load(path) == {"threshold": 0.5} and [p.name for p in tmp_path.iterdir()] == ["gallery.pt"]
+
+
+def test_checkpoint_with_non_finite_weights_is_refused_before_anything_moves(evaluated, data_dir, tmp_path, image):
+    outputs = copy_outputs(evaluated, tmp_path)
+    checkpoint = load(outputs / "best.pth")
+    checkpoint["model"]["head.0.weight"][0, 0] = float("nan")
+    torch.save(checkpoint, outputs / "best.pth")
+    results = outputs.parent / "results"
+    results.mkdir()
+    (results / "earlier.json").write_text("{}")
+    for argv in (evaluate_argv(outputs.parent, data_dir),
+                 ["--checkpoint", outputs / "best.pth", "--image", image, "--device", "cpu"]):
+        status, message = call_main(predict.main, argv)
+        assert status != 0
+        assert_one_line(message, f"predict.py: error: checkpoint {outputs / 'best.pth'}:")
+        assert "not finite" in message
+    assert [p.name for p in results.iterdir()] == ["earlier.json"]
+    assert sorted(p.name for p in outputs.parent.iterdir()) == ["outputs", "results"]
+
+
+@pytest.mark.parametrize("damage, what", [
+    (lambda gallery: gallery["features"].fill_(float("nan")), "not finite"),
+    (lambda gallery: gallery.update(features=gallery["features"][:, :10]), "10 wide"),
+    (lambda gallery: gallery.update(threshold="0.5"), "threshold '0.5' is not a number"),
+])
+def test_damaged_gallery_is_one_line_naming_it_and_rebuilt_with_data(evaluated, data_dir, tmp_path, image, capsys,
+                                                                     damage, what):
+    outputs = copy_outputs(evaluated, tmp_path, "gallery.pt")
+    gallery = load(outputs / "gallery.pt")
+    damage(gallery)
+    torch.save(gallery, outputs / "gallery.pt")
+    argv = ["--checkpoint", outputs / "best.pth", "--image", image, "--device", "cpu"]
+    try:
+        status, message = call_main(predict.main, argv)
+    except Exception as error:
+        pytest.fail(f"{type(error).__name__}: {error}")
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: {outputs / 'gallery.pt'}: ")
+    assert what in message and "--data" in message
+    assert call_main(predict.main, [*argv, "--data", data_dir]) == (0, "")
+    printed = capsys.readouterr().out
+    assert "rebuilding" in printed and "P(malignant) 0." in printed
+
+
+def test_gallery_still_fits_a_project_copied_with_new_file_times(evaluated, tmp_path, image, capsys):
+    outputs = Path(shutil.copytree(evaluated / "outputs", tmp_path / "copy" / "outputs",
+                                   copy_function=shutil.copy))  # as cp -r: new modification times
+    later = time.time() + 60
+    os.utime(outputs / "best.pth", (later, later))
+    argv = ["--checkpoint", outputs / "best.pth", "--image", image, "--device", "cpu"]
+    assert call_main(predict.main, argv) == (0, "")
+    assert "P(malignant)" in capsys.readouterr().out
+    gallery = load(outputs / "gallery.pt")  # a gallery stamped the old way (size and time) is not trusted
+    gallery["checkpoint_stamp"] = f"{(outputs / 'best.pth').stat().st_size}-{(outputs / 'best.pth').stat().st_mtime_ns}"
+    torch.save(gallery, outputs / "gallery.pt")
+    status, message = call_main(predict.main, argv)
+    assert status != 0 and "made for another checkpoint" in message and "--data" in message
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the size is the subject
+def test_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(run_a, tmp_path, monkeypatch):
+    data = bytearray(jpeg_bytes())
+    frame = data.find(b"\xff\xc0")  # start of frame: height and width at bytes 5-8
+    data[frame + 5:frame + 9] = (12_000).to_bytes(2, "big") * 2
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(bytes(data))
+    assert len(data) < 2000
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} was decoded")
+
+    monkeypatch.setattr(predict, "read_rgb", no_decoding)
+    status, message = call_main(predict.main, ["--checkpoint", run_a.outputs / "best.pth", "--image", bomb,
+                                               "--device", "cpu"])
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: --image {bomb}: too large (12000x12000)")
+    assert f"{dataset.MAX_PIXELS:,}" in message
+
+
+@pytest.mark.parametrize("flag, value", [("--target-sensitivity", "1.5"), ("--target-sensitivity", "nan"),
+                                         ("--workers", "-1")])
+def test_predict_bad_flag_is_one_line_before_any_work(flag, value, evaluated, data_dir, tmp_path):
+    out = tmp_path / "out"
+    status, message = call_main(predict.main, evaluate_argv(evaluated, data_dir, "--out", out, flag, value))
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: {flag} {value}:")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. Bad flags: one line each, before any work
 
 
@@ -809,6 +1163,14 @@ BAD_FLAGS = [
     pytest.param("cuda_absent", ["--device", "cuda"], "--device cuda", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="this machine has CUDA")),
     ("resume_without_last", ["--resume"], "--resume"),
+    ("batch_size_1", ["--batch-size", "1"], "--batch-size 1"),  # BatchNorm needs two per batch
+    ("lr_inf", ["--lr", "inf"], "--lr inf"),
+    ("lr_nan", ["--lr", "nan"], "--lr nan"),
+    ("weight_decay_nan", ["--weight-decay", "nan"], "--weight-decay nan"),
+    ("margin_negative", ["--loss", "triplet", "--margin", "-1"], "--margin -1"),
+    ("margin_nan", ["--loss", "contrastive", "--margin", "nan"], "--margin nan"),
+    ("seed_negative", ["--seed", "-1"], "--seed -1"),
+    ("workers_negative", ["--workers", "-1"], "--workers -1"),
 ]
 
 
@@ -841,4 +1203,3 @@ def test_bad_flag_on_the_real_command_line(cli):
     assert_one_line(result.stderr.strip(), "train.py: error: --device banana")
     assert result.stdout == ""
     assert not cli.train_project.exists()
-    assert result.seconds < 60  # interpreter start-up only, on a busy machine

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def config_for(loss, **extra):
-    return {"loss": loss, "weights": "none", "embed_dim": 16, **extra}
+    return {"loss": loss, "weights": "none", "embed_dim": 16, "image_size": 32, "seed": 0, "benign_limit": [0, 0, 0],
+            **extra}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -272,6 +273,88 @@ def test_interrupted_force_run_keeps_the_old_split(tmp_path, monkeypatch):
         run_main(csv_path, images, out, "--seed", "1", "--force")
     assert layout(out) == before and (out / "split.json").read_text() == split_json
     assert not list(tmp_path.glob("DATA.*"))
+
+
+@pytest.mark.parametrize("copy", [[], ["--copy"]])
+def test_force_refuses_an_out_that_contains_the_image_folder(tmp_path, copy):
+    out = tmp_path / "DATA"
+    csv_path, images = make_data(out / "train_data", simple_rows())  # images in DATA/train_data/images
+    (images / "notes.txt").write_text("mine, not in the CSV")
+    before = sorted(p.name for p in images.iterdir())
+    with pytest.raises(SystemExit) as e:
+        run_main(csv_path, images, out, "--force", *copy)
+    assert "overlap" in error_of(e) and str(images) in error_of(e)
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
+def test_force_refuses_an_out_inside_the_image_folder_also_through_a_symlink(tmp_path):
+    csv_path, images = make_data(tmp_path, simple_rows())
+    (tmp_path / "link").symlink_to(images)
+    with pytest.raises(SystemExit) as e:
+        run_main(csv_path, images, tmp_path / "link" / "DATA", "--force")
+    assert "overlap" in error_of(e)
+    with pytest.raises(SystemExit) as e:
+        run_main(csv_path, tmp_path / "link", images, "--force")  # --images a symlink to --out
+    assert "overlap" in error_of(e)
+    assert not (images / "DATA").exists()
+
+
+def test_symlinked_source_images_are_linked_to_the_real_file(tmp_path):
+    csv_path, store = make_data(tmp_path, simple_rows())
+    images = tmp_path / "links"
+    images.mkdir()
+    for path in store.iterdir():  # relative links, as in ../store/IMG_17.jpg
+        (images / path.name).symlink_to(Path("..") / store.name / path.name)
+    info = run_main(csv_path, images, tmp_path / "DATA")
+    assert info["files"] == {"link": 30}
+    for name, (split, label) in layout(tmp_path / "DATA").items():
+        written = tmp_path / "DATA" / split / str(label) / name
+        assert not written.is_symlink() and written.stat().st_ino == (store / name).stat().st_ino
+
+
+def test_unreadable_source_image_is_named_not_the_output(tmp_path, monkeypatch):
+    csv_path, images = make_data(tmp_path, simple_rows())
+    locked, real_copy = os.path.realpath(images / "IMG_0007.jpg"), shutil.copy2
+
+    def copy2(src, dst):
+        if src == locked:  # what a chmod 000 file gives a user who is not root
+            raise PermissionError(13, "Permission denied", src)
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(tsd.shutil, "copy2", copy2)
+    with pytest.raises(SystemExit) as e:
+        run_main(csv_path, images, tmp_path / "DATA", "--copy")
+    message = error_of(e)
+    assert message.startswith(f"to_subdirectories.py: error: --images: cannot read {locked} (Permission denied)")
+    assert "--out" not in message
+    assert not (tmp_path / "DATA").exists() and not list(tmp_path.glob("DATA.*"))
+
+
+def test_sigterm_removes_the_unfinished_split_and_restores_the_handler(tmp_path, monkeypatch, capsys):
+    csv_path, images = make_data(tmp_path, simple_rows())
+    real_place, calls = tsd.place, []
+
+    def place(src, dst, copy):
+        calls.append(dst)
+        if len(calls) == 5:
+            assert list(tmp_path.glob("DATA.partial-*"))  # the folder a SIGTERM used to leave behind
+            signal.raise_signal(signal.SIGTERM)  # the real signal, to the script's own handler
+        return real_place(src, dst, copy)
+
+    def not_handled(signum, frame):  # instead of the default action, which would end pytest too
+        raise AssertionError("to_subdirectories.py does not handle SIGTERM")
+
+    monkeypatch.setattr(tsd, "place", place)
+    before = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_main(csv_path, images, tmp_path / "DATA")
+        assert signal.getsignal(signal.SIGTERM) is not_handled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert e.value.code == 128 + signal.SIGTERM and len(calls) == 5
+    assert "removed the unfinished split" in capsys.readouterr().err
+    assert not (tmp_path / "DATA").exists() and not list(tmp_path.glob("DATA.*"))
 
 
 # ---------------------------------------------------------------------------------------------
