@@ -6,7 +6,11 @@ PY := $(VENV)/bin/python
 DEMO_DATA := data/demo
 DEMO_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --lr 5e-4
 
-.PHONY: install demo test bench compare figure clean
+# The real-data benchmarks (docs/results.md): same budget and seed for every row, CPU-sized.
+# Make data/ham10000 and data/isic2017 first with to_subdirectories.py (README, "Data").
+BENCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
+
+.PHONY: install demo test bench compare bench-ham bench-isic2017 figure clean
 
 install: $(VENV)/installed
 
@@ -30,6 +34,14 @@ bench: install
 
 compare: install $(DEMO_DATA)
 	$(PY) compare.py --project runs/compare --data $(DEMO_DATA) $(DEMO_FLAGS)
+
+bench-ham: install
+	$(PY) compare.py --project runs/ham --data data/ham10000 --epochs 8 $(BENCH_FLAGS) \
+		--runs bce:study bce:tuned contrastive:tuned triplet:tuned ce:tuned
+
+bench-isic2017: install
+	$(PY) compare.py --project runs/isic2017 --data data/isic2017 --epochs 12 --seeds 0 1 2 $(BENCH_FLAGS) \
+		--runs bce:study bce:tuned triplet:tuned ce:tuned
 
 figure: install
 	$(PY) assets/draw_architecture.py

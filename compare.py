@@ -55,16 +55,24 @@ def main():
                         help="losses to train (default: all four)")
     parser.add_argument("--recipes", nargs="+", default=["study"], choices=("study", "tuned"),
                         help="train.py --recipe values to run for every loss (default: study)")
+    parser.add_argument("--runs", nargs="+", metavar="LOSS:RECIPE",
+                        help="exactly these loss and recipe pairs, e.g. bce:study bce:tuned ce:tuned "
+                             "(instead of every --losses x --recipes)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
     args, train_flags = parser.parse_known_args()
+    pairs = [(loss, recipe) for recipe in args.recipes for loss in args.losses]
+    if args.runs:
+        pairs = [tuple(run.split(":", 1)) for run in args.runs]
+        bad = [f"{loss}:{recipe}" for loss, recipe in pairs if loss not in LOSSES or recipe not in ("study", "tuned")]
+        if bad or any(len(pair) != 2 for pair in pairs):
+            parser.error(f"--runs {' '.join(bad or args.runs)}: each is LOSS:RECIPE, e.g. bce:tuned")
     project, table = Path(args.project), []
-    for recipe in args.recipes:
-        for loss in args.losses:
-            for seed in args.seeds:
-                folder = project / f"{loss}-{recipe}-seed{seed}"
-                metrics = train_and_score(folder, args.data, loss, recipe, seed, train_flags)
-                history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
-                table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
+    for loss, recipe in pairs:
+        for seed in args.seeds:
+            folder = project / f"{loss}-{recipe}-seed{seed}"
+            metrics = train_and_score(folder, args.data, loss, recipe, seed, train_flags)
+            history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
+            table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
 
     split = metrics["evaluated_split"]
     lines = [f"Data: `{args.data}` ({split} split); seeds {' '.join(map(str, args.seeds))}; "

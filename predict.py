@@ -357,7 +357,7 @@ def load_evaluation_splits(data, config, workers, cache=None):
     return splits
 
 
-def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=10,
+def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k=None,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
              cache=None, splits=None, amp=True, tta=None):
     """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
@@ -371,7 +371,10 @@ def evaluate(checkpoint, data, results, *, gallery_size=64, classify="auto", k=1
     model.to(device)
     methods = [resolve_classifier(config, name) for name in ([classify] if isinstance(classify, str) else classify)]
     method = methods[0]
+    # None: as the model was trained (train.py --tta, --gallery-size, --k)
     tta = config.get("tta", False) if tta is None else tta
+    gallery_size = config.get("gallery_size", 64) if gallery_size is None else gallery_size
+    k = config.get("k", 10) if k is None else k
     seed, size = config["seed"], config["image_size"]
     splits = splits or load_evaluation_splits(data, config, workers, cache)
     train, validation, test = splits["train"], splits["validation"], splits["evaluated"]
@@ -525,9 +528,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="results folder (default PROJECT/results; an existing one is moved aside)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="predict this image (repeat the flag for several; exactly two print their similarity)")
-    parser.add_argument("--gallery-size", type=int, default=64,
+    parser.add_argument("--gallery-size", type=int, default=None,
                         help="training references per class for image-level scores; 0 = every training "
-                             "image (default 64)")
+                             "image (default: as trained, train.py --gallery-size)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average each image's features over its four flips (default: as the model "
                              "was trained, see train.py --tta)")
@@ -536,7 +539,8 @@ def parse_args(argv=None):
                              "contrastive/triplet, direct for ce). Several: the first gives the figures and "
                              "the main metrics, the others are scored from the same embeddings into "
                              "metrics.json's other_classifiers")
-    parser.add_argument("--k", type=int, default=10, help="neighbours for --classify knn (default 10)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="neighbours for --classify knn and head-knn (default: as trained, train.py --k)")
     parser.add_argument("--target-sensitivity", type=float, default=None,
                         help="choose the threshold that reaches this sensitivity on validation "
                              "(default: maximise Youden's J)")
@@ -564,9 +568,9 @@ def main(argv=None):
             return
         if not args.project or not args.data:
             raise ValueError("pass --project P and --data DATA to evaluate, or --checkpoint C --image X")
-        if args.save_every < 1 or args.k < 1 or args.batch_size < 1:
+        if args.save_every < 1 or args.batch_size < 1 or (args.k is not None and args.k < 1):
             raise ValueError("--save-every, --k and --batch-size must be at least 1")
-        if args.gallery_size < 0:
+        if args.gallery_size is not None and args.gallery_size < 0:
             raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
         if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
             raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")

@@ -128,7 +128,7 @@ def parse_args(argv=None):
                    help="image-level P(malignant); see predict.py --help (default auto)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluate with features averaged over each image's four flips (study: off; tuned: on)")
-    p.add_argument("--k", type=int, default=10, help="neighbours for --classify knn (default 10)")
+    p.add_argument("--k", type=int, default=10, help="neighbours for --classify knn and head-knn (default 10)")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="test threshold reaching this sensitivity on validation (default: Youden's J)")
     p.add_argument("--save-every", type=int, default=100, help="save every N-th test pair as a figure (default 100)")
