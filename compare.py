@@ -6,12 +6,13 @@ the same image-level metrics. Writes PROJECT/results/comparison.md.
 Each loss trains into PROJECT/<loss>/ with train.py (which evaluates its default classifier);
 the embedding losses are then scored by predict.py with the other classifiers too.
 """
-import argparse
 import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from cli import ArgumentParser
 
 CLASSIFIERS = {"bce": ["gallery", "knn", "prototype"], "contrastive": ["knn", "prototype", "gallery"],
                "triplet": ["knn", "prototype", "gallery"], "ce": ["direct"]}
@@ -24,7 +25,7 @@ def run(*args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("compare.py", description=__doc__)
     parser.add_argument("--project", required=True, help="folder for one sub-project per loss and the comparison")
     parser.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
     parser.add_argument("--losses", nargs="+", default=list(CLASSIFIERS), choices=list(CLASSIFIERS),
