@@ -15,7 +15,6 @@ Modes (the training step is train.py's own, embed-once BCE unless said otherwise
     gallery       test images/s scored against the gallery: each image with each reference by two
                   backbone passes vs from stored embeddings
 """
-import argparse
 import json
 import os
 import resource
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from cli import ArgumentParser
 from dataset import DataError, eval_transform, load_split, make_synthetic, use_cache
 from modules import SiameseNetwork
 from predict import autocast, embed_images, pick_device, similarity_matrix, to_device
@@ -204,7 +204,7 @@ def test_batch(split, indices, size):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("bench.py", description=__doc__)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     parser.add_argument("--image-size", type=int, default=None, help="default 128 on the CPU, 224 on a GPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 on the CPU, 256 on a GPU")

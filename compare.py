@@ -10,13 +10,14 @@ every other classifier the model supports from the same embeddings. A run whose
 results/metrics.json exists is not trained again, so an interrupted benchmark continues where it
 stopped. With several seeds a second table gives each row's mean and standard deviation.
 """
-import argparse
 import csv
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from cli import ArgumentParser
 
 LOSSES = ("bce", "contrastive", "triplet", "ce")
 
@@ -47,8 +48,7 @@ def rows_of(metrics, history):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = ArgumentParser("compare.py", description=__doc__)
     parser.add_argument("--project", required=True, help="folder for one sub-project per run and the comparison")
     parser.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,

@@ -11,7 +11,6 @@ images and a same-class target) or as single images in batches from which pairs 
 
     python dataset.py --synthetic data/demo      # writes the synthetic demo data set
 """
-import argparse
 import hashlib
 import json
 import math
@@ -25,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
+
+from cli import ArgumentParser
 
 SPLITS = {"train": "train_data", "validation": "validation_data", "test": "test_data"}
 CLASSES = ("0", "1")  # folder names: 0 benign, 1 malignant
@@ -531,7 +532,7 @@ def make_synthetic(out, size=96, seed=0, counts=None):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the synthetic demo data set in the split layout.")
+    parser = ArgumentParser("dataset.py", description="Write the synthetic demo data set in the split layout.")
     parser.add_argument("--synthetic", required=True, metavar="DIR", help="output folder (the --data of train.py)")
     parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

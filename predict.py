@@ -2,6 +2,11 @@
 
     python predict.py --project runs/exp1 --data DATA              # test metrics and figures
     python predict.py --checkpoint runs/exp1/outputs/best.pth --image x.jpg [--image y.jpg ...]
+    python predict.py --checkpoint runs/exp1/outputs/best.pth --pair a.jpg b.jpg
+
+--image prints P(malignant) and the verdict at the threshold chosen on validation, and writes one
+figure per image to --out (default PROJECT/predictions/): the image, a Grad-CAM heat map of what
+drove its score, and the nearest training references with their classes and similarities.
 
 Every image is embedded once; pairs and gallery comparisons are scored from the stored
 embeddings by the model's head. P(malignant) of an image (--classify):
@@ -20,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -33,13 +39,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 from sklearn.decomposition import PCA
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from dataset import (CLASS_NAMES, DataError, ImageDataset, check_image, collate_images, eval_transform, has_split,
-                     is_labelled_folder, load_split, make_pairs, read_rgb, use_cache)
+from cli import ArgumentParser, progress
+from dataset import (CLASS_NAMES, DataError, ImageDataset, check_image, collate_images, denormalize, eval_transform,
+                     has_split, is_labelled_folder, load_split, make_pairs, read_rgb, use_cache)
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
 from modules import WeightsError, load_checkpoint, load_state, save_atomic
 
@@ -92,10 +102,11 @@ def to_device(images, device):
 
 @torch.no_grad()
 def embed_images(model, split, image_size, batch_size, device, workers=0, indices=None, amp=True,
-                 rank=0, world_size=1, tta=False):
+                 rank=0, world_size=1, tta=False, desc="embedding"):
     """Features of the split's images (all, or `indices`), one backbone pass per image, in
     batches (four with tta: the mean over the image and its horizontal, vertical and double
-    flips). Under DDP each rank embeds every world_size-th image and the rows are gathered."""
+    flips). Under DDP each rank embeds every world_size-th image and the rows are gathered.
+    `desc` labels the progress bar."""
     indices = list(range(len(split))) if indices is None else [int(i) for i in indices]
     mine = indices[rank::world_size]
     loader = DataLoader(ImageDataset(split, eval_transform(image_size)), batch_size=batch_size,
@@ -104,7 +115,7 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
     model.eval()
     rows = []
     with autocast(device, amp):
-        for images, *_ in loader:
+        for images, *_ in progress(loader, desc, disable=rank != 0, leave=False):
             images = to_device(images, device)
             views = [images, images.flip(3), images.flip(2), images.flip(2, 3)] if tta else [images]
             rows.append(torch.stack([model.embed(view).float() for view in views]).mean(0))
@@ -213,57 +224,119 @@ def score_split(model, features, labels, gallery_features, gallery_labels, metho
 # Figures
 
 
-def plot_curves(curves, results):
-    """roc_curve.png and pr_curve.png, every split of {name: (labels, scores)} on the same axes."""
-    for name, display in (("roc_curve", RocCurveDisplay), ("pr_curve", PrecisionRecallDisplay)):
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for split, (labels, scores) in curves.items():
-            display.from_predictions(labels, scores, name=split, ax=ax)
-        if name == "roc_curve":
-            ax.plot([0, 1], [0, 1], "k:", lw=1)
-        ax.set_title("ROC, P(malignant)" if name == "roc_curve" else "precision-recall, malignant")
-        fig.tight_layout()
-        fig.savefig(results / f"{name}.png", dpi=120)
+def save_figure(fig, path, dpi=120):
+    """Write a figure atomically (temporary file, then rename) and close it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 
+def plot_curves(curves, results):
+    """roc_curve.png and pr_curve.png, every split of {name: (labels, scores)} on the same axes;
+    the PR curve shows each split's base rate (the precision of calling every image malignant)."""
+    axis_labels = {"roc_curve": ("false positive rate (1 - specificity)", "true positive rate (sensitivity)"),
+                   "pr_curve": ("recall (sensitivity)", "precision")}
+    for name, display in (("roc_curve", RocCurveDisplay), ("pr_curve", PrecisionRecallDisplay)):
+        fig, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
+        for i, (split, (labels, scores)) in enumerate(curves.items()):
+            shown = display.from_predictions(labels, scores, name=split, ax=ax,
+                                             plot_chance_level=name == "roc_curve" and i == len(curves) - 1)
+            if name == "pr_curve":
+                base_rate = float(np.mean(np.asarray(labels) == 1))
+                ax.axhline(base_rate, ls="--", lw=1, color=shown.line_.get_color(),
+                           label=f"{split} base rate ({base_rate:.3f})")
+        xlabel, ylabel = axis_labels[name]
+        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(-0.01, 1.01), ylim=(-0.01, 1.01),
+               title="ROC, P(malignant)" if name == "roc_curve" else "precision-recall, malignant")
+        ax.legend(loc="lower right" if name == "roc_curve" else "upper right", fontsize=8)
+        save_figure(fig, results / f"{name}.png")
+
+
 def plot_confusion(labels, scores, threshold, results):
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plt.subplots(figsize=(4.5, 4), layout="constrained")
     ConfusionMatrixDisplay.from_predictions(labels, (scores >= threshold).astype(int), labels=[0, 1],
                                             display_labels=CLASS_NAMES, ax=ax, colorbar=False)
     ax.set_title(f"test, threshold {threshold:.3f}")
-    fig.tight_layout()
-    fig.savefig(results / "confusion_matrix.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, results / "confusion_matrix.png")
 
 
 def plot_embeddings(features, labels, results):
-    points = PCA(n_components=2).fit_transform(features.cpu().numpy())
-    fig, ax = plt.subplots(figsize=(5, 5))
+    pca = PCA(n_components=2)
+    points = pca.fit_transform(features.cpu().numpy())
+    fig, ax = plt.subplots(figsize=(5, 5), layout="constrained")
     for c, colour in ((0, "tab:blue"), (1, "tab:red")):
         ax.scatter(*points[labels == c].T, s=8, alpha=0.6, c=colour, label=CLASS_NAMES[c])
-    ax.set_title("test embeddings, PCA")
+    first, second = pca.explained_variance_ratio_ * 100
+    ax.set(xlabel=f"PC1 ({first:.0f} % variance)", ylabel=f"PC2 ({second:.0f} % variance)",
+           title="test embeddings, PCA")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(results / "embeddings.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, results / "embeddings.png")
+
+
+def pair_verdict(target, similarity):
+    """(caption, right) of one pair: the true relation, the model's similarity and verdict."""
+    truth = "same class" if target == 1 else "different classes"
+    verdict = "same class" if similarity > 0.5 else "different classes"  # pair accuracy's threshold
+    right = (similarity > 0.5) == (target == 1)
+    return f"truth: {truth}\nmodel: similarity {similarity:.2f} -> {verdict}", bool(right)
 
 
 def save_pair_figures(split, pairs, every, results, size=224):
-    """prediction_results_<i>.png for every `every`-th test pair: both images, classes, similarity."""
+    """prediction_results_<i>.png for every `every`-th test pair: both images with their classes,
+    the true relation, the model's similarity and verdict, right or wrong."""
     partners, targets, similarity = pairs
     for i in range(0, len(partners), every):
-        fig, axes = plt.subplots(1, 2, figsize=(6, 3.4))
+        fig, axes = plt.subplots(1, 2, figsize=(6, 4), layout="constrained")
         for ax, index in zip(axes, (i, int(partners[i]))):
             image = v2.functional.resize(split.read(index), [size, size], antialias=True)
             ax.imshow(image.permute(1, 2, 0).numpy())
             ax.set_title(f"{split.paths[index].name}\n{CLASS_NAMES[split.labels[index]]}", fontsize=8)
             ax.axis("off")
-        truth = "same class" if targets[i] == 1 else "different classes"
-        fig.suptitle(f"pair {i}: similarity {similarity[i]:.3f} ({truth})", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(results / f"prediction_results_{i}.png", dpi=100)
-        plt.close(fig)
+        caption, right = pair_verdict(targets[i], similarity[i])
+        fig.suptitle(f"pair {i}: {'right' if right else 'wrong'}\n{caption}", fontsize=10,
+                     color="tab:green" if right else "tab:red")
+        save_figure(fig, results / f"prediction_results_{i}.png", dpi=100)
+
+
+def plot_pair_grid(split, pairs, indices, path, title, size=112):
+    """Pairs in a grid of 4 columns: each cell both images side by side, titled with the true
+    relation and the model's verdict, green when right and red when wrong."""
+    partners, targets, similarity = pairs
+    rows = max(1, -(-len(indices) // 4))
+    fig, axes = plt.subplots(rows, 4, figsize=(12, 0.4 + 2.2 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    gap = torch.full((3, size, size // 16), 255, dtype=torch.uint8)
+    for ax, i in zip(axes.flat, indices):
+        first, second = (v2.functional.resize(split.read(index), [size, size], antialias=True)
+                         for index in (i, int(partners[i])))
+        ax.imshow(torch.cat([first, gap, second], dim=2).permute(1, 2, 0).numpy())
+        caption, right = pair_verdict(targets[i], similarity[i])
+        ax.set_title(f"pair {i}: {'right' if right else 'wrong'}\n{caption}", fontsize=8,
+                     color="tab:green" if right else "tab:red")
+    if len(indices) == 0:
+        fig.text(0.5, 0.45, "no pairs to show", ha="center", va="center", fontsize=12)
+    fig.suptitle(title)
+    save_figure(fig, path, dpi=100)
+
+
+def plot_pair_overview(split, pairs, results, size=112):
+    """pair_grid.png (16 test pairs spread over the split) and confident_mistakes.png (the wrong
+    pairs whose similarity is furthest from 0.5)."""
+    partners, targets, similarity = pairs
+    spread = np.unique(np.linspace(0, len(partners) - 1, min(16, len(partners))).astype(int))
+    right = (similarity > 0.5) == (targets == 1)
+    plot_pair_grid(split, pairs, spread, results / "pair_grid.png",
+                   f"test pairs: {right[spread].sum()} of {len(spread)} right", size)
+    wrong = np.flatnonzero(~right)
+    worst = wrong[np.argsort(-np.abs(similarity[wrong] - 0.5), kind="stable")][:8]
+    plot_pair_grid(split, pairs, worst, results / "confident_mistakes.png",
+                   f"the most confident mistakes ({len(wrong)} of {len(partners)} test pairs wrong)", size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,10 +374,13 @@ def build_gallery(model, config, train, validation, device, *, gallery_size, met
     """References from the training split and the threshold chosen on validation."""
     seed, size = config["seed"], config["image_size"]
     picks = choose_gallery(train.labels, gallery_size, seed)
-    gallery = {"features": embed_images(model, train, size, batch_size, device, workers, picks, amp, tta=tta),
+    gallery = {"features": embed_images(model, train, size, batch_size, device, workers, picks, amp, tta=tta,
+                                        desc="embedding references"),
                "labels": torch.as_tensor(train.labels[picks], device=device),
+               "paths": [str(Path(train.paths[i]).resolve()) for i in picks],
                "classify": method, "k": k, "target_sensitivity": target_sensitivity, "tta": tta}
-    val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp, tta=tta)
+    val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp, tta=tta,
+                                desc="embedding validation")
     val_scores = malignant_probability(model, val_features, gallery["features"], gallery["labels"], method, k)
     gallery["threshold"] = choose_threshold(validation.labels, val_scores.cpu().numpy(), target_sensitivity)
     return gallery, val_scores.cpu().numpy(), val_features
@@ -359,15 +435,17 @@ def load_evaluation_splits(data, config, workers, cache=None):
 
 def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k=None,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
-             cache=None, splits=None, amp=True, tta=None):
+             cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=()):
     """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
     metrics.json, the figures and the saved pairs, and (only for the project's own data and
-    results folder) the gallery next to the checkpoint for single-image prediction. tta None: as
-    the checkpoint was trained (--tta). Returns the metrics dict."""
+    results folder) the gallery next to the checkpoint for single-image prediction; ends with the
+    run's summary (wall time since `started`, plus the caller's `summary_rows`). tta None: as the
+    checkpoint was trained (--tta). Returns the metrics dict."""
+    started = started or time.time()
     device = pick_device(device) if isinstance(device, str) else device
     if Path(results).exists() and not Path(results).is_dir():
         raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
-    model, config, _ = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
+    model, config, saved = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
     model.to(device)
     methods = [resolve_classifier(config, name) for name in ([classify] if isinstance(classify, str) else classify)]
     method = methods[0]
@@ -384,13 +462,14 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k
     gallery, val_scores, val_features = build_gallery(
         model, config, train, validation, device, gallery_size=gallery_size, method=method, k=k,
         target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, amp=amp, tta=tta)
-    test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp, tta=tta)
+    test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp, tta=tta,
+                                 desc=f"embedding {test.name}")
     test_scores, pairs_summary, pairs = score_split(model, test_features, test.labels, gallery["features"],
                                                     gallery["labels"], method, k, seed)
     image = image_metrics(test.labels, test_scores, gallery["threshold"], seed)
 
-    metrics = {"checkpoint": str(checkpoint), "loss": config["loss"], "classify": method,
-               "recipe": config.get("recipe", "study"), "aux_weight": config.get("aux_weight", 0.0),
+    metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config["loss"],
+               "classify": method, "recipe": config.get("recipe", "study"), "aux_weight": config.get("aux_weight", 0.0),
                "evaluated_split": prefix, "data": str(data), "tta": tta,
                f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
@@ -410,6 +489,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k
     plot_confusion(test.labels, test_scores, gallery["threshold"], results)
     plot_embeddings(test_features, test.labels, results)
     save_pair_figures(test, pairs, save_every, results, size)
+    plot_pair_overview(test, pairs, results)
     gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
     gallery_path = Path(checkpoint).with_name("gallery.pt")
     if writes_gallery(checkpoint, data, results, config):
@@ -418,6 +498,8 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k
         print(f"{gallery_path} not updated: only an evaluation of the training data into the project's results "
               f"folder replaces it")
     print_metrics(metrics)
+    print_summary(metrics, results, device, time.time() - started,
+                  [("checkpoint", f"{checkpoint} (epoch {metrics['checkpoint_epoch']})"), *summary_rows])
     return metrics
 
 
@@ -436,32 +518,46 @@ def print_metrics(metrics):
         print(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
 
 
+def describe_device(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else str(device)
+
+
+def print_summary(metrics, results, device, seconds, rows=()):
+    """The closing lines of an evaluating run: where it ran, how long it took, the headline
+    numbers and where the files are. `rows` adds (name, value) lines, e.g. the best epoch."""
+    results = Path(results)
+    pairs = sorted(results.glob("prediction_results_*.png"))
+    figures = sorted(p.name for p in results.glob("*.png") if p not in pairs)
+    minutes, secs = divmod(round(seconds), 60)
+    split = metrics["evaluated_split"]
+    m = {key.removeprefix(split + "_"): value for key, value in metrics.items()}
+    lines = [("device", describe_device(device)), ("wall time", f"{minutes} min {secs} s"), *rows,
+             (f"{split} AUC", f"{m['auc']:.3f} (95% CI {m['auc_ci_low']:.3f}-{m['auc_ci_high']:.3f}), "
+                              f"{m['n_benign']} benign / {m['n_malignant']} malignant images"),
+             (f"at threshold {m['threshold']:.3f}",
+              f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f} "
+              f"(threshold chosen on validation: {metrics['threshold_rule']})"),
+             ("results", f"{results}/metrics.json"),
+             ("figures", ", ".join(figures) + f", {len(pairs)} prediction_results_<i>.png")]
+    print("\nsummary")
+    for name, value in lines:
+        print(f"  {name:<28} {value}")
+
+
 # ---------------------------------------------------------------------------------------------
-# Single images
+# Single images and pairs
 
 
-@torch.no_grad()
-def predict_images(checkpoint, images, data=None, device="auto"):
-    """One image or several: P(malignant) and the decision at the stored threshold; exactly two:
-    their similarity. Returns the printed lines."""
-    for path in images:  # the training limit (dataset.MAX_PIXELS) too, from the header, before decoding
-        reason = check_image(Path(path))
-        if reason:
-            raise DataError(f"--image {path}: {reason}")
-    device = pick_device(device)
-    model, config, _ = load_checkpoint(checkpoint)
-    model.to(device)
-    size = config["image_size"]
-    batch = torch.stack([eval_transform(size)(read_rgb(path)) for path in images])
-    features = model.embed(to_device(batch, device)).float()
-    check_finite(features, checkpoint)
-    if len(images) == 2:
-        similarity = model.pair_similarity(features[:1], features[1:]).item()
-        return [f"similarity {similarity:.4f}  ({'same class' if similarity > 0.5 else 'different classes'})"
-                f"  {images[0]}  {images[1]}"]
+def reference_gallery(model, config, checkpoint, data, device, width):
+    """The gallery saved next to the checkpoint, or, when it is missing or stale, one rebuilt in
+    memory from --data with the default settings. `width`: the model's feature width."""
     gallery_path = Path(checkpoint).with_name("gallery.pt")
     gallery = load_gallery(gallery_path, checkpoint)
-    problem = gallery_problem(gallery, features.shape[1]) if gallery is not None else None
+    problem = gallery_problem(gallery, width) if gallery is not None else None
     if problem:
         if data is None:
             raise DataError(f"{gallery_path}: {problem}; pass --data DATA to rebuild it from the training and "
@@ -476,12 +572,127 @@ def predict_images(checkpoint, images, data=None, device="auto"):
         train, validation = (load_split(data, name, limit, seed) for name, limit in
                              zip(("train", "validation"), config["benign_limit"]))
         gallery, *_ = build_gallery(model, config, train, validation, device, gallery_size=64,
-                                      method=resolve_classifier(config), k=10, target_sensitivity=None,
-                                      batch_size=64, workers=0)
+                                   method=resolve_classifier(config), k=10, target_sensitivity=None,
+                                   batch_size=64, workers=0)
+    return gallery
+
+
+def grad_cam(model, loss, image, malignant_mean):
+    """Grad-CAM heat map (H, W) in [0, 1] on the backbone's last block (layer4) for the model's
+    image-level score: the Siamese head's similarity logit to the mean malignant reference (bce),
+    the classifier's logit (ce), or the cosine similarity to the mean malignant embedding."""
+
+    class ImageScore(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            features = self.model.embed(images)
+            if loss == "ce":
+                return self.model.classifier(features).squeeze(1)
+            if loss == "bce":
+                return self.model.pair_logits(features, malignant_mean.expand(len(features), -1))
+            return features @ F.normalize(malignant_mean, dim=0)
+
+    with torch.enable_grad(), GradCAM(ImageScore(), target_layers=[model.backbone.layer4[-1]]) as cam:
+        return cam(input_tensor=image[None], targets=[RawScoresOutputTarget()])[0]
+
+
+def plot_prediction(image, heat, title, references, path):
+    """One figure a reader can check: the image as the network saw it, the Grad-CAM heat map over
+    it, and the nearest training references (path, class, similarity) with their images."""
+    fig = plt.figure(figsize=(max(8.0, 2.0 * len(references)), 7.5), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.6, 1])
+    left, right = top.subplots(1, 2)
+    left.imshow(image)
+    left.set_title("image (as the network sees it)", fontsize=9)
+    right.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
+    right.set_title("Grad-CAM: where the score came from (red = most)", fontsize=9)
+    for ax in (left, right):
+        ax.axis("off")
+    top.suptitle(title)
+    for ax, (reference, label, similarity) in zip(bottom.subplots(1, max(1, len(references)), squeeze=False)[0],
+                                                 references):
+        name = Path(reference).name if reference else "(path not stored)"
+        if reference and Path(reference).is_file():
+            ax.imshow(v2.functional.resize(read_rgb(reference), [96, 96], antialias=True).permute(1, 2, 0).numpy())
+        else:  # moved or deleted since training, or a gallery saved without paths: the name only
+            ax.text(0.5, 0.5, name, ha="center", va="center", fontsize=7, wrap=True)
+        ax.set_title(f"{name}\n{CLASS_NAMES[label]}, similarity {similarity:.3f}", fontsize=7,
+                     color="tab:red" if label == 1 else "tab:blue")
+        ax.axis("off")
+    bottom.suptitle("nearest training references", fontsize=10)
+    save_figure(fig, path, dpi=100)
+
+
+def prediction_folder(checkpoint, project=None):
+    """Default --out of single-image prediction: PROJECT/predictions, beside outputs/."""
+    if project:
+        return Path(project) / "predictions"
+    checkpoint = Path(checkpoint)
+    return (checkpoint.parent.parent if checkpoint.parent.name == "outputs" else checkpoint.parent) / "predictions"
+
+
+@torch.no_grad()
+def predict_images(checkpoint, images, data=None, device="auto", out=None, n_references=5):
+    """P(malignant) of each image and the verdict at the threshold saved with the gallery. With
+    `out`, also one figure per image there (see plot_prediction). Returns the printed lines."""
+    for path in images:  # the training limit (dataset.MAX_PIXELS) too, from the header, before decoding
+        reason = check_image(Path(path))
+        if reason:
+            raise DataError(f"--image {path}: {reason}")
+    device = pick_device(device)
+    model, config, _ = load_checkpoint(checkpoint)
+    model.to(device)
+    size = config["image_size"]
+    batch = to_device(torch.stack([eval_transform(size)(read_rgb(path)) for path in images]), device)
+    features = model.embed(batch).float()
+    gallery = reference_gallery(model, config, checkpoint, data, device, features.shape[1])
+    if gallery.get("tta"):  # embedded as the references were: the mean over the four flips
+        views = [batch.flip(3), batch.flip(2), batch.flip(2, 3)]
+        features = torch.stack([features] + [model.embed(view).float() for view in views]).mean(0)
+    check_finite(features, checkpoint)
     references, labels = gallery["features"].to(device), gallery["labels"].to(device)
-    scores = malignant_probability(model, features, references, labels, gallery["classify"], gallery["k"])
-    return [f"P(malignant) {p:.4f}  {'malignant' if p >= gallery['threshold'] else 'benign'}"
-            f"  (threshold {gallery['threshold']:.4f})  {path}" for p, path in zip(scores.tolist(), images)]
+    threshold = gallery["threshold"]
+    scores = malignant_probability(model, features, references, labels, gallery["classify"], gallery["k"]).tolist()
+    lines = [f"P(malignant) {p:.4f}  {'malignant' if p >= threshold else 'benign'}  (threshold {threshold:.4f})"
+             f"  {path}" for p, path in zip(scores, images)]
+    if out is None:
+        return lines
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Nearest references by the model's own pair similarity; the classifier has none, so cosine there.
+    if config["loss"] == "ce":
+        similarity = F.normalize(features, dim=1) @ F.normalize(references.float(), dim=1).T
+    else:
+        similarity = similarity_matrix(model, features, references)
+    nearest = similarity.topk(min(n_references, len(references)), dim=1)
+    malignant_mean = references[labels == 1].float().mean(0)
+    paths = gallery.get("paths") or [None] * len(references)
+    stems = [Path(path).stem for path in images]
+    for i, path in enumerate(images):
+        name = f"{stems[i]}_prediction.png" if stems.count(stems[i]) == 1 else f"{stems[i]}_{i + 1}_prediction.png"
+        heat = grad_cam(model, config["loss"], batch[i], malignant_mean)
+        verdict = "malignant" if scores[i] >= threshold else "benign"
+        title = f"{Path(path).name}: P(malignant) {scores[i]:.2f} -> {verdict} (threshold {threshold:.2f})"
+        shown = [(paths[j], int(labels[j]), s) for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
+        plot_prediction(denormalize(batch[i]), heat, title, shown, out / name)
+        lines[i] += f"\n  figure: {out / name}"
+    return lines
+
+
+@torch.no_grad()
+def predict_pair(checkpoint, first, second, device="auto"):
+    """The model's similarity of two images and its verdict (same class above 0.5)."""
+    device = pick_device(device)
+    model, config, _ = load_checkpoint(checkpoint)
+    model.to(device)
+    batch = torch.stack([eval_transform(config["image_size"])(read_rgb(path)) for path in (first, second)])
+    features = model.embed(to_device(batch, device)).float()
+    similarity = model.pair_similarity(features[:1], features[1:]).item()
+    verdict = "same class" if similarity > 0.5 else "different classes"
+    return f"similarity {similarity:.4f} -> {verdict}  {first}  {second}"
 
 
 def gallery_problem(gallery, width):
@@ -497,7 +708,7 @@ def gallery_problem(gallery, width):
         return "its labels are not one 0 or 1 per feature row, with both classes"
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
         return f"its threshold {threshold!r} is not a number"
-    if gallery.get("classify") not in ("gallery", "knn", "prototype", "direct"):
+    if gallery.get("classify") not in CLASSIFIERS[1:]:
         return f"its classifier {gallery.get('classify')!r} is unknown"
     k = gallery.get("k")
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
@@ -520,14 +731,18 @@ def load_gallery(path, checkpoint):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser("predict.py", description=__doc__)
     parser.add_argument("--project", help="project folder written by train.py (reads outputs/best.pth, "
                                           "writes results/)")
     parser.add_argument("--data", help="split folder made by to_subdirectories.py")
     parser.add_argument("--checkpoint", help="checkpoint to use (default PROJECT/outputs/best.pth)")
-    parser.add_argument("--out", help="results folder (default PROJECT/results; an existing one is moved aside)")
-    parser.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="predict this image (repeat the flag for several; exactly two print their similarity)")
+    parser.add_argument("--out", help="evaluation: results folder (default PROJECT/results; an existing one is moved "
+                                      "aside). --image: folder for the figures (default PROJECT/predictions)")
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument("--image", action="append", default=[], metavar="PATH",
+                        help="P(malignant) of this image and a figure explaining it (repeat for several images)")
+    images.add_argument("--pair", nargs=2, metavar=("A", "B"),
+                        help="the model's similarity of two images: same class or not")
     parser.add_argument("--gallery-size", type=int, default=None,
                         help="training references per class for image-level scores; 0 = every training "
                              "image (default: as trained, train.py --gallery-size)")
@@ -555,15 +770,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    started = time.time()
     try:
-        if args.image:
+        if args.image or args.pair:
+            flag = "--image" if args.image else "--pair"
             checkpoint = args.checkpoint or (args.project and Path(args.project) / "outputs" / "best.pth")
             if not checkpoint:
-                raise ValueError("--image needs --checkpoint PATH or --project P")
-            for path in args.image:
+                raise ValueError(f"{flag} needs --checkpoint PATH or --project P")
+            for path in args.image or args.pair:
                 if not Path(path).is_file():
-                    raise ValueError(f"--image {path}: no such file")
-            for line in predict_images(checkpoint, args.image, args.data, args.device):
+                    raise ValueError(f"{flag} {path}: no such file")
+            if args.pair:
+                print(predict_pair(checkpoint, *args.pair, args.device))
+                return
+            out = args.out or prediction_folder(checkpoint, args.project)
+            for line in predict_images(checkpoint, args.image, args.data, args.device, out):
                 print(line)
             return
         if not args.project or not args.data:
@@ -580,7 +801,7 @@ def main(argv=None):
         evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
                  classify=args.classify, k=args.k, target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=args.batch_size, device=args.device,
-                 workers=args.workers, cache=args.cache, tta=args.tta)
+                 workers=args.workers, cache=args.cache, tta=args.tta, started=started)
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"predict.py: error: {error}")
     except OSError as error:  # a full disk or a folder without write permission (--out, gallery.pt)

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from cli import ArgumentParser
+
 SPLITS = ("train_data", "validation_data", "test_data")
 CLASS_NAMES = ("benign", "malignant")  # target 0, target 1; also the folder names "0" and "1"
 NAME_COLUMNS = ("isic_id", "image_name")  # Kaggle metadata has isic_id, the ISIC 2020 csv image_name
@@ -353,7 +355,8 @@ def print_table(counts, grouped, n_patients):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        "to_subdirectories.py", formatter_class=argparse.HelpFormatter,
         description="Split the ISIC 2020 images into DATA/{train_data,validation_data,test_data}/{0,1}/ "
                     "(0 benign, 1 malignant), per class and grouped by patient.")
     parser.add_argument("--csv", default="train-metadata.csv",

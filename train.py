@@ -12,6 +12,7 @@ import argparse
 import csv
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,14 +27,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from cli import ArgumentParser, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
                      batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, use_cache,
                      write_excluded)
@@ -62,7 +64,7 @@ RESUME_KEYS = ("model", "optimizer", "scaler", "config", "epoch", "step", "parti
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("train.py", description=__doc__)
     p.add_argument("--project", required=True, help="folder for this run's outputs/ and results/")
     p.add_argument("--data", required=True, help="split folder made by to_subdirectories.py "
                                                  "(train_data, validation_data, test_data, each with 0/ and 1/)")
@@ -342,6 +344,11 @@ def selection_score(row, select):
     return [row["val_auc"], -row["val_loss"]] if select == "val_auc" else [-row["val_loss"]]
 
 
+def selected_epoch(history, select):
+    """The epoch best.pth holds: the first with the highest selection score, as the loop keeps it."""
+    return max(history, key=lambda row: selection_score(row, select))["epoch"]
+
+
 def write_history(history, path):
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as file:
@@ -351,9 +358,10 @@ def write_history(history, path):
     os.replace(tmp, path)
 
 
-def plot_history(history, path):
+def plot_history(history, path, selected=None):
+    """Loss, accuracy and validation AUC per epoch; `selected` marks the epoch best.pth holds."""
     epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     left.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation (pair BCE)")
     left.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -362,9 +370,11 @@ def plot_history(history, path):
     right.plot(epochs, [r["val_auc"] for r in history], "s--", label="validation AUC (image level)")
     right.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy and AUC")
     for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if selected is not None:
+            ax.axvline(selected, color="grey", ls=":", label=f"selected epoch {selected} (best.pth)")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+        ax.legend(fontsize=8)
     tmp = path.with_name("tmp-" + path.name)
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -463,6 +473,15 @@ def apply_resume_flags(args, config, epochs_done, say):
         config["epochs"] = args.epochs
 
 
+def first_missing_folder(path):
+    """The outermost folder on the way to `path` that does not exist yet, i.e. the one this run
+    creates (None when `path` exists): what to remove if the run fails before it starts."""
+    path, missing = Path(path).absolute(), None
+    while not path.exists():
+        path, missing = path.parent, path
+    return missing
+
+
 def stop_handler(stop):
     """SIGINT / SIGTERM: note it; the loop finishes the step, saves and exits. A second one stops at once."""
     main_pid = os.getpid()
@@ -488,11 +507,16 @@ def main(argv=None):
     stop = {"signal": None}
     previous = {s: signal.signal(s, stop_handler(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     lock = None
+    created = first_missing_folder(Path(args.project) / "outputs")
     try:
         check_outputs(Path(args.project) / "outputs", args)  # before the lock: a refused run creates nothing
         lock = lock_project(args.project, rank, world_size, device)
         run(args, rank, world_size, device, stop, previous)
-    except (ValueError, DataError, WeightsError) as error:
+    except WeightsError as error:  # e.g. no network for --weights imagenet: leave no empty project behind
+        if rank == 0 and created is not None and not any(created.rglob("*.pth")):
+            shutil.rmtree(created, ignore_errors=True)
+        sys.exit(f"train.py: error: {error}")
+    except (ValueError, DataError) as error:
         sys.exit(f"train.py: error: {error}")
     except OSError as error:
         sys.exit(f"train.py: error: could not write {error.filename or 'a file'} ({error.strerror or error}); "
@@ -508,6 +532,7 @@ def main(argv=None):
 
 
 def run(args, rank, world_size, device, stop, previous_handlers):
+    run_started = time.time()
     main_process = rank == 0
     say = print if main_process else (lambda *a, **k: None)
     project = Path(args.project)
@@ -624,8 +649,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         sums = partial if (epoch == start_epoch and partial and main_process) else [0.0] * 5
         sampler.set_epoch(epoch, step0)
         model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not main_process,
-                   initial=step0, total=step0 + len(sampler), leave=False, dynamic_ncols=True)
+        bar = progress(loader, f"epoch {epoch + 1}/{config['epochs']}", disable=not main_process,
+                       initial=step0, total=step0 + len(sampler), leave=False)
         step = step0
         for step, batch in enumerate(bar, start=step0 + 1):
             for group in optimizer.param_groups:
@@ -648,7 +673,7 @@ def run(args, rank, world_size, device, stop, previous_handlers):
             sums = [sums[0] + loss_value * count, sums[1] + float(correct), sums[2] + count,
                     sums[3] + (0.0 if math.isnan(active) else active), sums[4] + 1]
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}")
+                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
             if stopping:
                 save_last(epoch, step, reduce_sum(sums, device, world_size))
                 exit_for_resume(epoch, step)
@@ -682,7 +707,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         save_last(epoch + 1, 0, None)  # first: a history.csv that lists epoch k means last.pth holds it
         if main_process:
             write_history(history, outputs / "history.csv")
-            plot_history(history, outputs / "training_validation_metrics.png")
+            plot_history(history, outputs / "training_validation_metrics.png",
+                         selected_epoch(history, config["select"]))
         if stop_requested():
             exit_for_resume(epoch + 1, 0)
 
@@ -694,10 +720,15 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     if main_process:
         evaluated = splits.get("test", validation)
         say(f"\nevaluating {outputs / 'best.pth'} on the {evaluated.name} split")
+        best_row = next(row for row in history if row["epoch"] == selected_epoch(history, config["select"]))
         evaluate(outputs / "best.pth", config["data"], project / "results", gallery_size=config["gallery_size"],
                  classify=[config["classify"], *applicable_classifiers(config)], k=config["k"], target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=config["val_batch_size"], device=device,
-                 workers=workers, splits={"train": train, "validation": validation, "evaluated": evaluated}, amp=amp)
+                 workers=workers, splits={"train": train, "validation": validation, "evaluated": evaluated}, amp=amp,
+                 started=run_started, summary_rows=[
+                     ("best epoch", f"{best_row['epoch']} of {config['epochs']} ({config['select']} "
+                                    f"{best_row[config['select']]:.4f})"),
+                     ("training curves", str(outputs / "training_validation_metrics.png"))])
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def test_train_writes_the_output_contract(trained):
     for name in ("best.pth", "last.pth", "history.csv", "training_validation_metrics.png", "gallery.pt"):
         assert (outputs / name).stat().st_size > 0, name
     for name in ("metrics.json", "roc_curve.png", "pr_curve.png", "confusion_matrix.png", "embeddings.png",
+                 "pair_grid.png", "confident_mistakes.png",
                  "prediction_results_0.png", "prediction_results_5.png", "prediction_results_15.png"):
         assert (results / name).stat().st_size > 0, name
     assert not (results / "prediction_results_1.png").exists()  # only every --save-every-th pair
@@ -88,11 +89,14 @@ def test_predict_single_images_and_pairs(trained, tiny_data):
     checkpoint = project / "outputs" / "best.pth"
     images = sorted((tiny_data / "test_data" / "1").glob("*.jpg"))[:3]
     one = run("predict.py", "--checkpoint", checkpoint, "--image", images[0]).strip().splitlines()
-    assert len(one) == 1 and re.match(r"P\(malignant\) [01]\.\d{4}  (benign|malignant)", one[0])
+    assert len(one) == 2 and re.match(r"P\(malignant\) [01]\.\d{4}  (benign|malignant)", one[0])
+    assert one[1] == f"  figure: {project / 'predictions' / (images[0].stem + '_prediction.png')}"
     three = run("predict.py", "--checkpoint", checkpoint, *sum((["--image", p] for p in images), []))
-    assert len(three.strip().splitlines()) == 3
-    pair = run("predict.py", "--checkpoint", checkpoint, "--image", images[0], "--image", images[1])
-    assert re.match(r"similarity [01]\.\d{4}", pair)
+    assert sum(line.startswith("P(malignant)") for line in three.splitlines()) == 3
+    two = run("predict.py", "--checkpoint", checkpoint, "--image", images[0], "--image", images[1])
+    assert sum(line.startswith("P(malignant)") for line in two.splitlines()) == 2  # never a pair by count
+    pair = run("predict.py", "--checkpoint", checkpoint, "--pair", images[0], images[1])
+    assert re.match(r"similarity [01]\.\d{4} -> (same class|different classes)", pair)
 
 
 @pytest.mark.parametrize("flags", [["--loss", "contrastive"], ["--loss", "triplet", "--miner", "hard"],

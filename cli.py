@@ -1,0 +1,42 @@
+"""What every script's command line shares: a parser that refuses abbreviated flags and reports a
+bad one in one line, and progress bars that suit both a terminal and a log file."""
+import argparse
+import sys
+
+from tqdm import tqdm
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with allow_abbrev=False (`--epoch 1` is an error, not `--epochs 1`) and a one-line
+    error instead of the whole usage text. `prog` names the script in that line."""
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(prog=prog, allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+class _LineWriter:
+    """A file for tqdm when the output is not a terminal: each refresh becomes one plain line
+    instead of a carriage return that rewrites the last one."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(iterable, desc, disable=False, **kwargs):
+    """tqdm on a terminal; in a log file a plain line every 30 seconds, none for shorter loops."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, disable=disable, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, desc=desc, disable=disable, file=_LineWriter(sys.stderr), ncols=100,
+                mininterval=30, maxinterval=30, delay=30, **kwargs)

@@ -1,0 +1,324 @@
+"""The command lines as a user meets them: abbreviations refused, one-line errors, a closing
+summary on every evaluating run, nothing left behind by a failed weight download, --pair, the
+prediction figure with its Grad-CAM heat map, and the figures' labels."""
+import contextlib
+import io
+import re
+import runpy
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision.models._api
+
+import bench
+import cli
+import compare
+import predict
+import to_subdirectories
+import train
+from modules import SiameseNetwork, load_checkpoint, load_state
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--weights", "none", "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--val-batch-size", "8",
+        "--lr", "1e-3", "--workers", "0", "--gallery-size", "4", "--save-every", "5"]
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def exit_of(function, *args):
+    """(exit code, stderr) of a main() that ends in SystemExit."""
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(stderr):
+        function(*args)
+    code = stopped.value.code
+    return (code, stderr.getvalue()) if isinstance(code, int) else (1, f"{code}\n")  # sys.exit("message")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data_dir, tmp_path_factory):
+    """A tiny trained project, and what train.py printed."""
+    project = tmp_path_factory.mktemp("cli") / "exp"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        train.main(["--project", str(project), "--data", str(tiny_data_dir), *TINY])
+    return project, stdout.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: no abbreviations, one line per mistake
+
+
+def run_dataset_main(argv):
+    sys.argv = ["dataset.py", *argv]
+    runpy.run_path(str(REPO / "dataset.py"), run_name="__main__")
+
+
+def run_compare_main(argv):
+    sys.argv = ["compare.py", *argv]
+    compare.main()
+
+
+@pytest.mark.parametrize("script, main, argv, flag", [
+    ("train.py", train.main, ["--project", "{tmp}/p", "--data", "{tmp}", "--epoch", "1"], "--epoch"),
+    ("predict.py", predict.main, ["--proj", "{tmp}/p", "--data", "{tmp}"], "--proj"),
+    ("to_subdirectories.py", to_subdirectories.main, ["--cs", "{tmp}/x.csv"], "--cs"),
+    ("bench.py", bench.main, ["--quic"], "--quic"),
+    ("dataset.py", run_dataset_main, ["--synth", "{tmp}/demo"], "--synthetic"),
+    ("compare.py", run_compare_main, ["--proj", "{tmp}/p", "--data", "{tmp}"], "--project"),
+])
+def test_abbreviated_flag_is_refused_in_one_line(script, main, argv, flag, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", sys.argv[:])  # the dataset and compare mains read sys.argv
+    code, stderr = exit_of(main, [a.replace("{tmp}", str(tmp_path)) for a in argv])
+    lines = stderr.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and lines[0].endswith("; see --help")
+    assert flag in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing was started
+
+
+def test_bad_choice_on_the_real_command_line_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--project", str(tmp_path / "p"), "--data", str(tmp_path),
+                             "--loss", "banana"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()  # argparse quotes the choices differently across Pythons
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: argument --loss: invalid choice: 'banana'")
+    assert lines[0].endswith("; see --help") and not (tmp_path / "p").exists()
+
+
+def test_image_and_pair_together_are_refused(tmp_path):
+    code, stderr = exit_of(predict.main, ["--checkpoint", "c.pth", "--image", "a.jpg", "--pair", "a.jpg", "b.jpg"])
+    assert code == 2
+    assert stderr.strip().splitlines() == [
+        "predict.py: error: argument --pair: not allowed with argument --image; see --help"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed --weights imagenet download
+
+
+def fail_download(*args, **kwargs):
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+
+@pytest.mark.parametrize("existing", [None, "runs", "runs/exp"])
+def test_failed_weight_download_leaves_nothing_and_names_the_fix(existing, tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fail_download)
+    if existing:
+        (tmp_path / existing).mkdir(parents=True)
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["--project", str(tmp_path / "runs" / "exp"), "--data", str(tiny_data_dir), *TINY]
+    argv[argv.index("--weights") + 1] = "imagenet"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code, message = exit_of(train.main, argv)
+    assert code != 0
+    lines = message.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: --weights imagenet: could not fetch")
+    assert "--weights none" in lines[0] and ".pth" in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before  # no project folder, no outputs/, no file
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that report
+
+
+def test_train_ends_with_a_summary(trained):
+    project, stdout = trained
+    summary = stdout[stdout.index("\nsummary\n"):]
+    assert re.search(r"device\s+cpu", summary)
+    assert re.search(r"wall time\s+\d+ min \d+ s", summary)
+    best_epoch = load_state(project / "outputs" / "best.pth")["epoch"]
+    assert re.search(rf"best epoch\s+{best_epoch} of 2 \(val_auc \d\.\d{{4}}\)", summary)
+    assert re.search(r"test AUC\s+\d\.\d{3} \(95% CI \d\.\d{3}-\d\.\d{3}\), 6 benign / 4 malignant", summary)
+    assert re.search(r"at threshold \d\.\d{3}\s+sensitivity \d\.\d{3}, specificity \d\.\d{3}", summary)
+    assert f"{project / 'results'}/metrics.json" in summary
+    figures = re.search(r"figures\s+(.*)", summary).group(1)
+    for name in ("roc_curve.png", "pr_curve.png", "pair_grid.png", "confident_mistakes.png", "embeddings.png"):
+        assert name in figures and (project / "results" / name).stat().st_size > 0
+    assert "2 prediction_results_<i>.png" in figures  # pairs 0 and 5 of 10
+
+
+def test_predict_evaluation_ends_with_a_summary(trained, tiny_data_dir, tmp_path, capsys):
+    project, _ = trained
+    predict.main(["--project", str(project), "--data", str(tiny_data_dir), "--out", str(tmp_path / "results"),
+                  "--gallery-size", "4", "--save-every", "5"])
+    stdout = capsys.readouterr().out
+    summary = stdout[stdout.index("\nsummary\n"):]
+    epoch = load_state(project / "outputs" / "best.pth")["epoch"]
+    assert f"{project / 'outputs' / 'best.pth'} (epoch {epoch})" in summary
+    assert re.search(r"test AUC\s+\d\.\d{3} \(95% CI", summary) and "sensitivity" in summary
+    assert f"{tmp_path / 'results'}/metrics.json" in summary
+
+
+def test_progress_in_a_log_file_is_plain_lines():
+    log = io.StringIO()
+    for _ in cli.tqdm(range(5), desc="embedding test", file=cli._LineWriter(log), mininterval=0, miniters=1):
+        pass
+    text = log.getvalue()
+    assert "\r" not in text
+    assert len(text.splitlines()) >= 5 and all(line.startswith("embedding test: ") for line in text.splitlines())
+
+
+def test_progress_of_a_short_loop_prints_nothing_to_a_log(capsys):
+    assert list(cli.progress(range(3), "embedding test")) == [0, 1, 2]  # stderr is captured: not a terminal
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Single images and pairs
+
+
+def test_image_prints_the_verdict_and_writes_a_figure_with_grad_cam(trained, tiny_data_dir, capsys, monkeypatch):
+    project, _ = trained
+    image = sorted((tiny_data_dir / "test_data" / "1").glob("*.jpg"))[0]
+    maps = []
+    real_grad_cam = predict.grad_cam
+    monkeypatch.setattr(predict, "grad_cam", lambda *a: maps.append(real_grad_cam(*a)) or maps[-1])
+    predict.main(["--checkpoint", str(project / "outputs" / "best.pth"), "--image", str(image)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    gallery = load_state(project / "outputs" / "gallery.pt")
+    p = float(re.match(r"P\(malignant\) (\d\.\d{4})  (benign|malignant)  \(threshold (\d\.\d{4})\)", lines[0]).group(1))
+    assert lines[0].split()[2] == ("malignant" if p >= gallery["threshold"] else "benign")
+    figure = project / "predictions" / f"{image.stem}_prediction.png"
+    assert lines[1] == f"  figure: {figure}"
+    assert figure.stat().st_size > 10_000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(maps) == 1 and maps[0].shape == (32, 32) and np.isfinite(maps[0]).all()
+    assert image.parent.joinpath(figure.name).exists() is False  # never written into the user's image folder
+
+
+def test_gallery_stores_the_reference_paths_as_plain_strings(trained, tiny_data_dir):
+    project, _ = trained
+    gallery = load_state(project / "outputs" / "gallery.pt")  # weights_only=True
+    assert len(gallery["paths"]) == len(gallery["labels"]) == 8
+    for path, label in zip(gallery["paths"], gallery["labels"].tolist()):
+        assert isinstance(path, str) and Path(path).is_file()
+        assert Path(path).parent == (tiny_data_dir / "train_data" / str(label)).resolve()
+
+
+def test_pair_prints_the_models_similarity(trained, tiny_data_dir, capsys):
+    project, _ = trained
+    first, second = sorted((tiny_data_dir / "test_data" / "0").glob("*.jpg"))[:2]
+    predict.main(["--checkpoint", str(project / "outputs" / "best.pth"), "--pair", str(first), str(second)])
+    line = capsys.readouterr().out.strip()
+    match = re.fullmatch(r"similarity (\d\.\d{4}) -> (same class|different classes)  (\S+)  (\S+)", line)
+    assert match and match.group(3, 4) == (str(first), str(second))
+    model, config, _ = load_checkpoint(project / "outputs" / "best.pth")
+    with torch.no_grad():
+        batch = torch.stack([predict.eval_transform(32)(predict.read_rgb(p)) for p in (first, second)])
+        features = model.embed(batch)
+        expected = model.pair_similarity(features[:1], features[1:]).item()
+    assert float(match.group(1)) == pytest.approx(expected, abs=1e-4)
+    assert match.group(2) == ("same class" if expected > 0.5 else "different classes")
+
+
+def test_grad_cam_explains_the_siamese_score_against_the_malignant_mean():
+    """The library's map equals Grad-CAM computed by hand for the head's similarity logit to the
+    malignant reference: ReLU(sum_c mean(dS/dA_c) A_c) on layer4, min-max scaled, resized."""
+    torch.manual_seed(0)
+    model = SiameseNetwork("none").eval()
+    image, reference = torch.randn(3, 96, 96), torch.randn(1000)
+    heat = predict.grad_cam(model, "bce", image, reference)
+
+    kept = {}
+    hook = model.backbone.layer4[-1].register_forward_hook(lambda m, i, out: kept.update(a=out))
+    score = model.pair_logits(model.embed(image[None]), reference[None])
+    hook.remove()
+    grads, = torch.autograd.grad(score.sum(), kept["a"])
+    cam = torch.relu((grads.mean((2, 3), keepdim=True) * kept["a"]).sum(1))[0].detach().numpy()
+    cam = (cam - cam.min()) / (cam.max() - cam.min() + 1e-7)
+    expected = cv2.resize(cam, (96, 96))
+    expected = (expected - expected.min()) / (1e-7 + (expected - expected.min()).max())
+    assert heat.shape == (96, 96)
+    assert np.allclose(heat, expected, atol=1e-4)
+    other = predict.grad_cam(model, "bce", image, -reference)  # another reference: another explanation
+    assert not np.allclose(heat, other, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: what their axes say
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    figures = {}
+    monkeypatch.setattr(predict, "save_figure", lambda fig, path, dpi=120: figures.update({Path(path).name: fig}))
+    yield figures
+    for fig in figures.values():
+        predict.plt.close(fig)
+
+
+def test_roc_and_pr_curves_have_plain_labels_and_base_rates(kept_figures, tmp_path):
+    val = (np.array([0, 0, 0, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    test = (np.array([0, 0, 1, 1, 1]), np.array([0.2, 0.6, 0.55, 0.9, 0.3]))
+    predict.plot_curves(val, test, tmp_path)
+    roc, pr = kept_figures["roc_curve.png"].axes[0], kept_figures["pr_curve.png"].axes[0]
+    assert (roc.get_xlabel(), roc.get_ylabel()) == ("false positive rate (1 - specificity)",
+                                                    "true positive rate (sensitivity)")
+    assert (pr.get_xlabel(), pr.get_ylabel()) == ("recall (sensitivity)", "precision")
+    base_rates = {line.get_label(): line.get_ydata()[0] for line in pr.lines if "base rate" in line.get_label()}
+    assert base_rates == {"validation base rate (0.250)": 0.25, "test base rate (0.600)": 0.6}
+
+
+def test_embedding_plot_names_the_principal_components(kept_figures, tmp_path):
+    features = torch.tensor([[3.0, 0, 0], [-3.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0]])
+    predict.plot_embeddings(features, np.array([0, 0, 1, 1]), tmp_path)
+    ax = kept_figures["embeddings.png"].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("PC1 (90 % variance)", "PC2 (10 % variance)")
+
+
+def test_training_curves_have_whole_epochs_and_mark_the_selected_one(tmp_path, monkeypatch):
+    closed = []
+    monkeypatch.setattr(train.plt, "close", closed.append)
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 0.5, "train_acc": 0.5, "val_acc": 0.5,
+                "val_auc": auc} for e, auc in zip(range(1, 6), (0.5, 0.7, 0.9, 0.8, 0.9))]
+    selected = train.selected_epoch(history, "val_auc")
+    train.plot_history(history, tmp_path / "curves.png", selected)
+    assert selected == 3 and (tmp_path / "curves.png").exists()
+    for ax in closed[0].axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 5]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        marks = [line for line in ax.lines if line.get_label().startswith("selected epoch")]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [3, 3]
+    train.plt.close(closed[0])
+
+
+def test_pair_grid_colours_right_and_wrong_pairs(kept_figures, tiny_data_dir, tmp_path):
+    split = predict.load_split(tiny_data_dir, "test")
+    labels = split.labels
+    partners, targets = predict.make_pairs(labels, 0)
+    similarity = np.where(targets == 1, 0.9, 0.2).astype(float)  # every pair right ...
+    similarity[[1, 4]] = np.where(targets[[1, 4]] == 1, 0.3, 0.95)  # ... but two, confidently wrong
+    similarity[7] = 0.45 if targets[7] == 1 else 0.55  # ... and one barely wrong
+    predict.plot_pair_overview(split, (partners, targets, similarity), tmp_path)
+    grid = [ax for ax in kept_figures["pair_grid.png"].axes if ax.get_title()]
+    assert len(grid) == len(labels) == 10
+    for ax in grid:
+        i = int(re.match(r"pair (\d+): (right|wrong)", ax.get_title()).group(1))
+        wrong = i in (1, 4, 7)
+        assert ("wrong" in ax.get_title()) == wrong
+        assert ax.title.get_color() == ("tab:red" if wrong else "tab:green")
+        relation = "same class" if targets[i] == 1 else "different classes"
+        assert f"truth: {relation}\nmodel: similarity {similarity[i]:.2f} -> " in ax.get_title()
+    mistakes = [ax.get_title() for ax in kept_figures["confident_mistakes.png"].axes if ax.get_title()]
+    assert [int(re.match(r"pair (\d+)", t).group(1)) for t in mistakes][-1] == 7  # least confident last
+    assert sorted(int(re.match(r"pair (\d+)", t).group(1)) for t in mistakes) == [1, 4, 7]
+
+
+def test_prediction_figure_shows_references_that_exist_and_names_the_rest(kept_figures, tiny_data_dir, tmp_path):
+    present = str(sorted((tiny_data_dir / "train_data" / "1").glob("*.jpg"))[0])
+    references = [(present, 1, 0.93), (str(tmp_path / "moved" / "ISIC_0000001.jpg"), 0, 0.41), (None, 0, 0.40)]
+    image, heat = np.full((32, 32, 3), 0.5), np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    predict.plot_prediction(image, heat, "x.jpg: P(malignant) 0.80 -> malignant", references, tmp_path / "x.png")
+    figure = kept_figures["x.png"]
+    cells = [ax for ax in figure.axes if ax.get_title().count("\n") == 1 and "similarity" in ax.get_title()]
+    assert [ax.get_title() for ax in cells] == [f"{Path(present).name}\nmalignant, similarity 0.930",
+                                                "ISIC_0000001.jpg\nbenign, similarity 0.410",
+                                                "(path not stored)\nbenign, similarity 0.400"]
+    assert [len(ax.images) for ax in cells] == [1, 0, 0]
+    assert [t.get_text() for t in cells[1].texts] == ["ISIC_0000001.jpg"]
+    heat_axis = next(ax for ax in figure.axes if ax.get_title().startswith("Grad-CAM"))
+    assert heat_axis.images[0].get_array().shape == (32, 32, 3)
