@@ -259,16 +259,27 @@ CONFIG_RULES = {
     "miner": (lambda v: v in ("semihard", "hard", "all"), "semihard, hard or all"),
     "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
     "select": (lambda v: v in ("val_auc", "val_loss"), "val_auc or val_loss"),
-    "classify": (lambda v: v in ("gallery", "knn", "prototype", "direct"), "gallery, knn, prototype or direct"),
-    "gallery_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "classify": (lambda v: v in ("gallery", "head-knn", "knn", "prototype", "direct"),
+                 "gallery, head-knn, knn, prototype or direct"),
+    "gallery_size": (lambda v: _whole(v) and v >= 0, "an integer >= 0"),
     "k": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
     "sync_bn": (lambda v: isinstance(v, bool), "True or False"),
     "data": (lambda v: isinstance(v, str), "a string"),
+    # train.py's levers (--recipe); a run saved before they existed has none of them
+    "recipe": (lambda v: v in ("study", "tuned"), "study or tuned"),
+    "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
+    "schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
+    "warmup_epochs": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "augment": (lambda v: v in ("study", "dermoscopy"), "study or dermoscopy"),
+    "aux_weight": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "sampler": (lambda v: v in ("shuffled", "balanced"), "shuffled or balanced"),
+    "tta": (lambda v: isinstance(v, bool), "True or False"),
 }
+LEVER_KEYS = ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")
 MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")  # what evaluation reads
 
 
-def check_config(config, path, required=tuple(CONFIG_RULES)):
+def check_config(config, path, required=tuple(key for key in CONFIG_RULES if key not in LEVER_KEYS)):
     """Every key in `required` present and every known key valid, else one WeightsError naming path."""
     if not isinstance(config, dict):
         raise WeightsError(f"checkpoint {path}: its config is not a dict; the file was edited or damaged, "
