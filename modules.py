@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
+from pytorch_metric_learning.utils import distributed as pml_distributed
 from torchvision.models import ResNet18_Weights, resnet18
 
 METRIC_LOSSES = ("contrastive", "triplet")
@@ -163,15 +164,22 @@ def build_model(config, weights=None):
 # Metric-learning losses (pytorch-metric-learning) and the collapse monitor
 
 
-def metric_loss(name, margin, miner):
-    """(loss, miner or None) for --loss contrastive|triplet and --miner semihard|hard|all."""
+def metric_loss(name, margin, miner, world_size=1):
+    """(loss, miner or None) for --loss contrastive|triplet and --miner semihard|hard|all. Under
+    DDP both are wrapped to gather every rank's embeddings, so pairs and triplets are mined over
+    the whole global batch, as one process with that batch would."""
     if name == "contrastive":
         loss = losses.ContrastiveLoss(pos_margin=0.0, neg_margin=margin)
     else:
         loss = losses.TripletMarginLoss(margin=margin)
     if miner == "all" and name == "contrastive":
-        return loss, None  # every pair of the batch
-    return loss, miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
+        miner = None  # every pair of the batch
+    else:
+        miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=miner)
+    if world_size > 1:
+        loss = pml_distributed.DistributedLossWrapper(loss)
+        miner = miner and pml_distributed.DistributedMinerWrapper(miner)
+    return loss, miner
 
 
 def active_fraction(embeddings, labels, name, margin):

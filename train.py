@@ -614,7 +614,7 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    criterion, miner = metric_loss(config["loss"], config["margin"], config["miner"]) if config["loss"] in METRIC_LOSSES else (None, None)
+    criterion, miner = metric_loss(config["loss"], config["margin"], config["miner"], world_size) if config["loss"] in METRIC_LOSSES else (None, None)
     benign, malignant = train.counts()
     # ce and the auxiliary loss: malignant errors weigh as much as benign ones (balanced batches already do that)
     pos_weight = torch.tensor(1.0 if config["sampler"] == "balanced" else benign / malignant, device=device)
@@ -659,7 +659,8 @@ def run(args, rank, world_size, device, stop, previous_handlers):
             with autocast(device, amp):
                 loss, correct, count, active = training_loss(model, batch, config, device, generator,
                                                              criterion, miner, pos_weight)
-            loss_value = loss.item()
+            # pytorch-metric-learning's DDP wrapper scales the loss by the world size (see metric_loss)
+            loss_value = loss.item() / (world_size if config["loss"] in METRIC_LOSSES else 1)
             # Checked before the update (so no NaN reaches the weights) and agreed by every process,
             # so all of them stop together instead of some waiting in DDP's gradient all-reduce.
             bad, stopping = reduce_sum([not math.isfinite(loss_value), stop["signal"] is not None], device, world_size)

@@ -30,3 +30,48 @@ def test_torchrun_two_processes_gloo(tmp_path):
     metrics = json.loads((project / "results" / "metrics.json").read_text())
     assert metrics["n_test_pairs"] == 10 and math.isfinite(metrics["test_auc"])
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 3  # one cache per split, built once
+
+
+def _wrapped_loss_on_half(rank, name, miner, init_file, results):
+    import torch
+    import torch.distributed as dist
+
+    from modules import metric_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    labels = torch.tensor([0, 1] * 8)
+    half = slice(rank * 8, rank * 8 + 8)
+    loss_fn, miner_fn = metric_loss(name, 0.2 if name == "triplet" else 0.5, miner, world_size=2)
+    mine = embeddings[half].requires_grad_()
+    loss = loss_fn(mine, labels[half], miner_fn(mine, labels[half]) if miner_fn else None)
+    results[rank] = loss.item()
+    dist.destroy_process_group()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("name, miner", [("triplet", "all"), ("contrastive", "all")])
+def test_metric_losses_under_ddp_see_every_ranks_embeddings(name, miner, tmp_path):
+    """Two gloo processes, each with half of a batch: the wrapped loss equals the loss of one
+    process over the whole batch (mining only within each half would give another number)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from modules import metric_loss
+
+    results = mp.Manager().dict()
+    mp.spawn(_wrapped_loss_on_half, args=(name, miner, tmp_path / "init", results), nprocs=2)
+    torch.manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    labels = torch.tensor([0, 1] * 8)
+    loss_fn, miner_fn = metric_loss(name, 0.2 if name == "triplet" else 0.5, miner)
+    whole = loss_fn(embeddings, labels, miner_fn(embeddings, labels) if miner_fn else None).item()
+    halves = [loss_fn(embeddings[h], labels[h], miner_fn(embeddings[h], labels[h]) if miner_fn else None).item()
+              for h in (slice(0, 8), slice(8, 16))]
+    # pytorch-metric-learning scales the loss by the world size, so that DDP's averaging of the
+    # gradients over ranks gives the gradient of the whole-batch loss
+    assert results[0] == pytest.approx(2 * whole, rel=1e-5) and results[1] == pytest.approx(2 * whole, rel=1e-5)
+    assert sum(halves) / 2 != pytest.approx(whole, rel=1e-3)  # what per-rank mining would have given
