@@ -32,10 +32,10 @@ def isic_sample_dir():
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def single_torch_thread():
-    """One intra-op thread for a module of tiny CPU models: on a busy machine (CI, parallel runs)
-    several OpenMP threads on 32 px images are many times slower than one."""
+    """One intra-op thread for every test of tiny CPU models: on a busy machine (CI, parallel
+    runs) several OpenMP threads on 32 px images are many times slower than one."""
     import torch
 
     threads = torch.get_num_threads()

