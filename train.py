@@ -508,6 +508,8 @@ def main(argv=None):
     previous = {s: signal.signal(s, stop_handler(stop)) for s in (signal.SIGINT, signal.SIGTERM)}
     lock = None
     created = first_missing_folder(Path(args.project) / "outputs")
+    lock_path = Path(args.project) / ".lock"
+    new_lock = not lock_path.exists()
     try:
         check_outputs(Path(args.project) / "outputs", args)  # before the lock: a refused run creates nothing
         lock = lock_project(args.project, rank, world_size, device)
@@ -515,6 +517,8 @@ def main(argv=None):
     except WeightsError as error:  # e.g. no network for --weights imagenet: leave no empty project behind
         if rank == 0 and created is not None and not any(created.rglob("*.pth")):
             shutil.rmtree(created, ignore_errors=True)
+        if rank == 0 and new_lock and lock is not None:  # in a folder that existed, the lock file is ours
+            lock_path.unlink(missing_ok=True)
         sys.exit(f"train.py: error: {error}")
     except (ValueError, DataError) as error:
         sys.exit(f"train.py: error: {error}")

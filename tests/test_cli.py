@@ -254,7 +254,7 @@ def kept_figures(monkeypatch):
 def test_roc_and_pr_curves_have_plain_labels_and_base_rates(kept_figures, tmp_path):
     val = (np.array([0, 0, 0, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
     test = (np.array([0, 0, 1, 1, 1]), np.array([0.2, 0.6, 0.55, 0.9, 0.3]))
-    predict.plot_curves(val, test, tmp_path)
+    predict.plot_curves({"validation": val, "test": test}, tmp_path)
     roc, pr = kept_figures["roc_curve.png"].axes[0], kept_figures["pr_curve.png"].axes[0]
     assert (roc.get_xlabel(), roc.get_ylabel()) == ("false positive rate (1 - specificity)",
                                                     "true positive rate (sensitivity)")
