@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from cli import ArgumentParser
+from files import write_text_atomic
 
 LOSSES = ("bce", "contrastive", "triplet", "ce")
 
@@ -94,7 +95,7 @@ def main():
                      for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")]
             lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
     (project / "results").mkdir(parents=True, exist_ok=True)
-    (project / "results" / "comparison.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(project / "results" / "comparison.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {project / 'results' / 'comparison.md'}")
 

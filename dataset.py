@@ -14,7 +14,6 @@ images and a same-class target) or as single images in batches from which pairs 
 import hashlib
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from cli import ArgumentParser
+from files import write_atomic, write_text_atomic
 
 SPLITS = {"train": "train_data", "validation": "validation_data", "test": "test_data"}
 CLASSES = ("0", "1")  # folder names: 0 benign, 1 malignant
@@ -201,7 +201,7 @@ def write_excluded(splits, path):
     """The excluded files and why, one per line; returns how many."""
     rows = [f"{file}\t{reason}" for split in splits for file, reason in split.excluded]
     if rows:
-        Path(path).write_text("\n".join(rows) + "\n")
+        write_text_atomic(path, "\n".join(rows) + "\n")
     return len(rows)
 
 
@@ -240,17 +240,17 @@ def use_cache(split, cache_dir, image_size, workers=0):
     shape = (len(split), 3, size, size)
     if not (array_path.exists() and meta_path.exists()):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = cache_dir / f"{key}.u8.partial-{os.getpid()}"
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        loader = DataLoader(_ResizedImages(split, size), batch_size=64, num_workers=workers)
-        start = 0
-        for batch in loader:
-            array[start:start + len(batch)] = batch.numpy()
-            start += len(batch)
-        array.flush()
-        del array
-        os.replace(partial, array_path)  # only a complete cache ever has the final name
-        meta_path.write_text(json.dumps({"split": split.name, "images": len(split), "size": size}))
+
+        def build(tmp):
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            loader = DataLoader(_ResizedImages(split, size), batch_size=64, num_workers=workers)
+            start = 0
+            for batch in loader:
+                array[start:start + len(batch)] = batch.numpy()
+                start += len(batch)
+            array.flush()
+        write_atomic(array_path, build)  # only a complete cache ever has the final name
+        write_text_atomic(meta_path, json.dumps({"split": split.name, "images": len(split), "size": size}))
     split.cache = np.load(array_path, mmap_mode="r")
     return array_path
 

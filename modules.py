@@ -6,7 +6,6 @@ Every model has the same two calls that evaluation needs:
     pair_similarity(e1, e2)  -> P(same class) in [0, 1] for rows of stored features
 """
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import distributed as pml_distributed
 from torchvision.models import ResNet18_Weights, resnet18
+
+from files import write_atomic
 
 METRIC_LOSSES = ("contrastive", "triplet")
 LOSSES = ("bce",) + METRIC_LOSSES + ("ce",)
@@ -203,23 +204,13 @@ def active_fraction(embeddings, labels, name, margin):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a
-    half-written checkpoint where the previous good one was."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """torch.save through files.write_atomic: a crash or a full disk never leaves a half-written
+    checkpoint where the previous good one was."""
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        write_atomic(path, lambda tmp: torch.save(obj, tmp))
     except RuntimeError as error:  # torch.save's zip writer reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise OSError(None, f"torch.save failed: {reason}", str(path)) from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_state(path, what="checkpoint"):

@@ -22,10 +22,10 @@ class; 0 = every training image). --tta averages each image's features over its 
 """
 import argparse
 import contextlib
+import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -50,6 +50,7 @@ from torchvision.transforms import v2
 from cli import ArgumentParser, progress
 from dataset import (CLASS_NAMES, DataError, ImageDataset, check_image, collate_images, denormalize, eval_transform,
                      has_split, is_labelled_folder, load_split, make_pairs, read_rgb, use_cache)
+from files import write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
 from modules import WeightsError, load_checkpoint, load_state, save_atomic
 
@@ -225,14 +226,10 @@ def score_split(model, features, labels, gallery_features, gallery_labels, metho
 
 
 def save_figure(fig, path, dpi=120):
-    """Write a figure atomically (temporary file, then rename) and close it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    """Write a figure atomically (files.write_atomic) and close it."""
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 
@@ -398,12 +395,24 @@ def prepare_results(results):
 
 
 def other_classifier_metrics(model, method, k, gallery, validation, evaluated, target_sensitivity, seed):
-    """Image-level metrics of one more way of scoring the stored features."""
+    """(image-level metrics, scores of the evaluated images) of one more way of scoring the stored
+    features, its threshold chosen on validation like the main one's."""
     (val_labels, val_features), (labels, features) = validation, evaluated
     val_scores, scores = (malignant_probability(model, f, gallery["features"], gallery["labels"], method, k).cpu().numpy()
                           for f in (val_features, features))
     threshold = choose_threshold(val_labels, val_scores, target_sensitivity)
-    return {"val_auc": auc_or_nan(val_labels, val_scores), **image_metrics(labels, scores, threshold, seed)}
+    return {"val_auc": auc_or_nan(val_labels, val_scores), **image_metrics(labels, scores, threshold, seed)}, scores
+
+
+def write_scores(split, scores, path):
+    """scores.csv: every evaluated image with its label and P(malignant) by each classifier."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["image", "label", *scores])
+            for i, image in enumerate(split.paths):
+                writer.writerow([str(image), int(split.labels[i]), *(f"{s[i]:.6f}" for s in scores.values())])
+    write_atomic(path, write)
 
 
 def load_evaluation_splits(data, config, workers, cache=None):
@@ -476,11 +485,14 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k
                "val_auc": auc_or_nan(validation.labels, val_scores)}
     metrics.update({f"{prefix}_{key}": value for key, value in pairs_summary.items()})
     metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
-    metrics["other_classifiers"] = {  # the same embeddings scored other ways, each thresholded on validation
+    others = {  # the same embeddings scored other ways, each thresholded on validation
         name: other_classifier_metrics(model, name, k, gallery, (validation.labels, val_features),
                                        (test.labels, test_features), target_sensitivity, seed)
         for name in dict.fromkeys(methods[1:]) if name != method}
-    (results / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics["other_classifiers"] = {name: other_metrics for name, (other_metrics, _) in others.items()}
+    write_scores(test, {method: test_scores, **{name: scores for name, (_, scores) in others.items()}},
+                 results / "scores.csv")
+    write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
     curves = {"validation": (validation.labels, val_scores)}
     if test is not validation:

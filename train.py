@@ -39,11 +39,12 @@ from cli import ArgumentParser, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
                      batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, use_cache,
                      write_excluded)
+from files import write_atomic
 from metrics import auc_or_nan
 from modules import (DEFAULT_MARGIN, LOSSES, METRIC_LOSSES, WeightsError, active_fraction, build_model,
                      check_config, check_finite_weights, load_state, metric_loss, save_atomic)
 from predict import (CLASSIFIERS, applicable_classifiers, autocast, choose_gallery, embed_images, evaluate, pick_device,
-                     resolve_classifier, score_split, to_device)
+                     resolve_classifier, save_figure, score_split, to_device)
 
 # --recipe: study is the design's setting; tuned is the best Siamese setting found on HAM10000
 # validation (docs/results.md). A flag given on the command line overrides either.
@@ -350,12 +351,12 @@ def selected_epoch(history, select):
 
 
 def write_history(history, path):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as file:
-        writer = csv.DictWriter(file, HISTORY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", newline="") as file:
+            writer = csv.DictWriter(file, HISTORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(history)
+    write_atomic(path, write)
 
 
 def plot_history(history, path, selected=None):
@@ -375,10 +376,7 @@ def plot_history(history, path, selected=None):
             ax.axvline(selected, color="grey", ls=":", label=f"selected epoch {selected} (best.pth)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    tmp = path.with_name("tmp-" + path.name)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def rng_state():

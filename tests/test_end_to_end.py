@@ -71,6 +71,10 @@ def test_train_writes_the_output_contract(trained):
             assert math.isfinite(float(row[column])), column
     check_metrics(results / "metrics.json", n_test=16)
     assert "AUC" in stdout and "pair accuracy" in stdout
+    scores = list(csv.DictReader(open(results / "scores.csv")))  # every test image, each classifier's score
+    assert len(scores) == 16 and sum(int(row["label"]) for row in scores) == 6
+    assert {"image", "label", "gallery", "head-knn", "knn", "prototype"} <= set(scores[0])
+    assert all(0 <= float(row["gallery"]) <= 1 for row in scores)
 
 
 def test_predict_reevaluates_the_same_numbers_and_keeps_earlier_results(trained, tiny_data):

@@ -606,7 +606,7 @@ def disk_full_run(data_dir, tmp_path_factory):
     real_save, writes = torch.save, []
 
     def fill_disk_on_second_last(obj, f, *args, **kwargs):
-        if "last.pth" in Path(f).name:
+        if Path(f).name.startswith(".last."):  # the temporary file of last.pth
             writes.append(Path(f).name)
             if len(writes) == 2:
                 Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
@@ -660,7 +660,7 @@ def test_torch_save_runtime_error_on_a_full_disk_is_one_line_naming_the_file(dat
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
-        if "last.pth" in Path(f).name:
+        if Path(f).name.startswith(".last."):  # the temporary file of last.pth
             Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
             real_save(obj, "/dev/full")  # the RuntimeError torch.save really raises on a full disk
         return real_save(obj, f, *args, **kwargs)
@@ -1034,7 +1034,7 @@ def test_predict_full_disk_is_one_line_naming_the_file(evaluated, data_dir, tmp_
     real_write_text = Path.write_text
 
     def full_disk(self, *args, **kwargs):
-        if self.name == "metrics.json":
+        if self.name.startswith((".metrics.", "metrics.json")):  # metrics.json or its temporary file
             raise OSError(28, "No space left on device", str(self))
         return real_write_text(self, *args, **kwargs)
 

@@ -1,0 +1,23 @@
+"""How every file the project writes reaches the disk: atomically. The content goes to a
+temporary file beside the target, which is then renamed over it, so a crash, a signal or a full
+disk never leaves a half-written checkpoint, table or figure where the previous good one was."""
+import os
+from pathlib import Path
+
+
+def write_atomic(path, write):
+    """Call write(temporary_path), then rename the temporary file to `path`. Any failure removes
+    the temporary file; an OSError is raised again naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path, text):
+    write_atomic(path, lambda tmp: tmp.write_text(text))
