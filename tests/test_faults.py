@@ -264,14 +264,19 @@ def test_broken_file_is_excluded_at_start_up_with_a_reason(tmp_path, name, conte
         assert reason in found.lower(), found
 
 
-def test_huge_images_are_excluded_without_decoding_them(tmp_path):
+def test_huge_images_are_excluded_without_decoding_them(tmp_path, monkeypatch):
     big = tmp_path / "big.jpg"
     Image.new("1", (10_000, 7_000)).save(big, format="PNG")  # above dataset.MAX_PIXELS
     bomb = tmp_path / "bomb.jpg"
     Image.new("1", (15_000, 13_000)).save(bomb, format="PNG")  # above PIL's decompression-bomb limit
-    started = time.time()
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    from PIL import ImageFile
+    real_file_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_file_load(self))
     reasons = dict((p.name, r) for p, r in dataset.check_images([big, bomb, big], workers=2))
-    assert time.time() - started < 2
+    assert decoded == []  # judged from the header alone
     assert "too large" in reasons["big.jpg"] and "10000x7000" in reasons["big.jpg"]
     assert reasons["bomb.jpg"]  # excluded (PIL refuses it as a decompression bomb)
 
@@ -341,9 +346,9 @@ def _empty_class_folder(data):
     return data / "validation_data" / "1", "no usable malignant"
 
 
-def _missing_split_folder(data):
-    shutil.rmtree(data / "test_data")
-    return data / "test_data", "missing"
+def _missing_split_folder(data):  # a missing test split is allowed (then validation is reported)
+    shutil.rmtree(data / "validation_data")
+    return data / "validation_data", "missing"
 
 
 def _one_class_only(data):  # every malignant training file is broken
@@ -360,13 +365,11 @@ def test_split_without_both_classes_stops_before_training(data_copy, tmp_path, d
     with pytest.raises(DataError, match=what) as error:
         dataset.load_split(data_copy, split)
     assert str(folder) in str(error.value)
-    started = time.time()
     status, message = call_main(train.main, tiny(tmp_path / "project", data_copy))
     assert status != 0
     assert message.startswith("train.py: error:") and str(folder) in message
     assert "to_subdirectories.py" in message  # and what to do
-    assert time.time() - started < 10
-    assert not list((tmp_path / "project").rglob("*.pth"))
+    assert not list((tmp_path / "project").rglob("*.pth"))  # stopped before training
 
 
 def test_class_of_only_broken_files_says_they_were_excluded(data_copy, tmp_path, no_test_eval):
@@ -591,9 +594,8 @@ def test_exploding_learning_rate_stops_with_a_message_naming_lr(data_dir, tmp_pa
 
 def test_project_with_outputs_is_refused_without_resume_or_force(run_a, data_dir, no_test_eval):
     before = {p.name: p.stat().st_mtime_ns for p in run_a.outputs.iterdir()}
-    started = time.time()
     status, message = call_main(train.main, tiny(run_a.project, data_dir, 2))
-    assert status != 0 and time.time() - started < 5
+    assert status != 0
     assert_one_line(message, "train.py: error:")
     assert str(run_a.outputs) in message and "--resume" in message and "--force" in message
     assert {p.name: p.stat().st_mtime_ns for p in run_a.outputs.iterdir()} == before
@@ -1179,13 +1181,11 @@ BAD_FLAGS = [
 def test_bad_flag_is_one_line_before_any_work(case, extra, flag, data_dir, tmp_path, no_test_eval):
     project = tmp_path / "project"
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
-    started = time.time()
     status, message = call_main(train.main, tiny(project, data_dir, 2, *extra))
     assert status != 0
     assert_one_line(message, "train.py: error:")
     assert flag in message
-    assert time.time() - started < 5
-    assert not project.exists()  # nothing created
+    assert not project.exists()  # nothing created: refused before any work
 
 
 def test_missing_data_flag_is_a_one_line_usage_error(tmp_path, capsys):
