@@ -77,24 +77,24 @@ def list_split(data_dir, split):
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         paths += files
         labels += [label] * len(files)
-    check_unexpected(data_dir / SPLITS[split], data_dir)
+    check_unexpected(split_folder(data_dir, split), data_dir)
     return paths, labels
 
 
-def check_unexpected(split_folder, data_dir):
+def check_unexpected(folder, data_dir):
     """Entries whose images would be left out without a word stop the run instead: another class
     folder (train_data/2/), a folder inside a class folder (train_data/1/batch2/), a file beside
     the class folders, a link to a missing file. Hidden entries (.DS_Store) are ignored."""
-    unexpected = [p for p in split_folder.iterdir() if not p.name.startswith(".") and p.name not in CLASSES]
+    unexpected = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in CLASSES]
     for name in CLASSES:
-        unexpected += [p for p in (split_folder / name).iterdir() if not p.name.startswith(".") and not p.is_file()]
+        unexpected += [p for p in (folder / name).iterdir() if not p.name.startswith(".") and not p.is_file()]
     if not unexpected:
         return
     path = sorted(unexpected)[0]
     more = f" ({len(unexpected) - 1} more such entries)" if len(unexpected) > 1 else ""
-    if path.parent == split_folder:
-        what = (f"unexpected {'folder' if path.is_dir() else 'file'}{more}; the classes are {split_folder}/0 "
-                f"(benign) and {split_folder}/1 (malignant): move its images into one of them, or move it out "
+    if path.parent == folder:
+        what = (f"unexpected {'folder' if path.is_dir() else 'file'}{more}; the classes are {folder}/0 "
+                f"(benign) and {folder}/1 (malignant): move its images into one of them, or move it out "
                 f"of {data_dir}")
     elif path.is_dir():
         what = (f"a folder inside a class folder{more}; images must sit directly in {path.parent}: "
