@@ -101,6 +101,11 @@ def to_device(images, device):
 # Embedding and scoring
 
 
+def flip_views(images):
+    """A batch and its horizontal, vertical and double flips: the views --tta averages over."""
+    return [images, images.flip(3), images.flip(2), images.flip(2, 3)]
+
+
 @torch.no_grad()
 def embed_images(model, split, image_size, batch_size, device, workers=0, indices=None, amp=True,
                  rank=0, world_size=1, tta=False, desc="embedding"):
@@ -118,7 +123,7 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
     with autocast(device, amp):
         for images, *_ in progress(loader, desc, disable=rank != 0, leave=False):
             images = to_device(images, device)
-            views = [images, images.flip(3), images.flip(2), images.flip(2, 3)] if tta else [images]
+            views = flip_views(images) if tta else [images]
             rows.append(torch.stack([model.embed(view).float() for view in views]).mean(0))
     features = torch.cat(rows) if rows else torch.empty(0, device=device)
     if world_size == 1:
@@ -662,8 +667,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     features = model.embed(batch).float()
     gallery = reference_gallery(model, config, checkpoint, data, device, features.shape[1])
     if gallery.get("tta"):  # embedded as the references were: the mean over the four flips
-        views = [batch.flip(3), batch.flip(2), batch.flip(2, 3)]
-        features = torch.stack([features] + [model.embed(view).float() for view in views]).mean(0)
+        features = torch.stack([features] + [model.embed(view).float() for view in flip_views(batch)[1:]]).mean(0)
     check_finite(features, checkpoint)
     references, labels = gallery["features"].to(device), gallery["labels"].to(device)
     threshold = gallery["threshold"]
