@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from cli import ArgumentParser
-from dataset import DataError, eval_transform, load_split, make_synthetic, use_cache
-from modules import SiameseNetwork
+from dataset import DataError, eval_transform, load_split, make_synthetic, attach_cache
+from modules import LOSSES, SiameseNetwork
 from predict import autocast, embed_images, pick_device, similarity_matrix, to_device
 from train import make_config, make_train_loader, parse_args as train_args, training_loss
 
@@ -80,7 +80,8 @@ def timed(device, run, warmup, steps):
 def train_step(model, optimizer, batch, config, device, amp):
     generator = torch.Generator().manual_seed(0)
     with autocast(device, amp):
-        loss, *_ = training_loss(model, batch, config, device, generator, None, None, None)
+        criterion = LOSSES[config["loss"]].criterion(config)  # None for bce: its pair BCE is built in
+        loss, *_ = training_loss(model, batch, config, device, generator, criterion, torch.tensor(1.0, device=device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -113,13 +114,13 @@ def measure_training(args, device, data):
         reset_peak(device)
         train = load_split(data, "train", 0, 0, args.workers or 1)
         if mode == "cached_e2e":
-            use_cache(train, Path(args.tmp) / "cache", args.image_size, args.workers)
+            attach_cache(train, Path(args.tmp) / "cache", args.image_size, args.workers)
         sampler, loader = make_train_loader(train, config, 0, 1, args.workers, device)
         batches, n_images = iter_forever(sampler, loader), []
 
         def step():
             batch = next(batches)
-            n_images.append(int(batch[3].sum()))  # anchors; top-up partners are not counted
+            n_images.append(int(batch[2].sum()))  # anchors; top-up partners are not counted
             train_step(model, optimizer, batch, config, device, amp)
         seconds = timed(device, step, args.warmup, args.steps)
         results[mode] = {"images_per_s": sum(n_images[args.warmup:]) / args.steps / seconds, **peaks(device)}
@@ -245,6 +246,12 @@ def main(argv=None):
             results.update(measure_evaluation(args, device, data))
         except DataError as error:
             sys.exit(f"bench.py: error: {error}")
+    print_report(args, device, results, time.perf_counter() - started)
+
+
+def print_report(args, device, results, seconds):
+    """The throughput of every mode, the ratios between them, and the same as one JSON line."""
+    gpu = device.type == "cuda"
     ratios = {
         "e2e_over_model": results["e2e"]["images_per_s"] / results["model"]["images_per_s"],
         "cached_e2e_over_model": results["cached_e2e"]["images_per_s"] / results["model"]["images_per_s"],
@@ -263,11 +270,10 @@ def main(argv=None):
         print(f"{mode:<12} {rates:>24} {memory}")
     for name, value in ratios.items():
         print(f"{name:<28} {value:8.2f}")
-    print(f"({time.perf_counter() - started:.0f} s)")
+    print(f"({seconds:.0f} s)")
     print(json.dumps({"machine": machine, **{k: round(v, 3) for k, v in ratios.items()},
                       "modes": {m: {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
                                 for m, r in results.items()}}))
-
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,8 @@ compare them by the same image-level metrics. Writes PROJECT/results/comparison.
                       [--losses bce ce] [train.py flags, e.g. --epochs 8 --image-size 96]
 
 Each run trains into PROJECT/<loss>-<recipe>-seed<seed>/ with train.py, which evaluates the test
-split (or the validation split when DATA has none) with the loss's default classifier and scores
-every other classifier the model supports from the same embeddings. A run whose
+split (or the validation split when DATA has none) with the loss's default image-level score and
+every other score the model supports from the same embeddings. A run whose
 results/metrics.json exists is not trained again, so an interrupted benchmark continues where it
 stopped. With several seeds a second table gives each row's mean and standard deviation.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from cli import ArgumentParser
 from files import write_text_atomic
-
-LOSSES = ("bce", "contrastive", "triplet", "ce")
+from modules import LOSSES
+from train import RECIPES
 
 
 def run(*args):
@@ -30,7 +30,7 @@ def run(*args):
 
 
 def train_and_score(project, data, loss, recipe, seed, train_flags):
-    """metrics.json of one run (train.py scores every classifier the model supports); trains only
+    """metrics.json of one run (train.py computes every score the model supports); trains only
     when the run has no results yet."""
     metrics_path = project / "results" / "metrics.json"
     if not metrics_path.exists():
@@ -40,10 +40,12 @@ def train_and_score(project, data, loss, recipe, seed, train_flags):
 
 
 def rows_of(metrics, history):
-    """One table row per classifier: (classifier, {auc, ci, balanced accuracy, ...})."""
+    """One table row per image-level score: (score, {auc, ci, balanced accuracy, ...})."""
     prefix = metrics["evaluated_split"] + "_"
     main = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
-    rows = [(metrics["classify"], main)] + list(metrics.get("other_classifiers", {}).items())
+    # "classify" and "other_classifiers": metrics.json written before --classify became --score
+    rows = ([(metrics.get("score", metrics.get("classify")), main)] +
+            list(metrics.get("other_scores", metrics.get("other_classifiers", {})).items()))
     seconds = sum(float(row["seconds"]) for row in history)
     return [(name, m, seconds, len(history)) for name, m in rows]
 
@@ -52,9 +54,9 @@ def main():
     parser = ArgumentParser("compare.py", description=__doc__)
     parser.add_argument("--project", required=True, help="folder for one sub-project per run and the comparison")
     parser.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
-    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES,
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=tuple(LOSSES),
                         help="losses to train (default: all four)")
-    parser.add_argument("--recipes", nargs="+", default=["study"], choices=("study", "tuned"),
+    parser.add_argument("--recipes", nargs="+", default=["study"], choices=tuple(RECIPES),
                         help="train.py --recipe values to run for every loss (default: study)")
     parser.add_argument("--runs", nargs="+", metavar="LOSS:RECIPE",
                         help="exactly these loss and recipe pairs, e.g. bce:study bce:tuned ce:tuned "
@@ -64,7 +66,7 @@ def main():
     pairs = [(loss, recipe) for recipe in args.recipes for loss in args.losses]
     if args.runs:
         pairs = [tuple(run.split(":", 1)) for run in args.runs]
-        bad = [f"{loss}:{recipe}" for loss, recipe in pairs if loss not in LOSSES or recipe not in ("study", "tuned")]
+        bad = [f"{loss}:{recipe}" for loss, recipe in pairs if loss not in LOSSES or recipe not in RECIPES]
         if bad or any(len(pair) != 2 for pair in pairs):
             parser.error(f"--runs {' '.join(bad or args.runs)}: each is LOSS:RECIPE, e.g. bce:tuned")
     project, table = Path(args.project), []
@@ -78,19 +80,19 @@ def main():
     split = metrics["evaluated_split"]
     lines = [f"Data: `{args.data}` ({split} split); seeds {' '.join(map(str, args.seeds))}; "
              f"train.py flags: `{' '.join(train_flags) or '(defaults)'}`\n",
-             f"| loss | recipe | seed | classifier | {split} AUC (95% CI) | balanced acc. | sensitivity | "
+             f"| loss | recipe | seed | score | {split} AUC (95% CI) | balanced acc. | sensitivity | "
              f"specificity | training time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for loss, recipe, seed, classify, m, seconds, epochs in table:
-        lines.append(f"| {loss} | {recipe} | {seed} | {classify} | {m['auc']:.3f} ({m['auc_ci_low']:.3f}-"
+    for loss, recipe, seed, score, m, seconds, epochs in table:
+        lines.append(f"| {loss} | {recipe} | {seed} | {score} | {m['auc']:.3f} ({m['auc_ci_low']:.3f}-"
                      f"{m['auc_ci_high']:.3f}) | {m['balanced_accuracy']:.3f} | {m['sensitivity']:.3f} | "
                      f"{m['specificity']:.3f} | {seconds / 60:.0f} min ({epochs} epochs) |")
     if len(args.seeds) > 1:
         lines += ["", f"Mean ± standard deviation over the {len(args.seeds)} seeds:", "",
-                  f"| loss | recipe | classifier | {split} AUC | balanced acc. | sensitivity | specificity |",
+                  f"| loss | recipe | score | {split} AUC | balanced acc. | sensitivity | specificity |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for key in dict.fromkeys((loss, recipe, classify) for loss, recipe, _, classify, *_ in table):
-            runs = [m for loss, recipe, _, classify, m, *_ in table if (loss, recipe, classify) == key]
+        for key in dict.fromkeys((loss, recipe, score) for loss, recipe, _, score, *_ in table):
+            runs = [m for loss, recipe, _, score, m, *_ in table if (loss, recipe, score) == key]
             cells = [f"{statistics.mean(r[name] for r in runs):.3f} ± {statistics.stdev(r[name] for r in runs):.3f}"
                      for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")]
             lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")

@@ -158,7 +158,7 @@ class ImageSplit:
 
     def __init__(self, name, paths, labels, excluded):
         self.name, self.paths, self.labels, self.excluded = name, paths, np.asarray(labels), excluded
-        self.cache = None  # a (N, 3, S, S) uint8 memmap once use_cache() ran
+        self.cache = None  # a (N, 3, S, S) uint8 memmap once attach_cache() ran
 
     def __len__(self):
         return len(self.paths)
@@ -209,7 +209,7 @@ def write_excluded(splits, path):
 # The uint8 cache: images decoded and resized once, memory-mapped by every later epoch and run
 
 
-def cache_size(image_size):
+def cached_side(image_size):
     """Images are cached a little above the training size so the random crop still has room."""
     return int(math.ceil(image_size * 8 / 7))
 
@@ -226,9 +226,9 @@ class _ResizedImages(Dataset):
         return v2.functional.resize(image, [self.size, self.size], antialias=True)
 
 
-def use_cache(split, cache_dir, image_size, workers=0):
+def attach_cache(split, cache_dir, image_size, workers=0):
     """Attach a memory-mapped uint8 copy of the split, building it when it is missing or stale."""
-    size = cache_size(image_size)
+    size = cached_side(image_size)
     # The key changes when any file, its size or its time, or the cache size changes.
     digest = hashlib.sha1(str(size).encode())
     for path in split.paths:
@@ -263,13 +263,13 @@ AUGMENTATIONS = ("study", "dermoscopy")
 
 
 def train_transform(image_size, augment="study"):
-    """Training augmentation on uint8 tensors. Images are first brought to cache_size (256 px for
+    """Training augmentation on uint8 tensors. Images are first brought to cached_side (256 px for
     224: a no-op on the 256 px Kaggle images), so the JPEG and cached paths give identical inputs
     and the affine warp never runs on more pixels than the crop can use.
     study: the study's affine warp, crop and horizontal flip.
     dermoscopy: a lesion has no up, down or preferred orientation and dermatoscopes differ in
     colour, so add vertical flips, 90-degree rotations and colour jitter to the study's."""
-    presize = cache_size(image_size)
+    presize = cached_side(image_size)
     steps = [
         v2.Resize((presize, presize), antialias=True),
         v2.RandomAffine(degrees=20, translate=(0.2, 0.2), shear=0.2),
@@ -287,7 +287,7 @@ def train_transform(image_size, augment="study"):
 
 def eval_transform(image_size):
     """Deterministic, so a validation or test score does not change from run to run."""
-    presize = cache_size(image_size)
+    presize = cached_side(image_size)
     return v2.Compose([
         v2.Resize((presize, presize), antialias=True),  # as the cache stores it: same numbers with or without
         v2.Resize((image_size, image_size), antialias=True),
@@ -368,7 +368,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, item):
         index, epoch, is_anchor = item if isinstance(item, tuple) else (item, 0, True)
-        return self.image(index, epoch), int(self.split.labels[index]), index, is_anchor
+        return self.image(index, epoch), int(self.split.labels[index]), is_anchor
 
 
 class PairDataset(ImageDataset):
@@ -478,8 +478,8 @@ class BalancedBatches(_EpochBatches):
 
 
 def collate_images(batch):
-    images, labels, indices, is_anchor = zip(*batch)
-    return (torch.stack(images), torch.tensor(labels), torch.tensor(indices), torch.tensor(is_anchor))
+    images, labels, is_anchor = zip(*batch)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(is_anchor)
 
 
 # ---------------------------------------------------------------------------------------------

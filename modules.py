@@ -6,7 +6,9 @@ Every model has the same two calls that evaluation needs:
     pair_similarity(e1, e2)  -> P(same class) in [0, 1] for rows of stored features
 """
 import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -16,11 +18,6 @@ from pytorch_metric_learning.utils import distributed as pml_distributed
 from torchvision.models import ResNet18_Weights, resnet18
 
 from files import write_atomic
-
-METRIC_LOSSES = ("contrastive", "triplet")
-LOSSES = ("bce",) + METRIC_LOSSES + ("ce",)
-DEFAULT_MARGIN = {"contrastive": 0.5, "triplet": 0.2}
-
 
 class WeightsError(Exception):
     """Pretrained weights or a checkpoint that cannot be used; the message says what to do."""
@@ -95,6 +92,10 @@ class SiameseNetwork(nn.Module):
     def malignant_probability(self, features):
         return torch.sigmoid(self.classifier(features).squeeze(1))
 
+    def image_logit(self, features, malignant_reference):
+        """The image-level score Grad-CAM explains: the head's similarity logit to a malignant reference."""
+        return self.pair_logits(features, malignant_reference.expand(len(features), -1))
+
     def forward(self, images, partner_images=None, pairs=None, with_class_logits=False):
         """Similarity logits. Two-pass (the study): forward(x1, x2). Embed-once: forward(x,
         pairs=(anchors, partners)) embeds the batch once and scores the pairs of its rows;
@@ -123,6 +124,10 @@ class EmbeddingNetwork(nn.Module):
     def pair_similarity(self, e1, e2):
         return (1 + (e1 * e2).sum(1)) / 2  # cosine similarity mapped to [0, 1]
 
+    def image_logit(self, features, malignant_reference):
+        """The image-level score Grad-CAM explains: cosine similarity to a malignant reference."""
+        return features @ F.normalize(malignant_reference, dim=0)
+
     def forward(self, images):
         return self.embed(images)
 
@@ -145,20 +150,12 @@ class ImageClassifier(nn.Module):
         p1, p2 = self.malignant_probability(f1), self.malignant_probability(f2)
         return p1 * p2 + (1 - p1) * (1 - p2)  # P(same class) if the two predictions are independent
 
+    def image_logit(self, features, malignant_reference=None):
+        """The image-level score Grad-CAM explains: the classifier's logit."""
+        return self.classifier(features).squeeze(1)
+
     def forward(self, images):
         return self.classifier(self.backbone(images)).squeeze(1)
-
-
-def build_model(config, weights=None):
-    """The network a config describes; weights overrides config['weights'] (loading a checkpoint)."""
-    weights = config["weights"] if weights is None else weights
-    if config["loss"] == "bce":
-        return SiameseNetwork(weights, auxiliary_classifier=config.get("aux_weight", 0) > 0)
-    if config["loss"] in METRIC_LOSSES:
-        return EmbeddingNetwork(weights, config["embed_dim"])
-    if config["loss"] == "ce":
-        return ImageClassifier(weights)
-    raise KeyError(f"unknown loss {config['loss']!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +194,88 @@ def active_fraction(embeddings, labels, name, margin):
     violation = distance[:, :, None] - distance[:, None, :] + margin
     valid = positive[:, :, None] & negative[:, None, :]
     return ((violation > 0) & valid).sum().item() / max(1, valid.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses. LOSSES is the one place that says what each --loss means: its network, its batch
+# sampler, the loss of one training batch, its default image-level score and its margin. Every
+# other file asks this table; adding a loss adds a row here.
+
+
+def pair_bce(logits, targets):
+    """(the design's pair BCE, correct pairs): similarity above 0.5 means "same class"."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets), ((logits > 0) == (targets > 0.5)).sum()
+
+
+def siamese_batch_loss(model, images, labels, pairs, config, criterion, pos_weight):
+    """The design's pair BCE over the batch's pairs, plus --aux-weight times a class BCE of each
+    image on the same features. Returns (loss, correct pairs, pairs, active fraction: nan)."""
+    anchors, partners, targets = pairs
+    if config.aux_weight == 0:
+        loss, correct = pair_bce(model(images, pairs=(anchors, partners)), targets)
+        return loss, correct, len(targets), math.nan
+    logits, class_logits = model(images, pairs=(anchors, partners), with_class_logits=True)
+    loss, correct = pair_bce(logits, targets)
+    class_loss = F.binary_cross_entropy_with_logits(class_logits.float(), labels.float(), pos_weight=pos_weight)
+    return loss + config.aux_weight * class_loss, correct, len(targets), math.nan
+
+
+def metric_batch_loss(model, images, labels, pairs, config, criterion, pos_weight):
+    """pytorch-metric-learning's loss (and miner) on the batch's embeddings; the pairs only
+    measure accuracy (cosine > 0 means "same class"). Returns (loss, correct, pairs, active)."""
+    anchors, partners, targets = pairs
+    embeddings = model(images).float()
+    loss_function, miner = criterion
+    loss = loss_function(embeddings, labels, miner(embeddings, labels) if miner else None)
+    agree = (embeddings[anchors] * embeddings[partners]).sum(1) > 0  # similarity (1 + cos) / 2 > 0.5
+    active = active_fraction(embeddings.detach(), labels, config.loss, config.margin)
+    return loss, (agree == (targets > 0.5)).sum(), len(targets), active
+
+
+def classifier_batch_loss(model, images, labels, pairs, config, criterion, pos_weight):
+    """Class-weighted BCE of each image's malignant logit. Returns (loss, correct, images, nan)."""
+    logits = model(images).float()
+    loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
+    return loss, ((logits > 0) == (labels == 1)).sum(), len(labels), math.nan
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What one --loss means, everywhere it matters."""
+    network: Callable        # (config, weights) -> the nn.Module to train
+    batch_loss: Callable     # (model, images, labels, pairs, config, criterion, pos_weight) -> (loss, correct, count, active)
+    default_score: str       # how an image's P(malignant) is computed unless --score says otherwise
+    sampler: str = None      # the batch sampler it always uses, or None: --sampler chooses
+    margin: float = None     # default --margin
+    miner: str = "all"       # default --miner
+    siamese_head: bool = False  # the design's pair head: --pairing, --aux-weight and head-knn apply
+    classifier: bool = False    # outputs P(malignant) itself ("direct"); its pair similarity only
+                                # compares two predictions, so neighbours are found by cosine
+    metric: bool = False        # a pytorch-metric-learning loss on an L2-normalised embedding
+
+    def criterion(self, config, world_size=1):
+        """(loss function, miner) of a metric loss; None for the others (their loss is built in)."""
+        return metric_loss(config.loss, config.margin, config.miner, world_size) if self.metric else None
+
+
+LOSSES = {
+    "bce": Loss(lambda config, weights: SiameseNetwork(weights, config.aux_weight > 0),
+                siamese_batch_loss, default_score="gallery", siamese_head=True),
+    "contrastive": Loss(lambda config, weights: EmbeddingNetwork(weights, config.embed_dim),
+                        metric_batch_loss, default_score="knn", sampler="balanced", margin=0.5, metric=True),
+    "triplet": Loss(lambda config, weights: EmbeddingNetwork(weights, config.embed_dim),
+                    metric_batch_loss, default_score="knn", sampler="balanced", margin=0.2, miner="semihard",
+                    metric=True),
+    "ce": Loss(lambda config, weights: ImageClassifier(weights), classifier_batch_loss, default_score="direct",
+               classifier=True),
+}
+
+
+def build_model(config, weights=None):
+    """The network a config describes; weights overrides config['weights'] (loading a checkpoint)."""
+    if config.loss not in LOSSES:
+        raise KeyError(f"unknown loss {config.loss!r}")
+    return LOSSES[config.loss].network(config, config.weights if weights is None else weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +337,7 @@ CONFIG_RULES = {
     "miner": (lambda v: v in ("semihard", "hard", "all"), "semihard, hard or all"),
     "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
     "select": (lambda v: v in ("val_auc", "val_loss"), "val_auc or val_loss"),
-    "classify": (lambda v: v in ("gallery", "head-knn", "knn", "prototype", "direct"),
+    "score": (lambda v: v in ("gallery", "head-knn", "knn", "prototype", "direct"),
                  "gallery, head-knn, knn, prototype or direct"),
     "gallery_size": (lambda v: _whole(v) and v >= 0, "an integer >= 0"),
     "k": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
@@ -276,9 +355,10 @@ CONFIG_RULES = {
 }
 LEVER_KEYS = ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")
 MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")  # what evaluation reads
+RUN_KEYS = tuple(key for key in CONFIG_RULES if key not in LEVER_KEYS)  # what every last.pth holds
 
 
-def check_config(config, path, required=tuple(key for key in CONFIG_RULES if key not in LEVER_KEYS)):
+def check_config(config, path, required=RUN_KEYS):
     """Every key in `required` present and every known key valid, else one WeightsError naming path."""
     if not isinstance(config, dict):
         raise WeightsError(f"checkpoint {path}: its config is not a dict; the file was edited or damaged, "
@@ -294,6 +374,55 @@ def check_config(config, path, required=tuple(key for key in CONFIG_RULES if key
                            f"use the one train.py wrote or train again")
 
 
+@dataclass
+class RunConfig:
+    """A run's settings, as train.py's flags resolve them. Saved in every checkpoint as a plain
+    dict (as_dict), so it loads with weights_only=True. The defaults are the study's and are
+    written only here; a checkpoint saved before a setting existed loads with its default."""
+    loss: str = "bce"
+    pairing: str = "embed-once"    # bce only (None for the others)
+    weights: str = "imagenet"
+    image_size: int = 224
+    epochs: int = 20
+    batch_size: int = 128
+    val_batch_size: int = 16
+    lr: float = 1e-5
+    weight_decay: float = 1e-5
+    benign_limit: list = field(default_factory=lambda: [4000, 1000, 1000])  # train, validation, test
+    seed: int = 0
+    partners_per_class: int = 8
+    embed_dim: int = 128
+    margin: float = None            # None: the loss's default (LOSSES)
+    miner: str = "all"
+    per_class: int = 64
+    select: str = "val_auc"
+    score: str = "gallery"          # how an image's P(malignant) is computed (--score)
+    gallery_size: int = 64
+    k: int = 10
+    sync_bn: bool = False
+    data: str = ""
+    recipe: str = "study"
+    optimizer: str = "adam"
+    schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    augment: str = "study"
+    aux_weight: float = 0.0
+    sampler: str = "shuffled"
+    tta: bool = False
+
+    @classmethod
+    def from_dict(cls, values, path, required=MODEL_KEYS):
+        """A config read from a checkpoint at `path`: validated (check_config), defaults for what it lacks."""
+        if "classify" in values:  # saved before --classify became --score
+            values = {**{key: value for key, value in values.items() if key != "classify"}, "score": values["classify"]}
+        check_config(values, path, required)
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def as_dict(self):
+        return asdict(self)
+
+
 def check_finite_weights(state, path):
     """A diverged run's NaN or inf weights would score every image alike (or fail much later)."""
     bad = [key for key, value in state.items()
@@ -304,23 +433,21 @@ def check_finite_weights(state, path):
 
 
 def load_checkpoint(path):
-    """(model in eval mode, its config, the whole checkpoint dict) from best.pth or last.pth."""
+    """(model in eval mode, its RunConfig, the whole checkpoint dict) from best.pth or last.pth."""
     checkpoint = load_state(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise WeightsError(f"checkpoint {path}: not a checkpoint of this repo (no model and config); "
                            f"pass PROJECT/outputs/best.pth written by train.py")
     config = checkpoint["config"]
-    if isinstance(config, dict) and config.get("loss") in LOSSES:  # another repo's config: the message below
-        check_config(config, path, MODEL_KEYS)
-    try:
-        model = build_model(config, weights="none")
-    except (AttributeError, KeyError, TypeError):
+    if not (isinstance(config, dict) and config.get("loss") in LOSSES):  # e.g. another repo's checkpoint
         raise WeightsError(f"checkpoint {path}: its config is not one train.py writes (no known loss); "
-                           f"pass PROJECT/outputs/best.pth written by train.py") from None
+                           f"pass PROJECT/outputs/best.pth written by train.py")
+    config = RunConfig.from_dict(config, path)
+    model = build_model(config, weights="none")
     try:
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, TypeError, AttributeError):
-        raise WeightsError(f"checkpoint {path}: its weights do not fit the {config.get('loss')} "
+        raise WeightsError(f"checkpoint {path}: its weights do not fit the {config.loss} "
                            f"model its config describes; the file was edited or mixed up") from None
     check_finite_weights(checkpoint["model"], path)
     return model.eval(), config, checkpoint

@@ -9,7 +9,7 @@ figure per image to --out (default PROJECT/predictions/): the image, a Grad-CAM 
 drove its score, and the nearest training references with their classes and similarities.
 
 Every image is embedded once; pairs and gallery comparisons are scored from the stored
-embeddings by the model's head. P(malignant) of an image (--classify):
+embeddings by the model's head. P(malignant) of an image (--score):
     gallery    (mean similarity to the malignant references + mean dissimilarity to the benign
                 references) / 2, similarities through the trained head (the BCE model's default)
     head-knn   the k references most similar through the trained head, weighted by similarity:
@@ -29,6 +29,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -49,12 +50,12 @@ from torchvision.transforms import v2
 
 from cli import ArgumentParser, progress
 from dataset import (CLASS_NAMES, DataError, ImageDataset, check_image, collate_images, denormalize, eval_transform,
-                     has_split, is_labelled_folder, load_split, make_pairs, read_rgb, use_cache)
+                     has_split, is_labelled_folder, load_split, make_pairs, read_rgb, attach_cache)
 from files import write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
-from modules import WeightsError, load_checkpoint, load_state, save_atomic
+from modules import LOSSES, WeightsError, load_checkpoint, load_state, save_atomic
 
-CLASSIFIERS = ("auto", "gallery", "head-knn", "knn", "prototype", "direct")
+SCORES = ("auto", "gallery", "head-knn", "knn", "prototype", "direct")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +115,9 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
     flips). Under DDP each rank embeds every world_size-th image and the rows are gathered.
     `desc` labels the progress bar."""
     indices = list(range(len(split))) if indices is None else [int(i) for i in indices]
-    mine = indices[rank::world_size]
+    rank_indices = indices[rank::world_size]
     loader = DataLoader(ImageDataset(split, eval_transform(image_size)), batch_size=batch_size,
-                        sampler=mine, num_workers=workers, collate_fn=collate_images,
+                        sampler=rank_indices, num_workers=workers, collate_fn=collate_images,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
     model.eval()
     rows = []
@@ -182,24 +183,26 @@ def malignant_probability(model, features, gallery_features, gallery_labels, met
     raise ValueError(f"unknown classifier {method}")
 
 
-def resolve_classifier(config, method="auto"):
-    """--classify auto: the head for the BCE model, kNN for embeddings, the classifier for ce."""
+def resolve_score(config, method="auto"):
+    """--score auto: the loss's default score (modules.LOSSES); an explicit choice the model
+    cannot compute is refused."""
+    loss = LOSSES[config.loss]
     if method == "auto":
-        return {"bce": "gallery", "ce": "direct"}.get(config["loss"], "knn")
-    if method == "direct" and not (config["loss"] == "ce" or config.get("aux_weight", 0) > 0):
-        raise ValueError("--classify direct needs a --loss ce model or a bce model trained with --aux-weight; "
+        return loss.default_score
+    if method == "direct" and not (loss.classifier or config.aux_weight > 0):
+        raise ValueError("--score direct needs a --loss ce model or a bce model trained with --aux-weight; "
                          "use gallery, head-knn, knn or prototype")
-    if method == "head-knn" and config["loss"] != "bce":
-        raise ValueError("--classify head-knn needs the Siamese head of a --loss bce model; use knn")
+    if method == "head-knn" and not loss.siamese_head:
+        raise ValueError("--score head-knn needs the Siamese head of a --loss bce model; use knn")
     return method
 
 
-def applicable_classifiers(config):
-    """Every --classify method this model supports."""
+def applicable_scores(config):
+    """Every --score method this model supports."""
     methods = []
-    for method in CLASSIFIERS[1:]:
+    for method in SCORES[1:]:
         try:
-            methods.append(resolve_classifier(config, method))
+            methods.append(resolve_score(config, method))
         except ValueError:
             pass
     return methods
@@ -216,14 +219,53 @@ def choose_gallery(labels, per_class, seed):
     return np.sort(np.concatenate(picks))
 
 
+@dataclass
+class ScoredSplit:
+    """One split embedded and scored against the references: its features, P(malignant) per
+    image, and the design's fixed pairs (make_pairs) with their metrics."""
+    features: torch.Tensor
+    scores: np.ndarray
+    pair_summary: dict
+    pairs: tuple  # (partner per image, target per pair, similarity per pair)
+
+
 @torch.no_grad()
-def score_split(model, features, labels, gallery_features, gallery_labels, method, k, seed):
-    """(P(malignant) per image, the design's pair metrics on the split's fixed pairs, pair similarities)."""
-    scores = malignant_probability(model, features, gallery_features, gallery_labels, method, k)
+def score_split(model, features, labels, references, reference_labels, method, k, seed):
+    """A split's stored features scored: P(malignant) per image against the references, and the
+    design's pair metrics on the split's fixed pairs."""
+    scores = malignant_probability(model, features, references, reference_labels, method, k)
     partners, targets = make_pairs(labels, seed)
     similarity = model.pair_similarity(features, features[torch.as_tensor(partners, device=features.device)])
     similarity = similarity.float().cpu().numpy()
-    return scores.cpu().numpy(), pair_metrics(similarity, targets), (partners, targets, similarity)
+    return ScoredSplit(features, scores.cpu().numpy(), pair_metrics(similarity, targets), (partners, targets, similarity))
+
+
+@torch.no_grad()
+def embed_and_score(model, train, splits, per_class, method, k, seed, embed):
+    """The evaluation core, shared by validation during training and by evaluate: embed a
+    seeded, class-balanced sample of the training split as references (per_class 0: all of it)
+    and every split of {name: split} once, then score each split against the references.
+    `embed(split, indices, desc)` returns feature rows. Returns (references {features, labels,
+    paths}, {name: ScoredSplit})."""
+    picks = choose_gallery(train.labels, per_class, seed)
+    features = embed(train, picks, "embedding references")
+    references = {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
+                  "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
+    scored = {}
+    for name, split in splits.items():
+        split_features = embed(split, None, f"embedding {split.name}")
+        if not torch.isfinite(split_features).all():
+            raise ValueError("the model's outputs are not finite (NaN or inf): the weights diverged; lower --lr or "
+                             "try --no-amp")
+        scored[name] = score_split(model, split_features, split.labels, references["features"],
+                                   references["labels"], method, k, seed)
+    return references, scored
+
+
+def embedder(model, image_size, batch_size, device, workers=0, amp=True, rank=0, world_size=1, tta=False):
+    """embed(split, indices, desc) for embed_and_score: embed_images with these settings."""
+    return lambda split, indices, desc: embed_images(model, split, image_size, batch_size, device, workers, indices,
+                                                     amp, rank, world_size, tta, desc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,7 +402,7 @@ def writes_gallery(checkpoint, data, results, config):
     predictions use: only when it evaluates the checkpoint's own training data into its project's
     results folder. Evaluation on other data, or into --out, never writes to the project."""
     project_results = Path(checkpoint).resolve().parent.parent / "results"
-    same_data = "data" in config and Path(data).resolve() == Path(config["data"]).resolve()
+    same_data = bool(config.data) and Path(data).resolve() == Path(config.data).resolve()
     return Path(results).resolve() == project_results and same_data
 
 
@@ -371,21 +413,15 @@ def check_finite(features, checkpoint):
                            f"diverged, use an earlier checkpoint or train again with a lower --lr")
 
 
-def build_gallery(model, config, train, validation, device, *, gallery_size, method, k,
-                  target_sensitivity, batch_size, workers, amp=True, tta=False):
-    """References from the training split and the threshold chosen on validation."""
-    seed, size = config["seed"], config["image_size"]
-    picks = choose_gallery(train.labels, gallery_size, seed)
-    gallery = {"features": embed_images(model, train, size, batch_size, device, workers, picks, amp, tta=tta,
-                                        desc="embedding references"),
-               "labels": torch.as_tensor(train.labels[picks], device=device),
-               "paths": [str(Path(train.paths[i]).resolve()) for i in picks],
-               "classify": method, "k": k, "target_sensitivity": target_sensitivity, "tta": tta}
-    val_features = embed_images(model, validation, size, batch_size, device, workers, amp=amp, tta=tta,
-                                desc="embedding validation")
-    val_scores = malignant_probability(model, val_features, gallery["features"], gallery["labels"], method, k)
-    gallery["threshold"] = choose_threshold(validation.labels, val_scores.cpu().numpy(), target_sensitivity)
-    return gallery, val_scores.cpu().numpy(), val_features
+def build_gallery(model, train, splits, embed, *, gallery_size, method, k, target_sensitivity, seed, tta=False):
+    """References from the training split and the threshold chosen on splits["validation"]
+    (embed_and_score; `splits` may hold more splits to score with the same references).
+    Returns (gallery, {name: ScoredSplit})."""
+    references, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed)
+    threshold = choose_threshold(splits["validation"].labels, scored["validation"].scores, target_sensitivity)
+    gallery = {**references, "score": method, "k": k, "target_sensitivity": target_sensitivity, "tta": tta,
+               "threshold": threshold}
+    return gallery, scored
 
 
 def prepare_results(results):
@@ -399,18 +435,19 @@ def prepare_results(results):
     return results
 
 
-def other_classifier_metrics(model, method, k, gallery, validation, evaluated, target_sensitivity, seed):
+def other_score_metrics(model, method, k, gallery, validation, evaluated, labels, target_sensitivity, seed):
     """(image-level metrics, scores of the evaluated images) of one more way of scoring the stored
-    features, its threshold chosen on validation like the main one's."""
-    (val_labels, val_features), (labels, features) = validation, evaluated
+    features (ScoredSplit.features of validation and of the evaluated split), its threshold chosen on
+    validation like the main one's."""
     val_scores, scores = (malignant_probability(model, f, gallery["features"], gallery["labels"], method, k).cpu().numpy()
-                          for f in (val_features, features))
-    threshold = choose_threshold(val_labels, val_scores, target_sensitivity)
-    return {"val_auc": auc_or_nan(val_labels, val_scores), **image_metrics(labels, scores, threshold, seed)}, scores
+                          for f in (validation.features, evaluated.features))
+    threshold = choose_threshold(labels["validation"], val_scores, target_sensitivity)
+    return {"val_auc": auc_or_nan(labels["validation"], val_scores),
+            **image_metrics(labels["evaluated"], scores, threshold, seed)}, scores
 
 
 def write_scores(split, scores, path):
-    """scores.csv: every evaluated image with its label and P(malignant) by each classifier."""
+    """scores.csv: every evaluated image with its label and P(malignant) by each score method."""
     def write(tmp):
         with open(tmp, "w", newline="") as file:
             writer = csv.writer(file)
@@ -425,10 +462,10 @@ def load_evaluation_splits(data, config, workers, cache=None):
     validation split when it has none; a plain labelled folder (DATA/0, DATA/1: another
     clinic's images) is evaluated against the references and threshold of the project's own
     training data."""
-    seed, limits = config["seed"], dict(zip(("train", "validation", "test"), config["benign_limit"]))
+    seed, limits = config.seed, dict(zip(("train", "validation", "test"), config.benign_limit))
     home = data
     if is_labelled_folder(data):
-        home = config["data"]
+        home = config.data
         if not has_split(home, "train"):
             raise DataError(f"{home}: the model's training data is not there any more; its references and "
                             f"threshold come from it, so restore it or evaluate a split folder (--data)")
@@ -443,11 +480,11 @@ def load_evaluation_splits(data, config, workers, cache=None):
         splits["evaluated"] = splits["validation"]
     if cache:
         for split in splits.values():
-            use_cache(split, cache, config["image_size"], workers)
+            attach_cache(split, cache, config.image_size, workers)
     return splits
 
 
-def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k=None,
+def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=None,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
              cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=()):
     """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
@@ -461,69 +498,78 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, classify="auto", k
         raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
     model, config, saved = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
     model.to(device)
-    methods = [resolve_classifier(config, name) for name in ([classify] if isinstance(classify, str) else classify)]
+    methods = [resolve_score(config, name) for name in ([score] if isinstance(score, str) else score)]
     method = methods[0]
     # None: as the model was trained (train.py --tta, --gallery-size, --k)
-    tta = config.get("tta", False) if tta is None else tta
-    gallery_size = config.get("gallery_size", 64) if gallery_size is None else gallery_size
-    k = config.get("k", 10) if k is None else k
-    seed, size = config["seed"], config["image_size"]
+    tta = config.tta if tta is None else tta
+    gallery_size = config.gallery_size if gallery_size is None else gallery_size
+    k = config.k if k is None else k
+    seed, size = config.seed, config.image_size
     splits = splits or load_evaluation_splits(data, config, workers, cache)
     train, validation, test = splits["train"], splits["validation"], splits["evaluated"]
     prefix = "test" if test.name == "test" else "val" if test is validation else "external"
     results = prepare_results(results)
 
-    gallery, val_scores, val_features = build_gallery(
-        model, config, train, validation, device, gallery_size=gallery_size, method=method, k=k,
-        target_sensitivity=target_sensitivity, batch_size=batch_size, workers=workers, amp=amp, tta=tta)
-    test_features = embed_images(model, test, size, batch_size, device, workers, amp=amp, tta=tta,
-                                 desc=f"embedding {test.name}")
-    test_scores, pairs_summary, pairs = score_split(model, test_features, test.labels, gallery["features"],
-                                                    gallery["labels"], method, k, seed)
-    image = image_metrics(test.labels, test_scores, gallery["threshold"], seed)
+    embed = embedder(model, size, batch_size, device, workers, amp, tta=tta)
+    gallery, scored = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
+                                    gallery_size=gallery_size, method=method, k=k,
+                                    target_sensitivity=target_sensitivity, seed=seed, tta=tta)
+    val, evaluated = scored["validation"], scored["evaluated"]
+    image = image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed)
 
-    metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config["loss"],
-               "classify": method, "recipe": config.get("recipe", "study"), "aux_weight": config.get("aux_weight", 0.0),
+    metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
+               "score": method, "recipe": config.recipe, "aux_weight": config.aux_weight,
                "evaluated_split": prefix, "data": str(data), "tta": tta,
                f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
-               "val_auc": auc_or_nan(validation.labels, val_scores)}
-    metrics.update({f"{prefix}_{key}": value for key, value in pairs_summary.items()})
+               "val_auc": auc_or_nan(validation.labels, val.scores)}
+    metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
     metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
+    labels = {"validation": validation.labels, "evaluated": test.labels}
     others = {  # the same embeddings scored other ways, each thresholded on validation
-        name: other_classifier_metrics(model, name, k, gallery, (validation.labels, val_features),
-                                       (test.labels, test_features), target_sensitivity, seed)
+        name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed)
         for name in dict.fromkeys(methods[1:]) if name != method}
-    metrics["other_classifiers"] = {name: other_metrics for name, (other_metrics, _) in others.items()}
-    write_scores(test, {method: test_scores, **{name: scores for name, (_, scores) in others.items()}},
+    metrics["other_scores"] = {name: other_metrics for name, (other_metrics, _) in others.items()}
+    write_scores(test, {method: evaluated.scores, **{name: scores for name, (_, scores) in others.items()}},
                  results / "scores.csv")
     write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
-    curves = {"validation": (validation.labels, val_scores)}
+    curves = {"validation": (validation.labels, val.scores)}
     if test is not validation:
-        curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, test_scores)
-    plot_curves(curves, results)
-    plot_confusion(test.labels, test_scores, gallery["threshold"], results)
-    plot_embeddings(test_features, test.labels, results)
-    save_pair_figures(test, pairs, save_every, results, size)
-    plot_pair_overview(test, pairs, results)
-    gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
-    gallery_path = Path(checkpoint).with_name("gallery.pt")
-    if writes_gallery(checkpoint, data, results, config):
-        save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)}, gallery_path)
-    else:
-        print(f"{gallery_path} not updated: only an evaluation of the training data into the project's results "
-              f"folder replaces it")
+        curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
+    save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
+    save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config))
     print_metrics(metrics)
     print_summary(metrics, results, device, time.time() - started,
                   [("checkpoint", f"{checkpoint} (epoch {metrics['checkpoint_epoch']})"), *summary_rows])
     return metrics
 
 
+def save_figures(results, curves, split, scored, threshold, save_every, size):
+    """The evaluated split's figures: ROC and PR curves (of every split in `curves`), confusion
+    matrix, embedding PCA, every save_every-th pair, the pair grid and the confident mistakes."""
+    plot_curves(curves, results)
+    plot_confusion(split.labels, scored.scores, threshold, results)
+    plot_embeddings(scored.features, split.labels, results)
+    save_pair_figures(split, scored.pairs, save_every, results, size)
+    plot_pair_overview(split, scored.pairs, results)
+
+
+def save_gallery(gallery, checkpoint, allowed):
+    """gallery.pt next to the checkpoint, stamped with its sha256, when `allowed` (writes_gallery)."""
+    gallery_path = Path(checkpoint).with_name("gallery.pt")
+    if not allowed:
+        print(f"{gallery_path} not updated: only an evaluation of the training data into the project's results "
+              f"folder replaces it")
+        return
+    gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
+    save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)}, gallery_path)
+
+
 def print_metrics(metrics):
     m = {key.removeprefix(metrics["evaluated_split"] + "_"): value for key, value in metrics.items()}
     print(f"\n{metrics['evaluated_split']} ({m['n_benign']} benign, {m['n_malignant']} malignant), "
-          f"{metrics['loss']} model, classifier {metrics['classify']}")
+          f"{metrics['loss']} model, score {metrics['score']}")
     rows = [("pair accuracy", m["pair_accuracy"]), ("pair BCE loss", m["pair_loss"]),
             ("AUC", f"{m['auc']:.4f} (95% CI {m['auc_ci_low']:.4f}-{m['auc_ci_high']:.4f})"),
             ("average precision", m["average_precision"]),
@@ -585,19 +631,20 @@ def reference_gallery(model, config, checkpoint, data, device, width):
         if data is None:
             raise DataError(f"{gallery_path}: missing or made for another checkpoint; pass --data DATA to "
                             f"rebuild it from the training and validation splits")
-        seed = config["seed"]
+        seed = config.seed
         train, validation = (load_split(data, name, limit, seed) for name, limit in
-                             zip(("train", "validation"), config["benign_limit"]))
-        gallery, *_ = build_gallery(model, config, train, validation, device, gallery_size=64,
-                                   method=resolve_classifier(config), k=10, target_sensitivity=None,
-                                   batch_size=64, workers=0)
+                             zip(("train", "validation"), config.benign_limit))
+        gallery, _ = build_gallery(model, train, {"validation": validation},
+                                   embedder(model, config.image_size, 64, device, tta=config.tta),
+                                   gallery_size=config.gallery_size, method=config.score, k=config.k,
+                                   target_sensitivity=None, seed=seed, tta=config.tta)
     return gallery
 
 
-def grad_cam(model, loss, image, malignant_mean):
+def grad_cam(model, image, malignant_mean):
     """Grad-CAM heat map (H, W) in [0, 1] on the backbone's last block (layer4) for the model's
-    image-level score: the Siamese head's similarity logit to the mean malignant reference (bce),
-    the classifier's logit (ce), or the cosine similarity to the mean malignant embedding."""
+    image-level score (its image_logit: the head's similarity to the mean malignant reference,
+    the classifier's logit, or the cosine similarity to the mean malignant embedding)."""
 
     class ImageScore(torch.nn.Module):
         def __init__(self):
@@ -605,12 +652,7 @@ def grad_cam(model, loss, image, malignant_mean):
             self.model = model
 
         def forward(self, images):
-            features = self.model.embed(images)
-            if loss == "ce":
-                return self.model.classifier(features).squeeze(1)
-            if loss == "bce":
-                return self.model.pair_logits(features, malignant_mean.expand(len(features), -1))
-            return features @ F.normalize(malignant_mean, dim=0)
+            return self.model.image_logit(self.model.embed(images), malignant_mean)
 
     with torch.enable_grad(), GradCAM(ImageScore(), target_layers=[model.backbone.layer4[-1]]) as cam:
         return cam(input_tensor=image[None], targets=[RawScoresOutputTarget()])[0]
@@ -662,7 +704,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    size = config["image_size"]
+    size = config.image_size
     batch = to_device(torch.stack([eval_transform(size)(read_rgb(path)) for path in images]), device)
     features = model.embed(batch).float()
     gallery = reference_gallery(model, config, checkpoint, data, device, features.shape[1])
@@ -671,7 +713,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     check_finite(features, checkpoint)
     references, labels = gallery["features"].to(device), gallery["labels"].to(device)
     threshold = gallery["threshold"]
-    scores = malignant_probability(model, features, references, labels, gallery["classify"], gallery["k"]).tolist()
+    scores = malignant_probability(model, features, references, labels, gallery["score"], gallery["k"]).tolist()
     lines = [f"P(malignant) {p:.4f}  {'malignant' if p >= threshold else 'benign'}  (threshold {threshold:.4f})"
              f"  {path}" for p, path in zip(scores, images)]
     if out is None:
@@ -679,7 +721,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # Nearest references by the model's own pair similarity; the classifier has none, so cosine there.
-    if config["loss"] == "ce":
+    if LOSSES[config.loss].classifier:
         similarity = F.normalize(features, dim=1) @ F.normalize(references.float(), dim=1).T
     else:
         similarity = similarity_matrix(model, features, references)
@@ -689,7 +731,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     stems = [Path(path).stem for path in images]
     for i, path in enumerate(images):
         name = f"{stems[i]}_prediction.png" if stems.count(stems[i]) == 1 else f"{stems[i]}_{i + 1}_prediction.png"
-        heat = grad_cam(model, config["loss"], batch[i], malignant_mean)
+        heat = grad_cam(model, batch[i], malignant_mean)
         verdict = "malignant" if scores[i] >= threshold else "benign"
         title = f"{Path(path).name}: P(malignant) {scores[i]:.2f} -> {verdict} (threshold {threshold:.2f})"
         shown = [(paths[j], int(labels[j]), s) for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
@@ -704,7 +746,7 @@ def predict_pair(checkpoint, first, second, device="auto"):
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    batch = torch.stack([eval_transform(config["image_size"])(read_rgb(path)) for path in (first, second)])
+    batch = torch.stack([eval_transform(config.image_size)(read_rgb(path)) for path in (first, second)])
     features = model.embed(to_device(batch, device)).float()
     similarity = model.pair_similarity(features[:1], features[1:]).item()
     verdict = "same class" if similarity > 0.5 else "different classes"
@@ -724,8 +766,8 @@ def gallery_problem(gallery, width):
         return "its labels are not one 0 or 1 per feature row, with both classes"
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
         return f"its threshold {threshold!r} is not a number"
-    if gallery.get("classify") not in CLASSIFIERS[1:]:
-        return f"its classifier {gallery.get('classify')!r} is unknown"
+    if gallery.get("score") not in SCORES[1:]:
+        return f"its score method {gallery.get('score')!r} is unknown"
     k = gallery.get("k")
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         return f"its k {k!r} is not a count"
@@ -765,13 +807,13 @@ def parse_args(argv=None):
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average each image's features over its four flips (default: as the model "
                              "was trained, see train.py --tta)")
-    parser.add_argument("--classify", choices=CLASSIFIERS, nargs="+", default=["auto"],
+    parser.add_argument("--score", "--classify", choices=SCORES, nargs="+", default=["auto"],
                         help="how P(malignant) is computed (default auto: gallery for bce, knn for "
                              "contrastive/triplet, direct for ce). Several: the first gives the figures and "
                              "the main metrics, the others are scored from the same embeddings into "
-                             "metrics.json's other_classifiers")
+                             "metrics.json's other_scores")
     parser.add_argument("--k", type=int, default=None,
-                        help="neighbours for --classify knn and head-knn (default: as trained, train.py --k)")
+                        help="neighbours for --score knn and head-knn (default: as trained, train.py --k)")
     parser.add_argument("--target-sensitivity", type=float, default=None,
                         help="choose the threshold that reaches this sensitivity on validation "
                              "(default: maximise Youden's J)")
@@ -815,7 +857,7 @@ def main(argv=None):
             raise ValueError(f"--workers {args.workers}: must be 0 or more")
         checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
         evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
-                 classify=args.classify, k=args.k, target_sensitivity=args.target_sensitivity,
+                 score=args.score, k=args.k, target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=args.batch_size, device=args.device,
                  workers=args.workers, cache=args.cache, tta=args.tta, started=started)
     except (ValueError, DataError, WeightsError) as error:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
@@ -28,33 +29,30 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cli import ArgumentParser, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
-                     batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, use_cache,
+                     batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, attach_cache,
                      write_excluded)
 from files import write_atomic
 from metrics import auc_or_nan
-from modules import (DEFAULT_MARGIN, LOSSES, METRIC_LOSSES, WeightsError, active_fraction, build_model,
-                     check_config, check_finite_weights, load_state, metric_loss, save_atomic)
-from predict import (CLASSIFIERS, applicable_classifiers, autocast, choose_gallery, embed_images, evaluate, pick_device,
-                     resolve_classifier, save_figure, score_split, to_device)
+from modules import (LOSSES, RUN_KEYS, RunConfig, WeightsError, build_model, check_finite_weights, load_state, pair_bce,
+                     save_atomic)
+from predict import (SCORES, applicable_scores, autocast, embed_and_score, embedder, evaluate, pick_device,
+                     resolve_score, save_figure, to_device)
 
 # --recipe: study is the design's setting; tuned is the best Siamese setting found on HAM10000
 # validation (docs/results.md). A flag given on the command line overrides either.
+STUDY = RunConfig()  # the study's settings: every default below comes from modules.RunConfig
 RECIPES = {
-    "study": {"optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-5, "schedule": "constant", "warmup_epochs": 0.0,
-              "augment": "study", "aux_weight": 0.0, "sampler": "shuffled", "gallery_size": 64, "classify": "auto",
-              "tta": False},
+    "study": {key: getattr(STUDY, key) for key in ("optimizer", "lr", "weight_decay", "schedule", "warmup_epochs",
+                                                   "augment", "aux_weight", "sampler", "gallery_size", "tta")},
     "tuned": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1.0,
-              "augment": "dermoscopy", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0,
-              "classify": "auto", "tta": True},
+              "augment": "dermoscopy", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0, "tta": True},
 }
 VALIDATION_GALLERY_CAP = 256  # references per class when validating each epoch (0 = all would cost an epoch's time)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
@@ -64,6 +62,79 @@ OUTPUT_FILES = ("best.pth", "last.pth", "history.csv", "training_validation_metr
 RESUME_KEYS = ("model", "optimizer", "scaler", "config", "epoch", "step", "partial", "best", "history", "rng")
 
 
+def add_recipe_flags(p):
+    """--recipe and the levers it sets (docs/training.md); a lever given explicitly overrides it."""
+    group = p.add_argument_group("recipe and its levers")
+    group.add_argument("--recipe", choices=tuple(RECIPES), default="study",
+                       help="study: the design's settings (the default); tuned: the best Siamese setting found "
+                            "on HAM10000 validation: AdamW lr 1e-3 weight decay 0.05, cosine schedule with 1 "
+                            "warm-up epoch, dermoscopy augmentation, auxiliary classifier (--aux-weight 1), "
+                            "class-balanced batches, every training image as a reference, flip TTA. "
+                            "Flags given explicitly override the recipe")
+    group.add_argument("--lr", type=float, default=None, help="peak learning rate (study: 1e-5; tuned: 1e-3)")
+    group.add_argument("--weight-decay", type=float, default=None, help="weight decay (study: 1e-5; tuned: 0.05)")
+    group.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
+                       help="adam: L2 penalty in the gradient, as the study; adamw: decoupled weight decay (tuned)")
+    group.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+                       help="learning rate over the run after the warm-up: constant (study) or cosine decay to "
+                            "0 (tuned)")
+    group.add_argument("--warmup-epochs", type=float, default=None,
+                       help="epochs of linear learning-rate warm-up from 0 (study: 0; tuned: 1)")
+    group.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                       help="study: the study's affine warp, crop and horizontal flip; dermoscopy: adds "
+                            "vertical flips, 90-degree rotations and colour jitter (tuned)")
+    group.add_argument("--aux-weight", type=float, default=None,
+                       help="bce: weight of an auxiliary malignant-vs-benign loss on the Siamese features, "
+                            "trained jointly with the pair BCE (study: 0; tuned: 1)")
+    group.add_argument("--sampler", choices=("shuffled", "balanced"), default=None,
+                       help="bce/ce training batches: shuffled (every image once per epoch, study) or balanced "
+                            "(half malignant, so malignant images are not starved; tuned). Contrastive and "
+                            "triplet always use balanced batches")
+
+
+def add_speed_flags(p):
+    """Flags that change how fast a run goes, not what it computes."""
+    group = p.add_argument_group("speed")
+    group.add_argument("--workers", type=int, default=None,
+                       help="DataLoader worker processes (default: from the CPU count, at most 8)")
+    group.add_argument("--cache", metavar="DIR",
+                       help="keep the images decoded and resized in a memory-mapped uint8 file under DIR, "
+                            "built once and reused by later runs (rebuilt when the files or the size change)")
+    group.add_argument("--no-amp", action="store_true",
+                       help="disable mixed precision on CUDA (bf16, or fp16 with a scaler)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (CUDA; slower start, faster steps)")
+    group.add_argument("--sync-bn", action="store_true", help="DDP: synchronise BatchNorm statistics across processes")
+
+
+def apply_recipe(args):
+    """A lever not given on the command line takes the recipe's value."""
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:  # not given on the command line
+            setattr(args, name, 0.0 if name == "aux_weight" and not LOSSES[args.loss].siamese_head else value)
+
+
+def add_evaluation_flags(p):
+    """How validation picks best.pth and how images are scored, after training and during it."""
+    group = p.add_argument_group("evaluation")
+    group.add_argument("--select", choices=("val_auc", "val_loss"), default=STUDY.select,
+                       help="what best.pth keeps: the highest validation AUC, or the lowest validation "
+                            "pair loss (the study's rule)")
+    group.add_argument("--gallery-size", type=int, default=None,
+                       help=f"training references per class for image-level scores; 0 = every training image "
+                            f"(study: 64; tuned: 0). Validation during training uses at most "
+                            f"{VALIDATION_GALLERY_CAP} per class")
+    group.add_argument("--score", "--classify", choices=SCORES, default="auto",
+                       help="how an image's P(malignant) is computed: gallery, head-knn, knn, prototype or direct; "
+                            "see predict.py --help (default auto: the loss's own; --classify is the old name)")
+    group.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                       help="evaluate with features averaged over each image's four flips (study: off; tuned: on)")
+    group.add_argument("--k", type=int, default=STUDY.k, help=f"neighbours for --score knn and head-knn (default {STUDY.k})")
+    group.add_argument("--target-sensitivity", type=float, default=None,
+                       help="test threshold reaching this sensitivity on validation (default: Youden's J)")
+    group.add_argument("--save-every", type=int, default=100, help="save every N-th test pair as a figure (default 100)")
+
+
 def parse_args(argv=None):
     p = ArgumentParser("train.py", description=__doc__)
     p.add_argument("--project", required=True, help="folder for this run's outputs/ and results/")
@@ -71,80 +142,39 @@ def parse_args(argv=None):
                                                  "(train_data, validation_data, test_data, each with 0/ and 1/)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs (study: 20; with --resume, a new total for the run)")
-    p.add_argument("--recipe", choices=tuple(RECIPES), default="study",
-                   help="study: the design's settings (the default); tuned: the best Siamese setting found "
-                        "on HAM10000 validation: AdamW lr 1e-3 weight decay 0.05, cosine schedule with 1 "
-                        "warm-up epoch, dermoscopy augmentation, auxiliary classifier (--aux-weight 1), "
-                        "class-balanced batches, every training image as a reference, flip TTA. "
-                        "Flags given explicitly override the recipe")
-    p.add_argument("--batch-size", type=int, default=128, help="training images per batch on each process (study: 128)")
-    p.add_argument("--val-batch-size", type=int, default=16, help="images per validation/test batch (study: 16)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (study: 1e-5; tuned: 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (study: 1e-5; tuned: 0.05)")
-    p.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
-                   help="adam: L2 penalty in the gradient, as the study; adamw: decoupled weight decay (tuned)")
-    p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
-                   help="learning rate over the run after the warm-up: constant (study) or cosine decay to "
-                        "0 (tuned)")
-    p.add_argument("--warmup-epochs", type=float, default=None,
-                   help="epochs of linear learning-rate warm-up from 0 (study: 0; tuned: 1)")
-    p.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                   help="study: the study's affine warp, crop and horizontal flip; dermoscopy: adds "
-                        "vertical flips, 90-degree rotations and colour jitter (tuned)")
-    p.add_argument("--aux-weight", type=float, default=None,
-                   help="bce: weight of an auxiliary malignant-vs-benign loss on the Siamese features, "
-                        "trained jointly with the pair BCE (study: 0; tuned: 1)")
-    p.add_argument("--sampler", choices=("shuffled", "balanced"), default=None,
-                   help="bce/ce training batches: shuffled (every image once per epoch, study) or balanced "
-                        "(half malignant, so malignant images are not starved; tuned). Contrastive and "
-                        "triplet always use balanced batches")
-    p.add_argument("--image-size", type=int, default=224, help="side of the square network input in pixels (study: 224)")
-    p.add_argument("--benign-limit", type=int, nargs="+", default=[4000, 1000, 1000], metavar="N",
+    p.add_argument("--batch-size", type=int, default=STUDY.batch_size,
+                   help=f"training images per batch on each process (study: {STUDY.batch_size})")
+    p.add_argument("--val-batch-size", type=int, default=STUDY.val_batch_size,
+                   help=f"images per validation/test batch (study: {STUDY.val_batch_size})")
+    add_recipe_flags(p)
+    p.add_argument("--image-size", type=int, default=STUDY.image_size,
+                   help=f"side of the square network input in pixels (study: {STUDY.image_size})")
+    p.add_argument("--benign-limit", type=int, nargs="+", default=STUDY.benign_limit, metavar="N",
                    help="cap on benign images in train, validation and test (one value: all three); "
                         "0 = no cap, the full data set (study: 4000 1000 1000)")
-    p.add_argument("--weights", default="imagenet",
+    p.add_argument("--weights", default=STUDY.weights,
                    help="backbone start: imagenet (torchvision, downloaded once), none (random), or a .pth path")
-    p.add_argument("--loss", choices=LOSSES, default="bce",
+    p.add_argument("--loss", choices=LOSSES, default=STUDY.loss,
                    help="bce: the design's Siamese pairs; contrastive / triplet: metric learning on an "
                         "L2-normalised embedding; ce: plain classifier baseline (class-weighted BCE)")
-    p.add_argument("--pairing", choices=("embed-once", "two-pass"), default="embed-once",
+    p.add_argument("--pairing", choices=("embed-once", "two-pass"), default=STUDY.pairing,
                    help="bce only. embed-once: each batch image passes the backbone once and the design's "
                         "pairs are drawn inside the batch; two-pass: the study's pair dataset, two passes per pair")
-    p.add_argument("--partners-per-class", type=int, default=8,
+    p.add_argument("--partners-per-class", type=int, default=STUDY.partners_per_class,
                    help="embed-once: a batch with fewer images of a class than this is topped up with random "
                         "images of that class that serve only as partners (default 8)")
-    p.add_argument("--embed-dim", type=int, default=128, help="contrastive/triplet embedding size (default 128)")
+    p.add_argument("--embed-dim", type=int, default=STUDY.embed_dim,
+                   help=f"contrastive/triplet embedding size (default {STUDY.embed_dim})")
     p.add_argument("--margin", type=float, default=None,
                    help="contrastive/triplet margin (default: 0.5 contrastive, 0.2 triplet)")
     p.add_argument("--miner", choices=("semihard", "hard", "all"), default=None,
                    help="contrastive/triplet miner (default: semihard for triplet, all pairs for contrastive)")
     p.add_argument("--per-class", type=int, default=None,
                    help="contrastive/triplet: images of each class per batch (default batch-size / 2)")
-    p.add_argument("--select", choices=("val_auc", "val_loss"), default="val_auc",
-                   help="what best.pth keeps: the highest validation AUC, or the lowest validation "
-                        "pair loss (the study's rule)")
-    p.add_argument("--gallery-size", type=int, default=None,
-                   help=f"training references per class for image-level scores; 0 = every training image "
-                        f"(study: 64; tuned: 0). Validation during training uses at most "
-                        f"{VALIDATION_GALLERY_CAP} per class")
-    p.add_argument("--classify", choices=CLASSIFIERS, default=None,
-                   help="image-level P(malignant); see predict.py --help (default auto)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="evaluate with features averaged over each image's four flips (study: off; tuned: on)")
-    p.add_argument("--k", type=int, default=10, help="neighbours for --classify knn and head-knn (default 10)")
-    p.add_argument("--target-sensitivity", type=float, default=None,
-                   help="test threshold reaching this sensitivity on validation (default: Youden's J)")
-    p.add_argument("--save-every", type=int, default=100, help="save every N-th test pair as a figure (default 100)")
+    add_evaluation_flags(p)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--seed", type=int, default=0, help="fixes the benign subset, pairs, initialisation and sampling")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes (default: from the CPU count, at most 8)")
-    p.add_argument("--cache", metavar="DIR",
-                   help="keep the images decoded and resized in a memory-mapped uint8 file under DIR, "
-                        "built once and reused by later runs (rebuilt when the files or the size change)")
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA (bf16, or fp16 with a scaler)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; slower start, faster steps)")
-    p.add_argument("--sync-bn", action="store_true", help="DDP: synchronise BatchNorm statistics across processes")
+    p.add_argument("--seed", type=int, default=STUDY.seed, help="fixes the benign subset, pairs, initialisation and sampling")
+    add_speed_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from PROJECT/outputs/last.pth with its saved settings")
     p.add_argument("--force", action="store_true", help="start over in a project that already holds outputs (deletes them)")
     args = p.parse_args(argv)
@@ -154,9 +184,7 @@ def parse_args(argv=None):
     unset = object()
     typed = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     args.given = {name for name, value in vars(typed).items() if value is not unset}
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) is None:  # not given on the command line
-            setattr(args, name, 0.0 if name == "aux_weight" and args.loss != "bce" else value)
+    apply_recipe(args)
     return args
 
 
@@ -195,35 +223,31 @@ def check_args(args):
         raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
     if not 0 <= args.warmup_epochs < 1e6 or not 0 <= args.aux_weight < 1e6:
         raise ValueError("--warmup-epochs and --aux-weight must be finite and not negative")
-    if args.aux_weight > 0 and (args.loss != "bce" or args.pairing != "embed-once"):
+    if args.aux_weight > 0 and (not LOSSES[args.loss].siamese_head or args.pairing != "embed-once"):
         raise ValueError("--aux-weight trains a classifier on the Siamese features: it needs --loss bce "
                          "with --pairing embed-once")
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         raise ValueError("--target-sensitivity must be in (0, 1]")
     if args.resume and args.force:
         raise ValueError("--resume and --force contradict each other; pick one")
-    resolve_classifier({"loss": args.loss, "aux_weight": args.aux_weight}, args.classify)  # an impossible pairing raises
+    resolve_score(RunConfig(loss=args.loss, aux_weight=args.aux_weight), args.score)  # an impossible pairing raises
 
 
 def make_config(args):
-    """Plain values only, so the checkpoint loads with weights_only=True and rebuilds the model."""
+    """The RunConfig the flags describe (a flag left out takes its recipe's or the study's value)."""
     limits = args.benign_limit * 3 if len(args.benign_limit) == 1 else args.benign_limit
-    return {
-        "loss": args.loss, "pairing": args.pairing if args.loss == "bce" else None,
-        "weights": args.weights, "image_size": args.image_size, "epochs": args.epochs or 20,
-        "batch_size": args.batch_size, "val_batch_size": args.val_batch_size, "lr": args.lr,
-        "weight_decay": args.weight_decay, "benign_limit": list(limits), "seed": args.seed,
-        "partners_per_class": args.partners_per_class, "embed_dim": args.embed_dim,
-        "margin": args.margin if args.margin is not None else DEFAULT_MARGIN.get(args.loss),
-        "miner": args.miner or ("semihard" if args.loss == "triplet" else "all"),
-        "per_class": args.per_class or max(2, args.batch_size // 2),
-        "select": args.select, "gallery_size": args.gallery_size, "k": args.k, "sync_bn": args.sync_bn,
-        "classify": resolve_classifier({"loss": args.loss, "aux_weight": args.aux_weight}, args.classify),
-        "recipe": args.recipe, "optimizer": args.optimizer, "schedule": args.schedule,
-        "warmup_epochs": args.warmup_epochs, "augment": args.augment, "aux_weight": args.aux_weight,
-        "sampler": "balanced" if args.loss in METRIC_LOSSES else args.sampler, "tta": args.tta,
-        "data": str(Path(args.data).resolve()),
-    }
+    loss = LOSSES[args.loss]
+    return RunConfig(
+        loss=args.loss, pairing=args.pairing if loss.siamese_head else None, weights=args.weights,
+        image_size=args.image_size, epochs=args.epochs or STUDY.epochs, batch_size=args.batch_size,
+        val_batch_size=args.val_batch_size, lr=args.lr, weight_decay=args.weight_decay, benign_limit=list(limits),
+        seed=args.seed, partners_per_class=args.partners_per_class, embed_dim=args.embed_dim,
+        margin=args.margin if args.margin is not None else loss.margin, miner=args.miner or loss.miner,
+        per_class=args.per_class or max(2, args.batch_size // 2), select=args.select,
+        score=resolve_score(RunConfig(loss=args.loss, aux_weight=args.aux_weight), args.score),
+        gallery_size=args.gallery_size, k=args.k, sync_bn=args.sync_bn, data=str(Path(args.data).resolve()),
+        recipe=args.recipe, optimizer=args.optimizer, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+        augment=args.augment, aux_weight=args.aux_weight, sampler=loss.sampler or args.sampler, tta=args.tta)
 
 
 def setup_distributed(device_name):
@@ -254,70 +278,50 @@ def reduce_sum(values, device, world_size):
 
 def make_train_loader(train, config, rank, world_size, workers, device):
     """The training batches: the study's pair dataset (two-pass) or single images (the rest)."""
-    seed = config["seed"]
-    dataset_class = PairDataset if config["pairing"] == "two-pass" else ImageDataset
-    dataset = dataset_class(train, train_transform(config["image_size"], config["augment"]), seed, augment=True)
-    if config["sampler"] == "balanced":
-        sampler = BalancedBatches(train.labels, config["per_class"], seed, rank=rank, world_size=world_size)
+    seed = config.seed
+    dataset_class = PairDataset if config.pairing == "two-pass" else ImageDataset
+    dataset = dataset_class(train, train_transform(config.image_size, config.augment), seed, augment=True)
+    if config.sampler == "balanced":
+        sampler = BalancedBatches(train.labels, config.per_class, seed, rank=rank, world_size=world_size)
     else:
-        partners = config["partners_per_class"] if config["pairing"] == "embed-once" else 0
-        sampler = ShuffledBatches(train.labels, config["batch_size"], seed, partners, rank=rank, world_size=world_size)
-    collate = None if config["pairing"] == "two-pass" else collate_images
+        partners = config.partners_per_class if config.pairing == "embed-once" else 0
+        sampler = ShuffledBatches(train.labels, config.batch_size, seed, partners, rank=rank, world_size=world_size)
+    collate = None if config.pairing == "two-pass" else collate_images
     # Its own generator: starting an epoch must not draw from the global RNG that dropout uses,
     # or a resumed run would drift from an uninterrupted one. Augmentation is seeded per image.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                        generator=torch.Generator().manual_seed(config["seed"]))
+                        generator=torch.Generator().manual_seed(config.seed))
     return sampler, loader
 
 
-def training_loss(model, batch, config, device, generator, criterion, miner, pos_weight):
-    """(loss, correct pairs or images, count, active fraction or nan) of one batch."""
-    if config["pairing"] == "two-pass":
+def training_loss(model, batch, config, device, generator, criterion, pos_weight):
+    """(loss, correct pairs or images, count, active fraction or nan) of one batch: the loss's
+    batch_loss (modules.LOSSES) on the design's pairs drawn inside the batch, or the study's
+    two-pass pairs."""
+    if config.pairing == "two-pass":  # PairDataset: two backbone passes per pair
         first, second, targets = batch
         targets = targets.to(device).float()
-        logits = model(to_device(first, device), to_device(second, device))
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-        return loss, ((logits > 0) == (targets > 0.5)).sum(), len(targets), math.nan
-    images, labels, _, is_anchor = batch
-    images, labels = to_device(images, device), labels.to(device)
-    if config["loss"] == "ce":
-        logits = model(images).float()
-        loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
-        return loss, ((logits > 0) == (labels == 1)).sum(), len(labels), math.nan
-    anchors, partners, targets = (t.to(device) for t in batch_pairs(labels.cpu(), is_anchor, generator))
-    if config["loss"] == "bce" and config["aux_weight"] > 0:
-        logits, class_logits = model(images, pairs=(anchors, partners), with_class_logits=True)
-        loss = (F.binary_cross_entropy_with_logits(logits.float(), targets) + config["aux_weight"] *
-                F.binary_cross_entropy_with_logits(class_logits.float(), labels.float(), pos_weight=pos_weight))
-        return loss, ((logits > 0) == (targets > 0.5)).sum(), len(targets), math.nan
-    if config["loss"] == "bce":
-        logits = model(images, pairs=(anchors, partners)).float()
-        loss = F.binary_cross_entropy_with_logits(logits, targets)
-        return loss, ((logits > 0) == (targets > 0.5)).sum(), len(targets), math.nan
-    embeddings = model(images).float()
-    loss = criterion(embeddings, labels, miner(embeddings, labels) if miner else None)
-    agree = (embeddings[anchors] * embeddings[partners]).sum(1) > 0  # similarity (1 + cos) / 2 > 0.5
-    active = active_fraction(embeddings.detach(), labels, config["loss"], config["margin"])
-    return loss, (agree == (targets > 0.5)).sum(), len(targets), active
+        loss, correct = pair_bce(model(to_device(first, device), to_device(second, device)), targets)
+        return loss, correct, len(targets), math.nan
+    images, labels, is_anchor = batch
+    pairs = tuple(t.to(device) for t in batch_pairs(labels, is_anchor, generator))
+    return LOSSES[config.loss].batch_loss(model, to_device(images, device), labels.to(device), pairs, config,
+                                             criterion, pos_weight)
 
 
 @torch.no_grad()
 def validate(model, train, validation, config, device, workers, amp, rank, world_size):
-    """Validation pair loss and accuracy (the design's fixed pairs) and image-level AUC, all
-    from one embedding pass over the validation images and the gallery."""
-    size, batch, seed = config["image_size"], config["val_batch_size"], config["seed"]
-    features = embed_images(model, validation, size, batch, device, workers, amp=amp, rank=rank, world_size=world_size)
-    if not torch.isfinite(features).all():
-        raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try --no-amp")
-    picks = choose_gallery(train.labels, min(config["gallery_size"] or VALIDATION_GALLERY_CAP, VALIDATION_GALLERY_CAP), seed)
-    gallery = embed_images(model, train, size, batch, device, workers, picks, amp, rank, world_size)
-    gallery_labels = torch.as_tensor(train.labels[picks], device=device)
-    scores, pairs, _ = score_split(model, features, validation.labels, gallery, gallery_labels,
-                                   config["classify"], config["k"], seed)
-    spread = (features - features.mean(0)).norm(dim=1).mean().item()
-    return {"val_loss": pairs["pair_loss"], "val_acc": pairs["pair_accuracy"],
-            "val_auc": auc_or_nan(validation.labels, scores), "embedding_spread": spread}
+    """Validation pair loss and accuracy (the design's fixed pairs) and image-level AUC, from
+    predict.embed_and_score: the same code that evaluates the test split."""
+    embed = embedder(model, config.image_size, config.val_batch_size, device, workers, amp, rank, world_size)
+    per_class = min(config.gallery_size or VALIDATION_GALLERY_CAP, VALIDATION_GALLERY_CAP)
+    _, scored = embed_and_score(model, train, {"validation": validation}, per_class, config.score, config.k,
+                                config.seed, embed)
+    scored = scored["validation"]
+    spread = (scored.features - scored.features.mean(0)).norm(dim=1).mean().item()
+    return {"val_loss": scored.pair_summary["pair_loss"], "val_acc": scored.pair_summary["pair_accuracy"],
+            "val_auc": auc_or_nan(validation.labels, scored.scores), "embedding_spread": spread}
 
 
 def collapse_warning(row):
@@ -331,13 +335,13 @@ def collapse_warning(row):
 
 def learning_rate(step, total_steps, config):
     """The learning rate at a global step: linear warm-up from 0, then constant or cosine decay to 0."""
-    warmup = config["warmup_epochs"] * total_steps / config["epochs"]
+    warmup = config.warmup_epochs * total_steps / config.epochs
     if step < warmup:
-        return config["lr"] * (step + 1) / warmup
-    if config["schedule"] == "constant":
-        return config["lr"]
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
     progress = (step - warmup) / max(1.0, total_steps - warmup)
-    return config["lr"] * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def selection_score(row, select):
@@ -380,17 +384,14 @@ def plot_history(history, path, selected=None):
 
 
 def rng_state():
-    """Plain values and tensors only, so last.pth loads with weights_only=True."""
-    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    """Plain values and tensors only, so last.pth loads with weights_only=True. numpy's global
+    generator is not saved: nothing here draws from it (samplers own seeded generators)."""
     return {"torch": torch.get_rng_state(),
-            "numpy": [keys.tolist(), int(position), int(has_gauss), float(cached_gauss)],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -439,36 +440,38 @@ def lock_project(project, rank, world_size, device):
 
 
 def check_resume(state, path):
-    """last.pth as train.py writes it (keys, config, finite weights), else one line naming it."""
+    """last.pth as train.py writes it (keys, config, finite weights), else one line naming it.
+    Returns its RunConfig."""
     missing = [key for key in RESUME_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise WeightsError(f"--resume {path}: not a last.pth written by train.py (no {', '.join(missing)}); "
                            f"start over with --force")
-    check_config(state["config"], path)
+    config = RunConfig.from_dict(state["config"], path, RUN_KEYS)
     for key in ("epoch", "step"):
         if not (isinstance(state[key], int) and state[key] >= 0):
             raise WeightsError(f"--resume {path}: {key} = {state[key]!r} is not a count; the file was edited or "
                                f"damaged, start over with --force")
     check_finite_weights(state["model"], path)
+    return config
 
 
 def apply_resume_flags(args, config, epochs_done, say):
     """--resume continues the saved run with its settings. --epochs sets a new total and is applied
     (and said so); another setting typed with a different value is refused, never ignored."""
-    typed = argparse.Namespace(**{**vars(args), "loss": args.loss if "loss" in args.given else config["loss"]})
+    typed = argparse.Namespace(**{**vars(args), "loss": args.loss if "loss" in args.given else config.loss})
     wanted = make_config(typed)  # the typed flags as the config would hold them
     for flag in sorted(args.given - {"epochs", "data"}):
-        if flag in config and wanted[flag] != config[flag]:
+        if hasattr(config, flag) and getattr(wanted, flag) != getattr(config, flag):
             value = getattr(args, flag)
             value = " ".join(map(str, value)) if isinstance(value, list) else value  # as typed
             raise ValueError(f"--{flag.replace('_', '-')} {value}: the resumed run has "
-                             f"{config[flag]!r} (saved in last.pth), and --resume keeps its settings (only "
+                             f"{getattr(config, flag)!r} (saved in last.pth), and --resume keeps its settings (only "
                              f"--epochs changes); drop the flag, or start a new run with --force or another --project")
-    if args.epochs and args.epochs != config["epochs"]:
+    if args.epochs and args.epochs != config.epochs:
         if args.epochs < epochs_done:
             raise ValueError(f"--epochs {args.epochs}: the resumed run has finished {epochs_done} epochs already")
-        say(f"--epochs {args.epochs}: applied (the run was set to {config['epochs']})")
-        config["epochs"] = args.epochs
+        say(f"--epochs {args.epochs}: applied (the run was set to {config.epochs})")
+        config.epochs = args.epochs
 
 
 def first_missing_folder(path):
@@ -495,6 +498,41 @@ def stop_handler(stop):
     return request_stop
 
 
+class StopForResume(Exception):
+    """A signal stopped the run once last.pth held its state; main says how to continue and exits
+    with 128 + the signal's number, as a process killed by it would."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class RunState:
+    """Where a run stands; last.pth saves it beside the weights, optimizer and config."""
+    epoch: int = 0          # complete epochs
+    step: int = 0           # steps done of the next epoch (a run stopped inside it)
+    partial: list = None    # that epoch's sums so far (loss, correct, count, active, steps), over all ranks
+    best: list = None       # selection_score of the model in best.pth
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class Training:
+    """What the epochs step: the model (raw_model unwrapped, model as called: DDP or compiled),
+    its optimizer and gradient scaler, the batches and the loss's criterion."""
+    raw_model: torch.nn.Module
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: object
+    loader: DataLoader
+    criterion: object
+    pos_weight: torch.Tensor
+    steps_per_epoch: int
+    amp: bool  # mixed precision on CUDA (--no-amp turns it off)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -512,6 +550,10 @@ def main(argv=None):
         check_outputs(Path(args.project) / "outputs", args)  # before the lock: a refused run creates nothing
         lock = lock_project(args.project, rank, world_size, device)
         run(args, rank, world_size, device, stop, previous)
+    except StopForResume as stopped:
+        if rank == 0:
+            print(stopped)
+        sys.exit(128 + stopped.signum)
     except WeightsError as error:  # e.g. no network for --weights imagenet: leave no empty project behind
         if rank == 0 and created is not None and not any(created.rglob("*.pth")):
             shutil.rmtree(created, ignore_errors=True)
@@ -527,37 +569,70 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.close()  # releases the project
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        restore_signal_handlers(previous)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def run(args, rank, world_size, device, stop, previous_handlers):
-    run_started = time.time()
-    main_process = rank == 0
-    say = print if main_process else (lambda *a, **k: None)
-    project = Path(args.project)
-    outputs = project / "outputs"
+    """Set up, train epoch by epoch (validating and saving after each), then evaluate best.pth."""
+    started = time.time()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    outputs = Path(args.project) / "outputs"
     to_delete = check_outputs(outputs, args)  # on every rank, so a refusal stops all of them
-
-    # ---- state: fresh, or from last.pth
-    resume = load_state(outputs / "last.pth", "--resume") if args.resume else None
-    if resume:
-        check_resume(resume, outputs / "last.pth")
-    # A run saved before a setting existed ran with the study's value of it.
-    config = {**RECIPES["study"], "recipe": "study", **resume["config"]} if resume else make_config(args)
-    config["data"] = str(Path(args.data).resolve())  # the data may have moved since a resumed run began
-    if resume:
-        apply_resume_flags(args, config, resume["epoch"], say)
-    torch.manual_seed(config["seed"])
-    np.random.seed(config["seed"])
+    config, resume = run_config(args, outputs, say)
+    torch.manual_seed(config.seed)
     workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
-    amp = not args.no_amp
+    splits = load_data(args, config, rank, world_size, workers, say)
+    prepare_outputs(outputs, to_delete, splits, rank, world_size, say)
+    training, state = build_training(args, config, splits["train"], resume, rank, world_size, device, workers)
+    if resume:
+        say(f"resuming {outputs / 'last.pth'} at epoch {state.epoch + 1}, step {state.step}")
 
-    # ---- data
-    splits = {name: load_split(args.data, name, limit, config["seed"], max(workers, 4))
-              for name, limit in zip(("train", "validation", "test"), config["benign_limit"])
+    for epoch in range(state.epoch, config.epochs):
+        epoch_started = time.time()
+        sums, stopped_at = train_one_epoch(training, config, epoch, state, stop, rank, world_size, device, outputs)
+        if stopped_at is not None:
+            save_last(training, config, RunState(epoch, stopped_at, sums, state.best, state.history), outputs, rank)
+            raise StopForResume(stop["signal"] or signal.SIGINT, resume_message(args, outputs, epoch, stopped_at))
+        validate_and_save(training, config, epoch, sums, epoch_started, state, splits, outputs, workers, rank,
+                          world_size, device)
+        if reduce_sum([stop["signal"] is not None], device, world_size)[0]:  # any rank signalled: all stop
+            raise StopForResume(stop["signal"] or signal.SIGINT, resume_message(args, outputs, epoch + 1, 0))
+
+    restore_signal_handlers(previous_handlers)  # Ctrl-C now simply interrupts the evaluation
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        evaluate_best(args, config, splits, state.history, outputs, device, workers, training.amp, started)
+
+
+def restore_signal_handlers(previous):
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def resume_message(args, outputs, epochs_done, steps_done):
+    return (f"stopped after {epochs_done} complete epoch(s) and {steps_done} step(s) of the next; "
+            f"{outputs / 'last.pth'} holds that state. Continue with:\n"
+            f"  python train.py --project {args.project} --data {args.data} --resume")
+
+
+def run_config(args, outputs, say):
+    """(config, last.pth's state or None): a new run's config from the flags, or the resumed run's."""
+    if not args.resume:
+        return make_config(args), None
+    resume = load_state(outputs / "last.pth", "--resume")
+    config = check_resume(resume, outputs / "last.pth")  # a setting added since the run began: the study's
+    config.data = str(Path(args.data).resolve())  # the data may have moved since the run began
+    apply_resume_flags(args, config, resume["epoch"], say)
+    return config, resume
+
+
+def load_data(args, config, rank, world_size, workers, say):
+    """{train, validation[, test]} with their benign limits, cached when --cache is given."""
+    splits = {name: load_split(args.data, name, limit, config.seed, max(workers, 4))
+              for name, limit in zip(("train", "validation", "test"), config.benign_limit)
               if name != "test" or has_split(args.data, "test")}
     if "test" not in splits:
         say(f"{args.data}: no test_data folder; the final evaluation reports the validation split instead")
@@ -565,173 +640,183 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         if rank > 0:
             dist.barrier()
         for split in splits.values():
-            use_cache(split, args.cache, config["image_size"], workers)
+            attach_cache(split, args.cache, config.image_size, workers)
         if rank == 0 and world_size > 1:
             dist.barrier()
-    train, validation = splits["train"], splits["validation"]
-    if main_process:
-        for name in to_delete:  # --force, now that the data are known to be usable (rank 0 deletes)
+    return splits
+
+
+def prepare_outputs(outputs, to_delete, splits, rank, world_size, say):
+    """--force deletes the earlier run now that the data are known to be usable; then the list
+    of excluded images and the counts."""
+    if rank == 0:
+        for name in to_delete:
             (outputs / name).unlink()
         outputs.mkdir(parents=True, exist_ok=True)
     if world_size > 1:
         dist.barrier()
-    excluded = write_excluded(splits.values(), outputs / "excluded_images.txt") if main_process else 0
+    excluded = write_excluded(splits.values(), outputs / "excluded_images.txt") if rank == 0 else 0
     if excluded:
         say(f"excluded {excluded} unusable image file(s); the list is in {outputs / 'excluded_images.txt'}")
     for name, split in splits.items():
         benign, malignant = split.counts()
         say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
 
-    # ---- model and optimiser
+
+def build_training(args, config, train, resume, rank, world_size, device, workers):
+    """(Training, RunState): the model, optimizer, scaler and batches, fresh or from last.pth."""
     raw_model = build_model(config, weights="none" if resume else None).to(device)  # resume: weights from last.pth
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    optimizer_class = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(raw_model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    use_scaler = device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    use_scaler = device.type == "cuda" and not args.no_amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    history, best, start_epoch, start_step, partial = [], None, 0, 0, None
+    state = RunState()
     if resume:
-        try:
-            raw_model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError):
-            raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights or optimizer state do not fit the "
-                               f"{config['loss']} model its config describes; the file was edited or mixed up, "
-                               f"start over with --force") from None
-        if resume["scaler"] and use_scaler:
-            scaler.load_state_dict(resume["scaler"])
-        history, best = resume["history"], resume["best"]
-        start_epoch, start_step, partial = resume["epoch"], resume["step"], resume["partial"]
-        set_rng_state(resume["rng"])
-        say(f"resuming {outputs / 'last.pth'} at epoch {start_epoch + 1}, step {start_step}")
+        restore(resume, raw_model, optimizer, scaler if use_scaler else None, config, Path(args.project) / "outputs")
+        state = RunState(resume["epoch"], resume["step"], resume["partial"], resume["best"], resume["history"])
     model = raw_model
     if world_size > 1:
-        if config["sync_bn"] and device.type != "cuda":
+        if config.sync_bn and device.type != "cuda":
             raise ValueError("--sync-bn: SyncBatchNorm works on CUDA devices only; drop the flag on the CPU")
-        if config["sync_bn"]:
+        if config.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
-    criterion, miner = metric_loss(config["loss"], config["margin"], config["miner"], world_size) if config["loss"] in METRIC_LOSSES else (None, None)
     benign, malignant = train.counts()
     # ce and the auxiliary loss: malignant errors weigh as much as benign ones (balanced batches already do that)
-    pos_weight = torch.tensor(1.0 if config["sampler"] == "balanced" else benign / malignant, device=device)
+    pos_weight = torch.tensor(1.0 if config.sampler == "balanced" else benign / malignant, device=device)
     sampler, loader = make_train_loader(train, config, rank, world_size, workers, device)
-    steps_per_epoch = len(sampler.batches())
     if len(sampler) == 0:
-        raise ValueError(f"--batch-size {config['batch_size']} on {world_size} process(es) leaves no training batch "
+        raise ValueError(f"--batch-size {config.batch_size} on {world_size} process(es) leaves no training batch "
                          f"for {len(train)} training images; lower --batch-size")
+    criterion = LOSSES[config.loss].criterion(config, world_size)
+    return Training(raw_model, model, optimizer, scaler, sampler, loader, criterion, pos_weight,
+                    len(sampler.batches()), not args.no_amp), state
 
-    def save_last(epoch, step, sums):
-        if main_process:
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "config": config, "epoch": epoch, "step": step,
-                         "partial": sums, "best": best, "history": history, "rng": rng_state()},
-                        outputs / "last.pth")
 
-    def stop_requested():
-        """Whether any process was signalled; under DDP every process asks, so all stop together."""
-        return reduce_sum([stop["signal"] is not None], device, world_size)[0] > 0
+def restore(resume, raw_model, optimizer, scaler, config, outputs):
+    """last.pth's weights, optimizer (and scaler) state and random streams."""
+    try:
+        raw_model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError):
+        raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights or optimizer state do not fit the "
+                           f"{config.loss} model its config describes; the file was edited or mixed up, "
+                           f"start over with --force") from None
+    if resume["scaler"] and scaler is not None:
+        scaler.load_state_dict(resume["scaler"])
+    set_rng_state(resume["rng"])
 
-    def exit_for_resume(epochs_done, steps_done):
-        say(f"stopped after {epochs_done} complete epoch(s) and {steps_done} step(s) of the next; "
-            f"{outputs / 'last.pth'} holds that state. Continue with:\n"
-            f"  python train.py --project {args.project} --data {args.data} --resume")
-        sys.exit(128 + (stop["signal"] or signal.SIGINT))
 
-    # ---- epochs
-    for epoch in range(start_epoch, config["epochs"]):
-        started = time.time()
-        step0 = start_step if epoch == start_epoch else 0
-        # loss, correct, count, active, steps; a resumed epoch's saved sums are already totals over ranks
-        sums = partial if (epoch == start_epoch and partial and main_process) else [0.0] * 5
-        sampler.set_epoch(epoch, step0)
-        model.train()
-        bar = progress(loader, f"epoch {epoch + 1}/{config['epochs']}", disable=not main_process,
-                       initial=step0, total=step0 + len(sampler), leave=False)
-        step = step0
-        for step, batch in enumerate(bar, start=step0 + 1):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch * steps_per_epoch + step - 1, config["epochs"] * steps_per_epoch, config)
-            generator = torch.Generator().manual_seed(sample_seed(config["seed"] + 1, epoch, step))
-            with autocast(device, amp):
-                loss, correct, count, active = training_loss(model, batch, config, device, generator,
-                                                             criterion, miner, pos_weight)
-            # pytorch-metric-learning's DDP wrapper scales the loss by the world size (see metric_loss)
-            loss_value = loss.item() / (world_size if config["loss"] in METRIC_LOSSES else 1)
-            # Checked before the update (so no NaN reaches the weights) and agreed by every process,
-            # so all of them stop together instead of some waiting in DDP's gradient all-reduce.
-            bad, stopping = reduce_sum([not math.isfinite(loss_value), stop["signal"] is not None], device, world_size)
-            if bad:
-                raise ValueError(f"the training loss became non-finite ({loss_value} on this process) at epoch "
-                                 f"{epoch + 1}, step {step}; lower --lr or try --no-amp. {saved_so_far(outputs)}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            sums = [sums[0] + loss_value * count, sums[1] + float(correct), sums[2] + count,
-                    sums[3] + (0.0 if math.isnan(active) else active), sums[4] + 1]
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
-            if stopping:
-                save_last(epoch, step, reduce_sum(sums, device, world_size))
-                exit_for_resume(epoch, step)
-        bar.close()
+def save_last(training, config, state, outputs, rank):
+    """last.pth: everything --resume needs to continue exactly where the run is (rank 0 writes)."""
+    if rank == 0:
+        save_atomic({"model": training.raw_model.state_dict(), "optimizer": training.optimizer.state_dict(),
+                     "scaler": training.scaler.state_dict(), "config": config.as_dict(), "epoch": state.epoch,
+                     "step": state.step, "partial": state.partial, "best": state.best,
+                     "history": state.history, "rng": rng_state()}, outputs / "last.pth")
 
-        loss_sum, correct, count, active_sum, steps = reduce_sum(sums, device, world_size)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
-               "active_fraction": active_sum / steps if config["loss"] in METRIC_LOSSES else math.nan,
-               "lr": optimizer.param_groups[0]["lr"]}
-        if world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
-            for buffer in raw_model.buffers():
-                dist.broadcast(buffer, 0)
-        try:
-            row.update(validate(raw_model, train, validation, config, device, workers, amp, rank, world_size))
-        except ValueError as error:  # diverged: say what is on disk
-            raise ValueError(f"{error}. {saved_so_far(outputs)}") from None
-        row["seconds"] = time.time() - started
-        history.append(row)
-        say(f"epoch {epoch + 1:>3}/{config['epochs']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} AUC {row['val_auc']:.3f}  "
-            f"({row['seconds']:.0f}s)")
-        if config["loss"] in METRIC_LOSSES and collapse_warning(row):
-            say(collapse_warning(row))
-        score = selection_score(row, config["select"])
-        if best is None or score > best:
-            best = score
-            if main_process:
-                save_atomic({"model": raw_model.state_dict(), "config": config, "epoch": epoch + 1,
-                             "select": config["select"], "score": best[0]}, outputs / "best.pth")
-            say(f"  best {config['select']} so far ({best[0]:.4f}): saved {outputs / 'best.pth'}")
-        save_last(epoch + 1, 0, None)  # first: a history.csv that lists epoch k means last.pth holds it
-        if main_process:
-            write_history(history, outputs / "history.csv")
-            plot_history(history, outputs / "training_validation_metrics.png",
-                         selected_epoch(history, config["select"]))
-        if stop_requested():
-            exit_for_resume(epoch + 1, 0)
 
-    # ---- test evaluation of the best checkpoint (rank 0 alone); Ctrl-C now simply interrupts it
-    for s, handler in previous_handlers.items():
-        signal.signal(s, handler)
-    if world_size > 1:
-        dist.barrier()
-    if main_process:
-        evaluated = splits.get("test", validation)
-        say(f"\nevaluating {outputs / 'best.pth'} on the {evaluated.name} split")
-        best_row = next(row for row in history if row["epoch"] == selected_epoch(history, config["select"]))
-        evaluate(outputs / "best.pth", config["data"], project / "results", gallery_size=config["gallery_size"],
-                 classify=[config["classify"], *applicable_classifiers(config)], k=config["k"], target_sensitivity=args.target_sensitivity,
-                 save_every=args.save_every, batch_size=config["val_batch_size"], device=device,
-                 workers=workers, splits={"train": train, "validation": validation, "evaluated": evaluated}, amp=amp,
-                 started=run_started, summary_rows=[
-                     ("best epoch", f"{best_row['epoch']} of {config['epochs']} ({config['select']} "
-                                    f"{best_row[config['select']]:.4f})"),
-                     ("training curves", str(outputs / "training_validation_metrics.png"))])
+def train_one_epoch(training, config, epoch, state, stop, rank, world_size, device, outputs):
+    """One epoch (or the rest of a resumed one). Returns (sums over all ranks: loss, correct,
+    count, active, steps; the step a signal stopped it at, or None)."""
+    steps_per_epoch = training.steps_per_epoch
+    first_step = state.step if epoch == state.epoch else 0
+    # a resumed epoch's saved sums are already totals over ranks: rank 0 alone starts from them
+    resumed = epoch == state.epoch and state.partial and rank == 0
+    sums = list(state.partial) if resumed else [0.0] * 5
+    training.sampler.set_epoch(epoch, first_step)
+    training.model.train()
+    bar = progress(training.loader, f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
+                       initial=first_step, total=first_step + len(training.sampler), leave=False)
+    metric = LOSSES[config.loss].metric
+    for step, batch in enumerate(bar, start=first_step + 1):
+        for group in training.optimizer.param_groups:
+            group["lr"] = learning_rate(epoch * steps_per_epoch + step - 1, config.epochs * steps_per_epoch, config)
+        generator = torch.Generator().manual_seed(sample_seed(config.seed + 1, epoch, step))
+        with autocast(device, training.amp):
+            loss, correct, count, active = training_loss(training.model, batch, config, device, generator,
+                                                         training.criterion, training.pos_weight)
+        # pytorch-metric-learning's DDP wrapper scales the loss by the world size (see metric_loss)
+        loss_value = loss.item() / (world_size if metric else 1)
+        # Checked before the update (so no NaN reaches the weights) and agreed by every process,
+        # so all of them stop together instead of some waiting in DDP's gradient all-reduce.
+        bad, stopping = reduce_sum([not math.isfinite(loss_value), stop["signal"] is not None], device, world_size)
+        if bad:
+            raise ValueError(f"the training loss became non-finite ({loss_value} on this process) at epoch "
+                             f"{epoch + 1}, step {step}; lower --lr or try --no-amp. {saved_so_far(outputs)}")
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
+        sums = [sums[0] + loss_value * count, sums[1] + float(correct), sums[2] + count,
+                sums[3] + (0.0 if math.isnan(active) else active), sums[4] + 1]
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
+        if stopping:
+            return reduce_sum(sums, device, world_size), step
+    bar.close()
+    return reduce_sum(sums, device, world_size), None
+
+
+def validate_and_save(training, config, epoch, sums, started, state, splits, outputs, workers, rank, world_size,
+                      device):
+    """The epoch's row of history.csv (training sums, validation), best.pth when it improved,
+    then last.pth, history.csv and the curves. Updates `state`."""
+    say = print if rank == 0 else (lambda *a, **k: None)
+    loss_sum, correct, count, active_sum, steps = sums
+    metric = LOSSES[config.loss].metric
+    row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
+           "active_fraction": active_sum / steps if metric else math.nan,
+           "lr": training.optimizer.param_groups[0]["lr"]}
+    if world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
+        for buffer in training.raw_model.buffers():
+            dist.broadcast(buffer, 0)
+    try:
+        row.update(validate(training.raw_model, splits["train"], splits["validation"], config, device, workers,
+                            training.amp, rank, world_size))
+    except ValueError as error:  # diverged: say what is on disk
+        raise ValueError(f"{error}. {saved_so_far(outputs)}") from None
+    row["seconds"] = time.time() - started
+    state.history.append(row)
+    say(f"epoch {epoch + 1:>3}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} AUC {row['val_auc']:.3f}  ({row['seconds']:.0f}s)")
+    if metric and collapse_warning(row):
+        say(collapse_warning(row))
+    score = selection_score(row, config.select)
+    if state.best is None or score > state.best:
+        state.best = score
+        if rank == 0:
+            save_atomic({"model": training.raw_model.state_dict(), "config": config.as_dict(), "epoch": epoch + 1,
+                         "select": config.select, "score": score[0]}, outputs / "best.pth")
+        say(f"  best {config.select} so far ({score[0]:.4f}): saved {outputs / 'best.pth'}")
+    state.epoch, state.step, state.partial = epoch + 1, 0, None
+    save_last(training, config, state, outputs, rank)  # first: a history.csv listing epoch k means last.pth holds it
+    if rank == 0:
+        write_history(state.history, outputs / "history.csv")
+        plot_history(state.history, outputs / "training_validation_metrics.png",
+                     selected_epoch(state.history, config.select))
+
+
+def evaluate_best(args, config, splits, history, outputs, device, workers, amp, started):
+    """predict.evaluate of best.pth on the test split (or validation) into PROJECT/results."""
+    evaluated = splits.get("test", splits["validation"])
+    print(f"\nevaluating {outputs / 'best.pth'} on the {evaluated.name} split")
+    best_row = next(row for row in history if row["epoch"] == selected_epoch(history, config.select))
+    evaluate(outputs / "best.pth", config.data, Path(args.project) / "results", gallery_size=config.gallery_size,
+             score=[config.score, *applicable_scores(config)], k=config.k,
+             target_sensitivity=args.target_sensitivity, save_every=args.save_every,
+             batch_size=config.val_batch_size, device=device, workers=workers,
+             splits={"train": splits["train"], "validation": splits["validation"], "evaluated": evaluated}, amp=amp,
+             started=started, summary_rows=[
+                 ("best epoch", f"{best_row['epoch']} of {config.epochs} ({config.select} "
+                                f"{best_row[config.select]:.4f})"),
+                 ("training curves", str(outputs / "training_validation_metrics.png"))])
 
 
 if __name__ == "__main__":

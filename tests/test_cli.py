@@ -221,7 +221,7 @@ def test_grad_cam_explains_the_siamese_score_against_the_malignant_mean():
     torch.manual_seed(0)
     model = SiameseNetwork("none").eval()
     image, reference = torch.randn(3, 96, 96), torch.randn(1000)
-    heat = predict.grad_cam(model, "bce", image, reference)
+    heat = predict.grad_cam(model, image, reference)
 
     kept = {}
     hook = model.backbone.layer4[-1].register_forward_hook(lambda m, i, out: kept.update(a=out))
@@ -234,7 +234,7 @@ def test_grad_cam_explains_the_siamese_score_against_the_malignant_mean():
     expected = (expected - expected.min()) / (1e-7 + (expected - expected.min()).max())
     assert heat.shape == (96, 96)
     assert np.allclose(heat, expected, atol=1e-4)
-    other = predict.grad_cam(model, "bce", image, -reference)  # another reference: another explanation
+    other = predict.grad_cam(model, image, -reference)  # another reference: another explanation
     assert not np.allclose(heat, other, atol=1e-3)
 
 

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 import dataset
 from dataset import (BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches, batch_pairs,
-                     eval_transform, list_split, load_split, make_pairs, read_rgb, train_transform, use_cache)
+                     eval_transform, list_split, load_split, make_pairs, read_rgb, train_transform, attach_cache)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -450,7 +450,7 @@ def test_eval_transform_is_deterministic_and_is_resize_then_normalise(uint8_imag
     transform = eval_transform(32)
     first, second = transform(uint8_image), transform(uint8_image)
     assert torch.equal(first, second) and first.shape == (3, 32, 32) and first.dtype == torch.float32
-    cached = v2.functional.resize(uint8_image, [dataset.cache_size(32)] * 2, antialias=True)  # as the cache stores it
+    cached = v2.functional.resize(uint8_image, [dataset.cached_side(32)] * 2, antialias=True)  # as the cache stores it
     resized = v2.functional.resize(cached, [32, 32], antialias=True).float() / 255
     mean = torch.tensor(dataset.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(dataset.IMAGENET_STD)[:, None, None]
@@ -470,13 +470,13 @@ def train_split(tiny_data_dir):
 
 def test_image_dataset_augmentation_is_fixed_per_index_and_epoch(train_split):
     data = ImageDataset(train_split, train_transform(32), seed=0, augment=True)
-    image, label, index, is_anchor = data[(3, 1, True)]
+    image, label, is_anchor = data[(3, 1, True)]
     again = data[(3, 1, True)]
     assert torch.equal(image, again[0])
-    assert (label, index, is_anchor) == (int(train_split.labels[3]), 3, True)
+    assert (label, is_anchor) == (int(train_split.labels[3]), True)
     assert not torch.equal(image, data[(3, 2, True)][0])  # another epoch, another augmentation
     assert not torch.equal(image, ImageDataset(train_split, train_transform(32), seed=1, augment=True)[(3, 1, True)][0])
-    assert data[(3, 1, False)][3] is False
+    assert data[(3, 1, False)][2] is False
 
 
 def test_image_dataset_augmentation_leaves_the_global_rng_untouched(train_split):
@@ -489,12 +489,12 @@ def test_image_dataset_augmentation_leaves_the_global_rng_untouched(train_split)
 
 def test_image_dataset_plain_index_is_epoch_zero_anchor(train_split):
     data = ImageDataset(train_split, eval_transform(32))
-    image, label, index, is_anchor = data[7]
+    image, label, is_anchor = data[7]
     assert torch.equal(image, eval_transform(32)(read_rgb(train_split.paths[7])))
-    assert (label, index, is_anchor) == (int(train_split.labels[7]), 7, True)
+    assert (label, is_anchor) == (int(train_split.labels[7]), True)
     assert len(data) == len(train_split)
-    images, labels, indices, anchors = dataset.collate_images([data[0], data[9]])
-    assert images.shape == (2, 3, 32, 32) and indices.tolist() == [0, 9]
+    images, labels, anchors = dataset.collate_images([data[0], data[9]])
+    assert images.shape == (2, 3, 32, 32)
     assert labels.tolist() == [int(train_split.labels[0]), int(train_split.labels[9])]
     assert anchors.tolist() == [True, True]
 
@@ -532,8 +532,8 @@ def test_pair_dataset_augments_each_image_as_image_dataset_does(train_split):
 def test_use_cache_builds_once_and_reuses_the_file(tiny_data_dir, tmp_path):
     cache = tmp_path / "cache"
     split = load_split(tiny_data_dir, "validation")
-    path = use_cache(split, cache, 32)
-    size = dataset.cache_size(32)
+    path = attach_cache(split, cache, 32)
+    size = dataset.cached_side(32)
     assert size == 37 and path.exists() and path.name.startswith(f"validation-{size}px-")
     assert split.cache.shape == (len(split), 3, size, size) and split.cache.dtype == np.uint8
     meta = json.loads(path.with_suffix(".json").read_text())
@@ -541,15 +541,15 @@ def test_use_cache_builds_once_and_reuses_the_file(tiny_data_dir, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
     stamp = path.stat().st_mtime_ns
     again = load_split(tiny_data_dir, "validation")
-    assert use_cache(again, cache, 32) == path
+    assert attach_cache(again, cache, 32) == path
     assert path.stat().st_mtime_ns == stamp  # reused, not rewritten
-    assert use_cache(load_split(tiny_data_dir, "validation"), cache, 64) != path  # another size, another key
+    assert attach_cache(load_split(tiny_data_dir, "validation"), cache, 64) != path  # another size, another key
 
 
 def test_cache_reads_equal_the_resized_jpeg(tiny_data_dir, tmp_path):
     split = load_split(tiny_data_dir, "test")
-    use_cache(split, tmp_path / "cache", 32)
-    size = dataset.cache_size(32)
+    attach_cache(split, tmp_path / "cache", 32)
+    size = dataset.cached_side(32)
     for index in range(len(split)):
         cached = split.read(index)
         assert cached.dtype == torch.uint8
@@ -560,15 +560,15 @@ def test_cache_reads_equal_the_resized_jpeg(tiny_data_dir, tmp_path):
 def test_cache_key_changes_when_a_file_is_touched_or_added(tiny_data_dir, tmp_path):
     data = copy_of(tiny_data_dir, tmp_path)
     cache = tmp_path / "cache"
-    first = use_cache(load_split(data, "train"), cache, 32)
+    first = attach_cache(load_split(data, "train"), cache, 32)
     target = load_split(data, "train").paths[2]
     stat = target.stat()
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
-    touched = use_cache(load_split(data, "train"), cache, 32)
+    touched = attach_cache(load_split(data, "train"), cache, 32)
     assert touched != first and touched.exists()
     shutil.copy(target, target.with_name("added.jpg"))
     split = load_split(data, "train")
-    added = use_cache(split, cache, 32)
+    added = attach_cache(split, cache, 32)
     assert added not in (first, touched) and split.cache.shape[0] == sum(TINY_COUNTS["train"]) + 1
 
 

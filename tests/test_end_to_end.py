@@ -105,7 +105,7 @@ def test_predict_single_images_and_pairs(trained, tiny_data):
 
 @pytest.mark.parametrize("flags", [["--loss", "contrastive"], ["--loss", "triplet", "--miner", "hard"],
                                    ["--loss", "ce"], ["--pairing", "two-pass"],
-                                   ["--loss", "triplet", "--classify", "prototype", "--select", "val_loss"]])
+                                   ["--loss", "triplet", "--score", "prototype", "--select", "val_loss"]])
 def test_every_loss_and_pairing_trains_and_evaluates(flags, tiny_data, tmp_path):
     project = tmp_path / "exp"
     args = TINY[:]
@@ -182,6 +182,6 @@ def test_data_without_a_test_split_trains_and_reports_validation(tiny_data, tmp_
     assert metrics["evaluated_split"] == "val" and metrics["n_val_images"] == 10
     assert metrics["val_auc"] == pytest.approx(metrics["val_auc"]) and metrics["tta"] is True
     # every classifier the tuned Siamese model supports, scored from the same embeddings
-    assert set(metrics["other_classifiers"]) == {"head-knn", "knn", "prototype", "direct"}
-    for other in metrics["other_classifiers"].values():
+    assert set(metrics["other_scores"]) == {"head-knn", "knn", "prototype", "direct"}
+    for other in metrics["other_scores"].values():
         assert 0 <= other["auc"] <= 1 and other["tn"] + other["fp"] == 6

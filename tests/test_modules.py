@@ -13,7 +13,7 @@ import torchvision
 from pytorch_metric_learning import losses, miners
 
 import modules
-from modules import (EmbeddingNetwork, ImageClassifier, SiameseNetwork, WeightsError, active_fraction,
+from modules import (LOSSES, EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork, WeightsError, active_fraction,
                      build_model, load_checkpoint, metric_loss, resnet18_backbone, save_atomic)
 
 SIZE = 32
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def config_for(loss, **extra):
-    return {"loss": loss, "weights": "none", "embed_dim": 16, "image_size": 32, "seed": 0, "benign_limit": [0, 0, 0],
-            **extra}
+    return RunConfig(**{"loss": loss, "weights": "none", "embed_dim": 16, "image_size": 32, "seed": 0,
+                        "benign_limit": [0, 0, 0], **extra})
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +274,7 @@ def test_load_checkpoint_round_trip_gives_the_same_outputs(tmp_path, images, los
         if loss == "bce":
             model.pair_logits(features, features.roll(1, 0))
     model.eval()
-    save_atomic({"model": model.state_dict(), "config": config_for(loss, seed=3), "epoch": 4}, tmp_path / "best.pth")
+    save_atomic({"model": model.state_dict(), "config": config_for(loss, seed=3).as_dict(), "epoch": 4}, tmp_path / "best.pth")
     loaded, config, checkpoint = load_checkpoint(tmp_path / "best.pth")
     assert type(loaded) is type(model) and not loaded.training
     assert config == config_for(loss, seed=3) and checkpoint["epoch"] == 4
@@ -292,7 +292,7 @@ def test_load_checkpoint_of_a_plain_state_dict_raises_weights_error(tmp_path, si
 
 
 def test_load_checkpoint_whose_weights_do_not_fit_its_config_raises_weights_error(tmp_path, siamese):
-    save_atomic({"model": siamese.state_dict(), "config": config_for("ce")}, tmp_path / "mixed.pth")
+    save_atomic({"model": siamese.state_dict(), "config": config_for("ce").as_dict()}, tmp_path / "mixed.pth")
     with pytest.raises(WeightsError, match="do not fit"):
         load_checkpoint(tmp_path / "mixed.pth")
 
@@ -379,10 +379,36 @@ def test_validation_embedding_spread_is_zero_for_collapsed_embeddings(tiny_data_
         model.projection.weight.zero_()
         model.projection.bias.fill_(1.0)
     train, validation = load_split(tiny_data_dir, "train"), load_split(tiny_data_dir, "validation")
-    config = {"image_size": SIZE, "val_batch_size": 8, "seed": 0, "gallery_size": 3, "classify": "knn", "k": 3}
+    config = {"image_size": SIZE, "val_batch_size": 8, "seed": 0, "gallery_size": 3, "score": "knn", "k": 3}
     row = train_module.validate(model, train, validation, config, torch.device("cpu"), 0, False, 0, 1)
     assert row["embedding_spread"] == pytest.approx(0.0, abs=1e-6)
     # and the same model with a working projection has a clearly non-zero spread
     model.projection.reset_parameters()
     row = train_module.validate(model, train, validation, config, torch.device("cpu"), 0, False, 0, 1)
     assert row["embedding_spread"] > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss table and the run configuration
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_each_loss_row_builds_its_network_and_its_default_score_applies(name):
+    from predict import applicable_scores, resolve_score
+
+    loss = LOSSES[name]
+    model = build_model(config_for(name))
+    assert isinstance(model, {"bce": SiameseNetwork, "ce": ImageClassifier}.get(name, EmbeddingNetwork))
+    assert resolve_score(config_for(name)) == loss.default_score in applicable_scores(config_for(name))
+    assert (loss.criterion(config_for(name, margin=0.3, miner="all")) is None) == (not loss.metric)
+
+
+def test_a_config_saved_before_the_levers_existed_loads_with_the_studys_values(tmp_path):
+    old = {key: value for key, value in config_for("bce").as_dict().items()
+           if key not in ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")}
+    config = RunConfig.from_dict(old, tmp_path / "old.pth")
+    assert (config.recipe, config.optimizer, config.schedule, config.aux_weight, config.tta) == (
+        "study", "adam", "constant", 0.0, False)
+    assert RunConfig.from_dict(config.as_dict(), tmp_path / "x.pth") == config  # a plain dict round trip
+    with pytest.raises(WeightsError, match="has lr = -1"):
+        RunConfig.from_dict({**old, "lr": -1}, tmp_path / "bad.pth")

@@ -11,8 +11,8 @@ import torch
 
 import predict
 from dataset import eval_transform, load_split, make_pairs
-from modules import EmbeddingNetwork, ImageClassifier, SiameseNetwork
-from predict import (choose_gallery, embed_images, malignant_probability, pick_device, resolve_classifier,
+from modules import EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork
+from predict import (choose_gallery, embed_images, malignant_probability, pick_device, resolve_score,
                      similarity_matrix)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,8 +159,8 @@ def test_similarity_matrix_puts_the_model_in_eval_mode():
 def test_score_split_scores_the_fixed_pairs_of_make_pairs(siamese):
     features, gallery, gallery_labels = toy(10, 4, 1000, seed=5)
     labels = np.array([0] * 6 + [1] * 4)
-    scores, summary, (partners, targets, similarity) = predict.score_split(
-        siamese, features, labels, gallery, gallery_labels, "knn", 3, seed=9)
+    scored = predict.score_split(siamese, features, labels, gallery, gallery_labels, "knn", 3, seed=9)
+    scores, summary, (partners, targets, similarity) = scored.scores, scored.pair_summary, scored.pairs
     expected_partners, expected_targets = make_pairs(labels, 9)
     assert np.array_equal(partners, expected_partners) and np.array_equal(targets, expected_targets)
     with torch.no_grad():
@@ -195,22 +195,22 @@ def test_embed_images_of_an_embedding_model_gives_unit_rows(tiny_data_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# resolve_classifier and pick_device
+# resolve_score and pick_device
 
 
-def test_resolve_classifier_defaults_per_loss():
-    assert resolve_classifier({"loss": "bce"}) == "gallery"
-    assert resolve_classifier({"loss": "ce"}) == "direct"
-    assert resolve_classifier({"loss": "contrastive"}) == "knn"
-    assert resolve_classifier({"loss": "triplet"}, "auto") == "knn"
+def test_resolve_score_defaults_per_loss():
+    assert resolve_score(RunConfig(loss="bce")) == "gallery"
+    assert resolve_score(RunConfig(loss="ce")) == "direct"
+    assert resolve_score(RunConfig(loss="contrastive")) == "knn"
+    assert resolve_score(RunConfig(loss="triplet"), "auto") == "knn"
 
 
-def test_resolve_classifier_keeps_an_explicit_choice_and_refuses_direct_without_a_classifier():
-    assert resolve_classifier({"loss": "bce"}, "prototype") == "prototype"
-    assert resolve_classifier({"loss": "triplet"}, "gallery") == "gallery"
-    assert resolve_classifier({"loss": "ce"}, "direct") == "direct"
+def test_resolve_score_keeps_an_explicit_choice_and_refuses_direct_without_a_classifier():
+    assert resolve_score(RunConfig(loss="bce"), "prototype") == "prototype"
+    assert resolve_score(RunConfig(loss="triplet"), "gallery") == "gallery"
+    assert resolve_score(RunConfig(loss="ce"), "direct") == "direct"
     with pytest.raises(ValueError, match="--loss ce"):
-        resolve_classifier({"loss": "bce"}, "direct")
+        resolve_score(RunConfig(loss="bce"), "direct")
 
 
 def test_pick_device_auto_falls_back_to_cpu(monkeypatch):
@@ -327,8 +327,8 @@ def test_tta_embedding_is_the_mean_over_the_four_flips(tiny_data_dir, siamese):
     assert not torch.allclose(result, embed_images(siamese, split, 32, 4, torch.device("cpu")), atol=1e-4)
 
 
-def test_applicable_classifiers_follow_the_model():
-    assert predict.applicable_classifiers({"loss": "bce"}) == ["gallery", "head-knn", "knn", "prototype"]
-    assert "direct" in predict.applicable_classifiers({"loss": "bce", "aux_weight": 1.0})
-    assert predict.applicable_classifiers({"loss": "triplet"}) == ["gallery", "knn", "prototype"]
-    assert "direct" in predict.applicable_classifiers({"loss": "ce"})
+def test_applicable_scores_follow_the_model():
+    assert predict.applicable_scores(RunConfig(loss="bce")) == ["gallery", "head-knn", "knn", "prototype"]
+    assert "direct" in predict.applicable_scores(RunConfig(loss="bce", aux_weight=1.0))
+    assert predict.applicable_scores(RunConfig(loss="triplet")) == ["gallery", "knn", "prototype"]
+    assert "direct" in predict.applicable_scores(RunConfig(loss="ce"))
