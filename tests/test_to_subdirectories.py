@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -99,9 +98,7 @@ def isic2020(tmp_path_factory):
 def test_full_scale_isic2020_split(isic2020, tmp_path, capsys):
     images, truth = isic2020
     assert len(truth) == 33126
-    start = time.perf_counter()
     info = run_main(ISIC2020_CSV, images, tmp_path / "DATA", "--seed", "0")
-    first_run = time.perf_counter() - start
     printed = capsys.readouterr().out
     placed = layout(tmp_path / "DATA")
 
@@ -137,7 +134,6 @@ def test_full_scale_isic2020_split(isic2020, tmp_path, capsys):
     assert again == [placed[r["name"]][0] for r in rows]
     other = tsd.split_indices(labels, groups, RATIOS, seed=1)
     assert other != again
-    assert first_run < 60, f"full-scale split took {first_run:.1f} s"  # ~5 s on an idle 2-core VM
     shutil.rmtree(tmp_path / "DATA")
 
 
