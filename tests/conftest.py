@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny synthetic data folder (made once per session) and the real ISIC sample."""
+import re
 import sys
 from pathlib import Path
 
@@ -42,3 +43,28 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def help_entries(help_text):
+    """{flag: its help text, wrapped lines joined} of every option in argparse's --help output;
+    a flag without a help string maps to ''. Both spellings of a BooleanOptionalAction
+    (--tta, --no-tta) map to the same text."""
+    options = help_text[help_text.index("\noptions:\n") + len("\noptions:\n"):]
+    entries, flags = {}, []
+    for line in options.splitlines():
+        if line.startswith("  -"):  # a new option: its invocation, then (after 2+ spaces) its help
+            invocation, _, text = line.strip().partition("  ")
+            flags = re.findall(r"--[\w-]+", invocation)
+            for flag in flags:
+                entries[flag] = text.strip()
+        elif line.startswith("    ") and flags:  # the help continued on an indented line
+            for flag in flags:
+                entries[flag] = f"{entries[flag]} {line.strip()}".strip()
+        else:  # a blank line or another section ends the options
+            flags = []
+    return entries
+
+
+@pytest.fixture
+def parse_help():
+    return help_entries
