@@ -60,7 +60,8 @@ def test_each_loss_decreases_on_a_tiny_batch_within_a_few_steps(loss, tiny_data_
     batch = collate_images([dataset[item] for item in next(iter(sampler))])
     model = build_model(config)
     criterion, miner = metric_loss(loss, config["margin"], config["miner"]) if loss in ("contrastive", "triplet") else (None, None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # small steps: at 1e-3 the semi-hard triplets mined change from step to step and the loss oscillates
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     losses = []
     for _ in range(6):
         generator = torch.Generator().manual_seed(0)  # the same pairs every step: a fixed objective
