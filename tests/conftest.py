@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny synthetic data folder (made once per session) and the real ISIC sample."""
+"""Shared fixtures: a tiny synthetic data folder and one tiny project trained on it by the real
+command line (each made once per session, or once per worker under pytest -n), the real ISIC
+sample, one torch thread, and a short bootstrap for in-process evaluations."""
+import functools
 import re
 import sys
 from pathlib import Path
@@ -8,6 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from helpers import TINY, run_script  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}  # (benign, malignant) per split
@@ -22,6 +27,28 @@ def tiny_data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_data")
     dataset.make_synthetic(out, size=48, seed=0, counts=TINY_COUNTS)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_project(tiny_data_dir, tmp_path_factory):
+    """(project, stdout) of `train.py --project P --data tiny_data_dir TINY` (2 epochs and the full
+    test evaluation) as a user runs it. Shared: tests add single-image figures under
+    P/predictions/ and evaluate into folders of their own; one that re-evaluates into the
+    project or changes a file works on a copy."""
+    project = tmp_path_factory.mktemp("trained") / "exp"
+    stdout = run_script("train.py", "--project", project, "--data", tiny_data_dir, *TINY)
+    return project, stdout
+
+
+@pytest.fixture
+def quick_bootstrap(monkeypatch):
+    """50 bootstrap resamples of the AUC interval instead of 1000 in an in-process evaluation: the
+    interval itself is checked in test_metrics.py, and 1000 resamples for each classifier are
+    most of an evaluation's time on tiny data."""
+    import metrics
+    import predict
+
+    monkeypatch.setattr(predict, "image_metrics", functools.partial(metrics.image_metrics, n_bootstrap=50))
 
 
 @pytest.fixture(scope="session")
