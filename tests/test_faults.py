@@ -49,11 +49,11 @@ import modules  # noqa: E402
 import predict  # noqa: E402
 import train  # noqa: E402
 from dataset import DataError, make_synthetic  # noqa: E402
+from helpers import SUBPROCESS_ENV  # noqa: E402
 from modules import WeightsError  # noqa: E402
 
 COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SUBPROCESS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 # The broken files of the module's data set (data_dir); each must be excluded at start-up.
 EXCLUDED = {"zero_bytes.jpg", "truncated.jpg", "not_a_jpeg.jpg", "notes.txt", "huge.jpg", "zero_val.jpg"}
 
