@@ -76,15 +76,8 @@ def file_name(name):
     return name if name.lower().endswith(IMAGE_EXTENSIONS) else name + ".jpg"
 
 
-def read_metadata(csv_path, split_column="split"):
-    """Usable rows of the metadata CSV and a report of what was skipped and why.
-
-    rows: [{"name": file name on disk, "target": 0 or 1, "patient_id": str, or None if blank,
-            "split": one of SPLITS from the split column, or None when the CSV has none}]
-    report: columns, name_column, has_patient_id, split_column (or None), rows_read and the
-    lists of skipped rows.
-    """
-    csv_path = Path(csv_path)
+def read_csv(csv_path):
+    """The header and the (line number, cells) records of the CSV; one-line errors if unreadable."""
     if not csv_path.is_file():
         die(f"--csv {csv_path}: no such file; point it at train-metadata.csv of the ISIC download")
     try:
@@ -97,33 +90,36 @@ def read_metadata(csv_path, split_column="split"):
         die(f"--csv {csv_path}: not UTF-8 text; save it as a UTF-8 CSV")
     except (OSError, csv.Error) as e:
         die(f"--csv {csv_path}: cannot read it ({e})")
-    if not header or not any(cell.strip() for cell in header):
+    if not header or not any(value.strip() for value in header):
         die(f"--csv {csv_path}: the file is empty; expected a header with isic_id (or image_name) and target")
+    return header, records
 
-    # Columns are matched case-insensitively and without surrounding spaces.
-    columns = [cell.strip() for cell in header]
+
+def find_columns(header, csv_path):
+    """(column names, {lower-case name: index}, the file name column). Columns are matched
+    case-insensitively and without surrounding spaces; the first of two equal names wins."""
+    columns = [value.strip() for value in header]
     index = {column.lower(): i for i, column in reversed(list(enumerate(columns)))}
     name_column = next((c for c in NAME_COLUMNS if c in index), None)
     if name_column is None or "target" not in index:
         hint = " (is it comma-separated?)" if len(columns) == 1 and any(s in columns[0] for s in ";\t") else ""
         die(f"--csv {csv_path}: expected columns isic_id (or image_name) and target, "
             f"found {', '.join(columns)}{hint}")
-    records = [(line, record) for line, record in records if any(cell.strip() for cell in record)]
-    if not records:
-        die(f"--csv {csv_path}: the file has a header but no rows")
+    return columns, index, name_column
 
-    def cell(record, column):
-        i = index.get(column)
-        return record[i].strip() if i is not None and i < len(record) else ""
 
-    has_split = split_column.lower() in index
-    report = {"columns": columns, "name_column": name_column, "has_patient_id": "patient_id" in index,
-              "split_column": split_column.lower() if has_split else None,
-              "rows_read": len(records), "bad_names": [], "bad_targets": [], "bad_splits": [], "duplicates": [],
-              "conflicting_duplicates": [], "blank_patient_ids": 0}
+def cell(record, index, column):
+    """The stripped cell of a named (lower-case) column; '' when the column or the cell is absent."""
+    i = index.get(column)
+    return record[i].strip() if i is not None and i < len(record) else ""
+
+
+def parse_rows(records, index, split_column, report):
+    """The usable rows of the records; every skipped row is listed in report under its reason."""
+    name_column, has_split = report["name_column"], report["split_column"] is not None
     rows, seen = [], {}
     for line, record in records:
-        raw_name, raw_target = cell(record, name_column), cell(record, "target")
+        raw_name, raw_target = cell(record, index, name_column), cell(record, index, "target")
         name = file_name(raw_name)
         if name is None:
             report["bad_names"].append(f"line {line}: {raw_name!r}")
@@ -132,9 +128,10 @@ def read_metadata(csv_path, split_column="split"):
         if target is None:
             report["bad_targets"].append(f"{raw_name} (target={raw_target!r})")
             continue
-        split = SPLIT_VALUES.get(cell(record, split_column.lower()).lower()) if has_split else None
+        raw_split = cell(record, index, split_column.lower())
+        split = SPLIT_VALUES.get(raw_split.lower()) if has_split else None
         if has_split and split is None:
-            report["bad_splits"].append(f"{raw_name} ({split_column}={cell(record, split_column.lower())!r})")
+            report["bad_splits"].append(f"{raw_name} ({split_column}={raw_split!r})")
             continue
         if name in seen:  # the same image twice: keep the first row
             report["duplicates"].append(raw_name)
@@ -142,10 +139,32 @@ def read_metadata(csv_path, split_column="split"):
                 report["conflicting_duplicates"].append(raw_name)
             continue
         seen[name] = target
-        patient = cell(record, "patient_id") or None
+        patient = cell(record, index, "patient_id") or None
         report["blank_patient_ids"] += report["has_patient_id"] and patient is None
         rows.append({"name": name, "target": target, "patient_id": patient, "split": split})
-    return rows, report
+    return rows
+
+
+def read_metadata(csv_path, split_column="split"):
+    """Usable rows of the metadata CSV and a report of what was skipped and why.
+
+    rows: [{"name": file name on disk, "target": 0 or 1, "patient_id": str, or None if blank,
+            "split": one of SPLITS from the split column, or None when the CSV has none}]
+    report: columns, name_column, has_patient_id, split_column (or None), rows_read and the
+    lists of skipped rows.
+    """
+    csv_path = Path(csv_path)
+    header, records = read_csv(csv_path)
+    columns, index, name_column = find_columns(header, csv_path)
+    records = [(line, record) for line, record in records if any(value.strip() for value in record)]
+    if not records:
+        die(f"--csv {csv_path}: the file has a header but no rows")
+    has_split = split_column.lower() in index
+    report = {"columns": columns, "name_column": name_column, "has_patient_id": "patient_id" in index,
+              "split_column": split_column.lower() if has_split else None,
+              "rows_read": len(records), "bad_names": [], "bad_targets": [], "bad_splits": [], "duplicates": [],
+              "conflicting_duplicates": [], "blank_patient_ids": 0}
+    return parse_rows(records, index, split_column, report), report
 
 
 def print_report(report, csv_path):
@@ -385,40 +404,57 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_flags(args):
+    """The three ratios as floats; --ratios and --seed checked."""
     ratios = [float(r) for r in args.ratios]
     if not all(r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:  # 'r > 0' is False for NaN too
         die(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: need three fractions > 0 that sum to 1, "
             f"e.g. --ratios 0.7 0.15 0.15")
     if not 0 <= args.seed < 2**32:
         die(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
-    csv_path, images = Path(args.csv), Path(args.images)
-    out = Path(os.path.abspath(args.out))  # absolute without following a symlinked --out
-    out = out.resolve() if out.is_symlink() else out  # the temp folder must sit next to the real one
+    return ratios
+
+
+def output_folder(out):
+    """--out made absolute without following a symlinked --out, then the symlink resolved: the
+    temp folder must sit next to the real folder."""
+    out = Path(os.path.abspath(out))
+    return out.resolve() if out.is_symlink() else out
+
+
+def check_folders(images, out, force):
+    """--images exists, --out is a folder (or absent) apart from --images and empty unless --force."""
     if not images.is_dir():
         die(f"--images {images}: no such folder; point it at the folder with the .jpg files "
             f"(train-image/image in the Kaggle download)")
     if out.exists() and not out.is_dir():
         die(f"--out {out}: is a file, not a folder; choose another --out")
     # --force replaces folders in --out: never where the source images are, nor inside their folder
-    if inside(images, out) or (args.force and inside(out, images)):
+    if inside(images, out) or (force and inside(out, images)):
         die(f"--out {out} and --images {images} overlap (one folder is inside the other), so --force "
             f"could delete source images; choose an --out outside the image folder")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
+    if out.is_dir() and any(out.iterdir()) and not force:
         die(f"--out {out}: folder is not empty; pass --force to replace the split in it, "
             f"or choose another --out")
 
-    # 1. Read the CSV and keep the rows whose image is on disk.
-    rows, report = read_metadata(csv_path, args.split_column or "split")
-    if args.split_column and not report["split_column"]:
-        die(f"--split-column {args.split_column}: {csv_path} has no such column (it has "
+
+def read_rows(csv_path, split_column):
+    """The usable rows of the CSV and the report on it (printed); split_column is the
+    --split-column flag (None: use a column named 'split' when there is one)."""
+    rows, report = read_metadata(csv_path, split_column or "split")
+    if split_column and not report["split_column"]:
+        die(f"--split-column {split_column}: {csv_path} has no such column (it has "
             f"{', '.join(report['columns'])}); name another or leave the flag out to draw a split")
     print(f"{csv_path}: {report['rows_read']:,} rows, file name column {report['name_column']}")
     print_report(report, csv_path)
     if not rows:
         die(f"--csv {csv_path}: no usable rows left (see the warnings above); "
             f"every row needs a file name and a target of 0 or 1")
+    return rows, report
+
+
+def keep_rows_on_disk(rows, images, csv_path):
+    """(the rows whose image is in the folder, the names of the missing images)."""
     try:
         on_disk = {entry.name for entry in os.scandir(images) if entry.is_file()}
     except OSError as e:
@@ -432,18 +468,23 @@ def main(argv=None):
         hint = f" (did you mean --images {images / 'image'}?)" if (images / "image").is_dir() else ""
         die(f"--images {images}: none of the images listed in {csv_path} is there{hint}; "
             f"expected files like {images / missing[0]}")
+    return rows, missing
 
-    # 2. Split: the CSV's own split column when it has one, else drawn here, grouped by patient
-    #    when the CSV says who the patient is, else per image.
-    labels = [row["target"] for row in rows]
-    grouped = report["has_patient_id"] and any(row["patient_id"] for row in rows)
+
+def assign_splits(rows, report, grouped, ratios, seed, csv_path):
+    """The split of each row: the CSV's own split column when it has one, else drawn here,
+    grouped by patient when the CSV says who the patient is, else per image."""
     if report["split_column"]:
-        assignment = [row["split"] for row in rows]
         print(f"using the split in column {report['split_column']} of {csv_path} (--ratios and --seed do not apply)")
-    else:
-        assignment = draw_split(rows, labels, grouped, report["has_patient_id"], ratios, args.seed, csv_path)
-    n_patients = len({row["patient_id"] for row in rows} - {None}) if grouped else None
+        return [row["split"] for row in rows]
+    labels = [row["target"] for row in rows]
+    return draw_split(rows, labels, grouped, report["has_patient_id"], ratios, seed, csv_path)
 
+
+def count_splits(rows, assignment, grouped, from_column, csv_path, out):
+    """{split: benign, malignant, total and patients (None unless grouped)} of every split that
+    has images; a split without one of the classes is an error."""
+    labels = [row["target"] for row in rows]
     counts = {}
     for split in SPLITS:
         members = [i for i, s in enumerate(assignment) if s == split]
@@ -455,33 +496,48 @@ def main(argv=None):
         counts[split] = {"benign": c[0], "malignant": c[1], "total": len(members), "patients": patients}
         for label, class_name in enumerate(CLASS_NAMES):
             if c[label] == 0:
-                fix = ("the CSV's split column puts none there; fix the column" if report["split_column"] else
+                fix = ("the CSV's split column puts none there; fix the column" if from_column else
                        f"the class has only {labels.count(label)}; add more {class_name} images or change "
                        f"--ratios or --seed")
                 die(f"the split left {split} without {class_name} images ({fix})")
+    return counts
 
-    # 3. Build everything in a temp folder next to --out, then move it into place in one go, so
-    #    an interrupted run never leaves a half-written split that looks complete.
-    tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
+
+def split_info(args, ratios, report, grouped, csv_path, images, counts, n_patients, n_missing):
+    """What split.json records; "files" (how many were linked or copied) is filled in by write_split."""
+    drawn = {"seed": args.seed, "ratios": dict(zip(SPLITS, ratios)),
+             "grouping": "patient_id" if grouped else "image"}
+    return {**({"split_column": report["split_column"]} if report["split_column"] else drawn),
+            "source_csv": str(csv_path.resolve()), "images": str(images.resolve()),
+            "counts": counts, "patients": n_patients, "files": {},
+            "skipped": {"missing_images": n_missing, "bad_names": len(report["bad_names"]),
+                        "bad_targets": len(report["bad_targets"]), "bad_splits": len(report["bad_splits"]),
+                        "duplicates": len(report["duplicates"])}}
+
+
+def place_images(tmp, rows, assignment, splits, images, copy):
+    """Link or copy every row's image into tmp/<split>/<label>/; how many of each, as a Counter."""
     methods = Counter()
+    folders = {(split, label): tmp / split / str(label) for split in splits for label in (0, 1)}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+    for row, split in zip(rows, assignment):  # os.path.join: pathlib costs a second per 33k files
+        src = os.path.join(images, row["name"])
+        dst = os.path.join(folders[split, row["target"]], row["name"])
+        methods[place(src, dst, copy)] += 1
+    return methods
+
+
+def write_split(out, rows, assignment, images, copy, info, csv_path):
+    """Build the split and split.json in a temp folder next to --out, then move it into place in
+    one go, so an interrupted run never leaves a half-written split that looks complete.
+    Sets info["files"]; returns the Counter of linked and copied images."""
+    tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         remove(tmp)
-        folders = {(split, label): tmp / split / str(label) for split in counts for label in (0, 1)}
-        for folder in folders.values():
-            folder.mkdir(parents=True)
-        for row, split in zip(rows, assignment):  # os.path.join: pathlib costs a second per 33k files
-            src = os.path.join(images, row["name"])
-            dst = os.path.join(folders[split, row["target"]], row["name"])
-            methods[place(src, dst, args.copy)] += 1
-        drawn = {"seed": args.seed, "ratios": dict(zip(SPLITS, ratios)),
-                 "grouping": "patient_id" if grouped else "image"}
-        info = {**({"split_column": report["split_column"]} if report["split_column"] else drawn),
-                "source_csv": str(csv_path.resolve()), "images": str(images.resolve()),
-                "counts": counts, "patients": n_patients, "files": dict(methods),
-                "skipped": {"missing_images": len(missing), "bad_names": len(report["bad_names"]),
-                            "bad_targets": len(report["bad_targets"]), "bad_splits": len(report["bad_splits"]),
-                            "duplicates": len(report["duplicates"])}}
+        methods = place_images(tmp, rows, assignment, info["counts"], images, copy)
+        info["files"] = dict(methods)
         (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
         move_into_place(tmp, out)
     except KeyboardInterrupt as interrupt:
@@ -500,12 +556,34 @@ def main(argv=None):
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+    return methods
 
+
+def print_summary(out, methods, copy, counts, grouped, n_patients):
     how = ", ".join(f"{n:,} {'hard-linked' if m == 'link' else 'copied'}" for m, n in sorted(methods.items()))
-    if methods["copy"] and not args.copy:
+    if methods["copy"] and not copy:
         how += " (hard links were not possible here, e.g. another file system)"
     print(f"wrote {out} ({how}):")
     print_table(counts, grouped, n_patients)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ratios = check_flags(args)
+    csv_path, images, out = Path(args.csv), Path(args.images), output_folder(args.out)
+    check_folders(images, out, args.force)
+    # 1. Read the CSV and keep the rows whose image is on disk.
+    rows, report = read_rows(csv_path, args.split_column)
+    rows, missing = keep_rows_on_disk(rows, images, csv_path)
+    # 2. Split, and count what each split holds.
+    grouped = report["has_patient_id"] and any(row["patient_id"] for row in rows)
+    assignment = assign_splits(rows, report, grouped, ratios, args.seed, csv_path)
+    n_patients = len({row["patient_id"] for row in rows} - {None}) if grouped else None
+    counts = count_splits(rows, assignment, grouped, report["split_column"], csv_path, out)
+    # 3. Write the folders and split.json.
+    info = split_info(args, ratios, report, grouped, csv_path, images, counts, n_patients, len(missing))
+    methods = write_split(out, rows, assignment, images, args.copy, info, csv_path)
+    print_summary(out, methods, args.copy, counts, grouped, n_patients)
     return info
 
 

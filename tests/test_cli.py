@@ -22,11 +22,10 @@ import compare
 import predict
 import to_subdirectories
 import train
+from helpers import TINY
 from modules import SiameseNetwork, load_checkpoint, load_state
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--weights", "none", "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--val-batch-size", "8",
-        "--lr", "1e-3", "--workers", "0", "--gallery-size", "4", "--save-every", "5"]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
@@ -39,14 +38,10 @@ def exit_of(function, *args):
     return (code, stderr.getvalue()) if isinstance(code, int) else (1, f"{code}\n")  # sys.exit("message")
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_data_dir, tmp_path_factory):
-    """A tiny trained project, and what train.py printed."""
-    project = tmp_path_factory.mktemp("cli") / "exp"
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        train.main(["--project", str(project), "--data", str(tiny_data_dir), *TINY])
-    return project, stdout.getvalue()
+@pytest.fixture
+def trained(trained_project):
+    """The session's tiny project trained by train.py (conftest.trained_project), and what it printed."""
+    return trained_project
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +137,7 @@ def test_train_ends_with_a_summary(trained):
     assert "2 prediction_results_<i>.png" in figures  # pairs 0 and 5 of 10
 
 
-def test_predict_evaluation_ends_with_a_summary(trained, tiny_data_dir, tmp_path, capsys):
+def test_predict_evaluation_ends_with_a_summary(trained, tiny_data_dir, tmp_path, capsys, quick_bootstrap):
     project, _ = trained
     predict.main(["--project", str(project), "--data", str(tiny_data_dir), "--out", str(tmp_path / "results"),
                   "--gallery-size", "4", "--save-every", "5"])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from dataset import make_synthetic
+from helpers import SUBPROCESS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +22,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
                "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--val-batch-size", "4",
                "--lr", "1e-3", "--workers", "0", "--gallery-size", "4", "--save-every", "5",
                "--cache", str(tmp_path / "cache")]  # --sync-bn needs CUDA
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # rank 0 alone prints the epoch summaries and writes the files
     assert result.stdout.count("epoch   1/2") == 1 and result.stdout.count("epoch   2/2") == 1
@@ -32,46 +33,59 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 3  # one cache per split, built once
 
 
-def _wrapped_loss_on_half(rank, name, miner, init_file, results):
+DDP_CASES = [("triplet", "all"), ("contrastive", "all")]
+
+
+def _batch():
     import torch
+
+    torch.manual_seed(0)
+    return torch.nn.functional.normalize(torch.randn(16, 8), dim=1), torch.tensor([0, 1] * 8)
+
+
+def _wrapped_losses_on_half(rank, init_file, results):
     import torch.distributed as dist
 
     from modules import metric_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    embeddings = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
-    labels = torch.tensor([0, 1] * 8)
+    embeddings, labels = _batch()
     half = slice(rank * 8, rank * 8 + 8)
-    loss_fn, miner_fn = metric_loss(name, 0.2 if name == "triplet" else 0.5, miner, world_size=2)
-    mine = embeddings[half].requires_grad_()
-    loss = loss_fn(mine, labels[half], miner_fn(mine, labels[half]) if miner_fn else None)
-    results[rank] = loss.item()
+    for name, miner in DDP_CASES:
+        loss_fn, miner_fn = metric_loss(name, 0.2 if name == "triplet" else 0.5, miner, world_size=2)
+        mine = embeddings[half].clone().requires_grad_()
+        loss = loss_fn(mine, labels[half], miner_fn(mine, labels[half]) if miner_fn else None)
+        results[rank, name] = loss.item()
     dist.destroy_process_group()
 
 
 import pytest  # noqa: E402
 
 
-@pytest.mark.parametrize("name, miner", [("triplet", "all"), ("contrastive", "all")])
-def test_metric_losses_under_ddp_see_every_ranks_embeddings(name, miner, tmp_path):
-    """Two gloo processes, each with half of a batch: the wrapped loss equals the loss of one
-    process over the whole batch (mining only within each half would give another number)."""
-    import torch
+@pytest.fixture(scope="module")
+def ddp_losses(tmp_path_factory):
+    """{(rank, loss name): the wrapped loss of that rank's half of the batch}, from one pair of gloo
+    processes for every case (each process start imports torch)."""
     import torch.multiprocessing as mp
 
+    results = mp.Manager().dict()
+    mp.spawn(_wrapped_losses_on_half, args=(tmp_path_factory.mktemp("ddp") / "init", results), nprocs=2)
+    return dict(results)
+
+
+@pytest.mark.parametrize("name, miner", DDP_CASES)
+def test_metric_losses_under_ddp_see_every_ranks_embeddings(name, miner, ddp_losses):
+    """Two gloo processes, each with half of a batch: the wrapped loss equals the loss of one
+    process over the whole batch (mining only within each half would give another number)."""
     from modules import metric_loss
 
-    results = mp.Manager().dict()
-    mp.spawn(_wrapped_loss_on_half, args=(name, miner, tmp_path / "init", results), nprocs=2)
-    torch.manual_seed(0)
-    embeddings = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
-    labels = torch.tensor([0, 1] * 8)
+    embeddings, labels = _batch()
     loss_fn, miner_fn = metric_loss(name, 0.2 if name == "triplet" else 0.5, miner)
     whole = loss_fn(embeddings, labels, miner_fn(embeddings, labels) if miner_fn else None).item()
     halves = [loss_fn(embeddings[h], labels[h], miner_fn(embeddings[h], labels[h]) if miner_fn else None).item()
               for h in (slice(0, 8), slice(8, 16))]
     # pytorch-metric-learning scales the loss by the world size, so that DDP's averaging of the
     # gradients over ranks gives the gradient of the whole-batch loss
-    assert results[0] == pytest.approx(2 * whole, rel=1e-5) and results[1] == pytest.approx(2 * whole, rel=1e-5)
+    assert ddp_losses[0, name] == pytest.approx(2 * whole, rel=1e-5)
+    assert ddp_losses[1, name] == pytest.approx(2 * whole, rel=1e-5)
     assert sum(halves) / 2 != pytest.approx(whole, rel=1e-3)  # what per-rank mining would have given

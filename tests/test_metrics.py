@@ -1,11 +1,10 @@
-"""Tests of metrics.py against direct computations and scikit-learn: the study's pair numbers,
-the image-level metrics, the bootstrap interval of the AUC and the validation threshold."""
+"""Tests of metrics.py against values counted by hand and brute-force computations (never the
+scikit-learn calls metrics.py itself makes): the study's pair numbers, the image-level metrics,
+the bootstrap interval of the AUC and the validation threshold."""
 import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import (balanced_accuracy_score, confusion_matrix, recall_score,
-                             roc_auc_score)
 
 from metrics import auc_or_nan, bootstrap_auc, choose_threshold, image_metrics, pair_metrics
 
@@ -25,6 +24,19 @@ def sensitivity_at(labels, scores, threshold):
 
 def specificity_at(labels, scores, threshold):
     return ((scores < threshold) & (labels == 0)).sum() / (labels == 0).sum()
+
+
+def pairwise_auc(labels, scores):
+    """The AUC by its definition: the share of (malignant, benign) pairs in which the malignant
+    image scores higher, a tie counting one half."""
+    malignant, benign = scores[labels == 1], scores[labels == 0]
+    wins = (malignant[:, None] > benign[None, :]).sum() + 0.5 * (malignant[:, None] == benign[None, :]).sum()
+    return wins / (len(malignant) * len(benign))
+
+
+def ranked_average_precision(labels, scores):
+    """Mean over the malignant images of the precision among all images scoring at least as high."""
+    return np.mean([labels[scores >= s].mean() for s in scores[labels == 1]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,9 +76,9 @@ def test_image_metrics_on_known_inputs_equal_values_counted_by_hand():
     labels = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
     scores = np.array([0.1, 0.2, 0.35, 0.4, 0.7, 0.5, 0.3, 0.6, 0.8, 0.9])
     result = image_metrics(labels, scores, threshold=0.5, seed=0, n_bootstrap=200)
-    predicted = (scores >= 0.5).astype(int)  # the score equal to the threshold (0.5) counts as malignant
-    tn, fp, fn, tp = confusion_matrix(labels, predicted).ravel()
-    assert (result["tn"], result["fp"], result["fn"], result["tp"]) == (tn, fp, fn, tp) == (4, 2, 1, 3)
+    # at >= 0.5 (the score equal to the threshold, 0.5, counts as malignant): benign 0.1 0.2 0.35
+    # 0.4 below, 0.7 0.5 above; malignant 0.3 below, 0.6 0.8 0.9 above
+    assert (result["tn"], result["fp"], result["fn"], result["tp"]) == (4, 2, 1, 3)
     # 19 of the 24 (malignant, benign) pairs are ordered right; precision at each malignant image
     # down the ranking is 1/1, 2/2, 3/4, 4/8
     assert result["auc"] == pytest.approx(19 / 24)
@@ -74,20 +86,28 @@ def test_image_metrics_on_known_inputs_equal_values_counted_by_hand():
     assert result["sensitivity"] == 0.75 and result["specificity"] == pytest.approx(4 / 6)
     assert result["balanced_accuracy"] == pytest.approx((0.75 + 4 / 6) / 2)
     assert result["threshold"] == 0.5 and result["n_benign"] == 6 and result["n_malignant"] == 4
-    assert 0 <= result["auc_ci_low"] < result["auc_ci_high"] <= 1  # ten images: a wide interval
+    # the interval is the bootstrap's with the seed and resamples asked for
+    assert (result["auc_ci_low"], result["auc_ci_high"]) == bootstrap_auc(labels, scores, n=200, seed=0)
+    assert result["auc_ci_low"] < result["auc_ci_high"]  # ten images: a wide interval
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_image_metrics_equal_scikit_learn_on_random_inputs(seed):
+@pytest.mark.parametrize("seed, decimals", [(1, None), (2, None), (3, 1)])  # 1 decimal: many tied scores
+def test_image_metrics_equal_brute_force_counts_on_random_inputs(seed, decimals):
     labels, scores = toy_scores(300, seed)
+    if decimals is not None:
+        scores = np.round(scores, decimals)
     threshold = float(np.quantile(scores, 0.6))
     result = image_metrics(labels, scores, threshold, n_bootstrap=50)
-    predicted = (scores >= threshold).astype(int)
-    assert result["auc"] == pytest.approx(roc_auc_score(labels, scores))
-    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predicted))
-    assert result["sensitivity"] == pytest.approx(recall_score(labels, predicted))
-    assert result["specificity"] == pytest.approx(recall_score(labels, predicted, pos_label=0))
-    assert [result[k] for k in ("tn", "fp", "fn", "tp")] == confusion_matrix(labels, predicted).ravel().tolist()
+    malignant, called = labels == 1, scores >= threshold
+    tn, fp = int((~malignant & ~called).sum()), int((~malignant & called).sum())
+    fn, tp = int((malignant & ~called).sum()), int((malignant & called).sum())
+    assert [result[k] for k in ("tn", "fp", "fn", "tp")] == [tn, fp, fn, tp]
+    assert result["sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert result["specificity"] == pytest.approx(tn / (tn + fp))
+    assert result["balanced_accuracy"] == pytest.approx((tp / (tp + fn) + tn / (tn + fp)) / 2)
+    assert result["auc"] == pytest.approx(pairwise_auc(labels, scores))
+    assert result["average_precision"] == pytest.approx(ranked_average_precision(labels, scores))
+    assert (result["n_benign"], result["n_malignant"]) == (tn + fp, fn + tp)
 
 
 def test_auc_or_nan_is_nan_for_one_class():
@@ -99,13 +119,27 @@ def test_auc_or_nan_is_nan_for_one_class():
 # bootstrap_auc
 
 
-def test_bootstrap_interval_contains_the_auc_and_is_fixed_by_the_seed():
+def test_bootstrap_interval_is_the_percentile_interval_of_the_resampled_aucs_and_fixed_by_the_seed():
     labels, scores = toy_scores(200, 0)
-    auc = roc_auc_score(labels, scores)
     low, high = bootstrap_auc(labels, scores, n=100, seed=4)
-    assert 0.5 < low < auc < high <= 1.0
+    # the documented procedure, with the AUC counted pair by pair: resample the images with
+    # replacement from the seeded generator, keep resamples holding both classes, take the
+    # 2.5th and 97.5th percentiles
+    rng = np.random.default_rng(4)
+    aucs = [pairwise_auc(labels[sample], scores[sample])
+            for sample in (rng.integers(0, 200, 200) for _ in range(100))
+            if 0 < labels[sample].sum() < 200]
+    assert (low, high) == pytest.approx((np.percentile(aucs, 2.5), np.percentile(aucs, 97.5)))
+    assert low < high
     assert bootstrap_auc(labels, scores, n=100, seed=4) == (low, high)
     assert bootstrap_auc(labels, scores, n=100, seed=5) != (low, high)
+
+
+def test_bootstrap_interval_of_a_perfect_and_a_reversed_ranking_is_a_point():
+    labels = np.array([0] * 12 + [1] * 8)
+    scores = np.linspace(0, 1, 20)  # every malignant image above every benign one
+    assert bootstrap_auc(labels, scores, n=50, seed=0) == pytest.approx((1.0, 1.0))
+    assert bootstrap_auc(labels, 1 - scores, n=50, seed=0) == pytest.approx((0.0, 0.0))
 
 
 def test_bootstrap_interval_is_narrower_for_more_data():

@@ -11,6 +11,7 @@ import torch
 
 import predict
 from dataset import eval_transform, load_split, make_pairs
+from helpers import SUBPROCESS_ENV
 from modules import EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork
 from predict import (choose_gallery, embed_images, malignant_probability, pick_device, resolve_score,
                      similarity_matrix)
@@ -259,7 +260,7 @@ def cli_runs(tmp_path_factory):
         "no_args": [],
         "missing_image": ["--checkpoint", str(folder / "best.pth"), "--image", str(folder / "missing.jpg")],
     }
-    running = {name: subprocess.Popen([sys.executable, "predict.py", *args], cwd=ROOT, text=True,
+    running = {name: subprocess.Popen([sys.executable, "predict.py", *args], cwd=ROOT, text=True, env=SUBPROCESS_ENV,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for name, args in commands.items()}
     yield running, folder

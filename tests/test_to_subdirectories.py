@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -99,9 +98,7 @@ def isic2020(tmp_path_factory):
 def test_full_scale_isic2020_split(isic2020, tmp_path, capsys):
     images, truth = isic2020
     assert len(truth) == 33126
-    start = time.perf_counter()
     info = run_main(ISIC2020_CSV, images, tmp_path / "DATA", "--seed", "0")
-    first_run = time.perf_counter() - start
     printed = capsys.readouterr().out
     placed = layout(tmp_path / "DATA")
 
@@ -137,7 +134,6 @@ def test_full_scale_isic2020_split(isic2020, tmp_path, capsys):
     assert again == [placed[r["name"]][0] for r in rows]
     other = tsd.split_indices(labels, groups, RATIOS, seed=1)
     assert other != again
-    assert first_run < 60, f"full-scale split took {first_run:.1f} s"  # ~5 s on an idle 2-core VM
     shutil.rmtree(tmp_path / "DATA")
 
 
@@ -564,12 +560,18 @@ def test_command_line_error_is_one_line(tmp_path):
         "point it at train-metadata.csv of the ISIC download"]
 
 
-def test_help_documents_every_flag():
-    result = subprocess.run([sys.executable, str(ROOT / "to_subdirectories.py"), "--help"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    for flag in ("--csv", "--images", "--out", "--ratios", "--seed", "--copy", "--force"):
-        assert flag in result.stdout
+def test_help_documents_every_flag(parse_help, capsys):
+    with pytest.raises(SystemExit) as e:
+        tsd.parse_args(["--help"])
+    assert e.value.code == 0
+    entries = parse_help(capsys.readouterr().out)
+    assert set(entries) == {"--help", "--csv", "--images", "--out", "--split-column", "--ratios", "--seed", "--copy",
+                            "--force"}
+    undocumented = [flag for flag, text in entries.items() if len(text.split()) < 3]
+    assert undocumented == []
+    # the defaults a user relies on are stated where they apply
+    assert "(default: train-metadata.csv)" in entries["--csv"] and "(default: DATA)" in entries["--out"]
+    assert "(default: 0.7 0.15 0.15" in entries["--ratios"] and "(default: 0)" in entries["--seed"]
 
 
 # ---------------------------------------------------------------------------------------------
