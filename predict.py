@@ -255,8 +255,8 @@ def embed_and_score(model, train, splits, per_class, method, k, seed, embed):
     for name, split in splits.items():
         split_features = embed(split, None, f"embedding {split.name}")
         if not torch.isfinite(split_features).all():
-            raise ValueError("the model's outputs are not finite (NaN or inf): the weights diverged; lower --lr or "
-                             "try --no-amp")
+            raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
+                             "--no-amp")
         scored[name] = score_split(model, split_features, split.labels, references["features"],
                                    references["labels"], method, k, seed)
     return references, scored

@@ -202,7 +202,7 @@ def test_weights_path_loads_a_torchvision_resnet18_state_dict(tmp_path, images):
 
 
 def test_weights_path_loads_the_backbone_of_a_repo_checkpoint(tmp_path, siamese, images):
-    save_atomic({"model": siamese.state_dict(), "config": config_for("bce")}, tmp_path / "best.pth")
+    save_atomic({"model": siamese.state_dict(), "config": config_for("bce").as_dict()}, tmp_path / "best.pth")
     backbone = resnet18_backbone(tmp_path / "best.pth").eval()
     with torch.no_grad():
         assert torch.equal(backbone(images), siamese.backbone(images))
@@ -379,7 +379,7 @@ def test_validation_embedding_spread_is_zero_for_collapsed_embeddings(tiny_data_
         model.projection.weight.zero_()
         model.projection.bias.fill_(1.0)
     train, validation = load_split(tiny_data_dir, "train"), load_split(tiny_data_dir, "validation")
-    config = {"image_size": SIZE, "val_batch_size": 8, "seed": 0, "gallery_size": 3, "score": "knn", "k": 3}
+    config = RunConfig(image_size=SIZE, val_batch_size=8, seed=0, gallery_size=3, score="knn", k=3)
     row = train_module.validate(model, train, validation, config, torch.device("cpu"), 0, False, 0, 1)
     assert row["embedding_spread"] == pytest.approx(0.0, abs=1e-6)
     # and the same model with a working projection has a clearly non-zero spread
