@@ -211,7 +211,7 @@ def folds_per_split(ratios, k):
     return n
 
 
-def split_indices(labels, groups, ratios, seed):
+def draw_split_names(labels, groups, ratios, seed):
     """The split name (one of SPLITS) of each image.
 
     Stratified per class; with groups (patient ids), no group is in two splits. The images are
@@ -284,7 +284,7 @@ def draw_split(rows, labels, grouped, has_patient_id, ratios, seed, csv_path):
     print(f"splitting {len(rows):,} images" + (f" of {n_patients:,} patients" if grouped else "")
           + f" {'/'.join(f'{r:g}' for r in ratios)} per class, "
           + ("grouped by patient_id" if grouped else "per image") + f", seed {seed}")
-    return split_indices(labels, groups, ratios, seed)
+    return draw_split_names(labels, groups, ratios, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -130,9 +130,9 @@ def test_full_scale_isic2020_split(isic2020, tmp_path, capsys):
     # same seed twice -> the identical split; another seed -> another split
     rows, _ = tsd.read_metadata(ISIC2020_CSV)
     labels, groups = [r["target"] for r in rows], [r["patient_id"] for r in rows]
-    again = tsd.split_indices(labels, groups, RATIOS, seed=0)
+    again = tsd.draw_split_names(labels, groups, RATIOS, seed=0)
     assert again == [placed[r["name"]][0] for r in rows]
-    other = tsd.split_indices(labels, groups, RATIOS, seed=1)
+    other = tsd.draw_split_names(labels, groups, RATIOS, seed=1)
     assert other != again
     shutil.rmtree(tmp_path / "DATA")
 
@@ -528,12 +528,12 @@ def test_other_ratios(tmp_path):
 # The split function and the command line
 
 
-def test_split_indices_grouped_and_repeatable():
+def test_draw_split_names_grouped_and_repeatable():
     labels = [int(i % 7 == 0) for i in range(700)]
     groups = [f"P{i // 4}" for i in range(700)]
-    first = tsd.split_indices(labels, groups, RATIOS, seed=5)
-    assert first == tsd.split_indices(labels, groups, RATIOS, seed=5)
-    assert first != tsd.split_indices(labels, groups, RATIOS, seed=6)
+    first = tsd.draw_split_names(labels, groups, RATIOS, seed=5)
+    assert first == tsd.draw_split_names(labels, groups, RATIOS, seed=5)
+    assert first != tsd.draw_split_names(labels, groups, RATIOS, seed=6)
     seen = {}
     for split, group in zip(first, groups):
         assert seen.setdefault(group, split) == split
