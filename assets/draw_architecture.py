@@ -4,6 +4,7 @@
 
 regenerates assets/architecture.png (matplotlib only, no network).
 """
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +14,8 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
 
 OUT = Path(__file__).resolve().parent / "architecture.png"
+sys.path.insert(0, str(OUT.parents[1]))  # the repository root, for files.py
+from files import write_atomic  # noqa: E402
 
 # muted palette
 INPUT = "#dbe7f0"
@@ -125,5 +128,5 @@ note(ax, (5.45, 0.1), 6.45, 1.22, "Alternative heads (train.py --loss)", [
     "--loss ce: Linear(1000, 1) on single images (baseline)",
 ])
 
-fig.savefig(OUT, dpi=150, bbox_inches="tight", facecolor="white")
+write_atomic(OUT, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight", facecolor="white"))
 print(f"wrote {OUT}")
