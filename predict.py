@@ -161,7 +161,7 @@ def similarity_matrix(model, features, references, chunk=1 << 24):
 
 
 @torch.no_grad()
-def malignant_probability(model, features, gallery_features, gallery_labels, method, k=10):
+def score_images(model, features, gallery_features, gallery_labels, method, k=10):
     """P(malignant) per image from stored features (see the module docstring for the formulas)."""
     malignant = gallery_labels == 1
     if method == "direct":
@@ -233,7 +233,7 @@ class ScoredSplit:
 def score_split(model, features, labels, references, reference_labels, method, k, seed):
     """A split's stored features scored: P(malignant) per image against the references, and the
     design's pair metrics on the split's fixed pairs."""
-    scores = malignant_probability(model, features, references, reference_labels, method, k)
+    scores = score_images(model, features, references, reference_labels, method, k)
     partners, targets = make_pairs(labels, seed)
     similarity = model.pair_similarity(features, features[torch.as_tensor(partners, device=features.device)])
     similarity = similarity.float().cpu().numpy()
@@ -439,7 +439,7 @@ def other_score_metrics(model, method, k, gallery, validation, evaluated, labels
     """(image-level metrics, scores of the evaluated images) of one more way of scoring the stored
     features (ScoredSplit.features of validation and of the evaluated split), its threshold chosen on
     validation like the main one's."""
-    val_scores, scores = (malignant_probability(model, f, gallery["features"], gallery["labels"], method, k).cpu().numpy()
+    val_scores, scores = (score_images(model, f, gallery["features"], gallery["labels"], method, k).cpu().numpy()
                           for f in (validation.features, evaluated.features))
     threshold = choose_threshold(labels["validation"], val_scores, target_sensitivity)
     return {"val_auc": auc_or_nan(labels["validation"], val_scores),
@@ -713,7 +713,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     check_finite(features, checkpoint)
     references, labels = gallery["features"].to(device), gallery["labels"].to(device)
     threshold = gallery["threshold"]
-    scores = malignant_probability(model, features, references, labels, gallery["score"], gallery["k"]).tolist()
+    scores = score_images(model, features, references, labels, gallery["score"], gallery["k"]).tolist()
     lines = [f"P(malignant) {p:.4f}  {'malignant' if p >= threshold else 'benign'}  (threshold {threshold:.4f})"
              f"  {path}" for p, path in zip(scores, images)]
     if out is None:

@@ -13,7 +13,7 @@ import predict
 from dataset import eval_transform, load_split, make_pairs
 from helpers import SUBPROCESS_ENV
 from modules import EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork
-from predict import (choose_gallery, embed_images, malignant_probability, pick_device, resolve_score,
+from predict import (choose_gallery, embed_images, score_images, pick_device, resolve_score,
                      similarity_matrix)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,13 +62,13 @@ def test_choose_gallery_is_fixed_by_the_seed():
 
 
 # ---------------------------------------------------------------------------------------------
-# malignant_probability
+# score_images
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 50])
 def test_knn_probability_is_the_malignant_fraction_of_the_k_nearest_by_cosine(k):
     features, gallery, labels = toy(12, 15, 8, seed=k)
-    result = malignant_probability(None, features, gallery, labels, "knn", k=k)
+    result = score_images(None, features, gallery, labels, "knn", k=k)
     x = features.numpy() / np.linalg.norm(features.numpy(), axis=1, keepdims=True)
     g = gallery.numpy() / np.linalg.norm(gallery.numpy(), axis=1, keepdims=True)
     cosine = x @ g.T
@@ -79,14 +79,14 @@ def test_knn_probability_is_the_malignant_fraction_of_the_k_nearest_by_cosine(k)
 
 def test_knn_probability_ignores_feature_scale():
     features, gallery, labels = toy(6, 10, 5, seed=0)
-    plain = malignant_probability(None, features, gallery, labels, "knn", k=3)
-    scaled = malignant_probability(None, features * 7, gallery * 0.1, labels, "knn", k=3)
+    plain = score_images(None, features, gallery, labels, "knn", k=3)
+    scaled = score_images(None, features * 7, gallery * 0.1, labels, "knn", k=3)
     assert torch.equal(plain, scaled)
 
 
 def test_prototype_probability_is_distance_ratio_to_normalised_centroids():
     features, gallery, labels = toy(9, 14, 6, seed=1)
-    result = malignant_probability(None, features, gallery, labels, "prototype")
+    result = score_images(None, features, gallery, labels, "prototype")
     x = features.double().numpy()
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     g = gallery.double().numpy()
@@ -101,13 +101,13 @@ def test_prototype_probability_is_distance_ratio_to_normalised_centroids():
 def test_prototype_probability_is_high_near_the_malignant_references():
     gallery = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([1, 1, 0, 0])
-    result = malignant_probability(None, torch.tensor([[1.0, 0.05], [0.05, 1.0]]), gallery, labels, "prototype")
+    result = score_images(None, torch.tensor([[1.0, 0.05], [0.05, 1.0]]), gallery, labels, "prototype")
     assert result[0] > 0.9 and result[1] < 0.1
 
 
 def test_gallery_probability_is_mean_similarity_to_malignant_and_dissimilarity_to_benign(siamese):
     features, gallery, labels = toy(5, 6, 1000, seed=2)
-    result = malignant_probability(siamese, features, gallery, labels, "gallery")
+    result = score_images(siamese, features, gallery, labels, "gallery")
     expected = []
     with torch.no_grad():
         for f in features:
@@ -123,14 +123,14 @@ def test_direct_probability_is_the_classifier_output():
     torch.manual_seed(0)
     model = ImageClassifier("none").eval()
     features = torch.randn(4, 1000)
-    result = malignant_probability(model, features, None, torch.tensor([0, 1]), "direct")
+    result = score_images(model, features, None, torch.tensor([0, 1]), "direct")
     assert torch.allclose(result, model.malignant_probability(features).detach())
 
 
 def test_unknown_classifier_raises_value_error():
     features, gallery, labels = toy(2, 4, 3, seed=0)
     with pytest.raises(ValueError, match="banana"):
-        malignant_probability(None, features, gallery, labels, "banana")
+        score_images(None, features, gallery, labels, "banana")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_score_split_scores_the_fixed_pairs_of_make_pairs(siamese):
         direct = siamese.pair_similarity(features, features[torch.as_tensor(partners)]).numpy()
     assert np.allclose(similarity, direct, atol=1e-6)
     assert summary["pair_accuracy"] == pytest.approx(np.mean((similarity > 0.5) == (targets == 1)))
-    assert np.allclose(scores, malignant_probability(siamese, features, gallery, gallery_labels, "knn", 3).numpy())
+    assert np.allclose(scores, score_images(siamese, features, gallery, gallery_labels, "knn", 3).numpy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_cli_image_that_does_not_exist_fails_with_a_clear_message(cli_errors):
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_head_knn_is_the_similarity_weighted_malignant_share_of_the_k_most_similar(siamese, k):
     features, gallery, labels = toy(4, 6, 1000, seed=8)
-    result = malignant_probability(siamese, features, gallery, labels, "head-knn", k)
+    result = score_images(siamese, features, gallery, labels, "head-knn", k)
     similarity = similarity_matrix(siamese, features, gallery)
     for row, score in zip(similarity, result):
         top = sorted(zip(row.tolist(), labels.tolist()), reverse=True)[:k]
