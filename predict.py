@@ -11,7 +11,8 @@ drove its score, and the nearest training references with their classes and simi
 Every image is embedded once; pairs and gallery comparisons are scored from the stored
 embeddings by the model's head. P(malignant) of an image (--score):
     gallery    (mean similarity to the malignant references + mean dissimilarity to the benign
-                references) / 2, similarities through the trained head (the BCE model's default)
+                references) / 2, similarities through the trained head, or the embedding's (1 + cos) / 2
+                (the default of bce, contrastive and triplet)
     head-knn   the k references most similar through the trained head, weighted by similarity:
                 sum(s_i * y_i) / sum(s_i)
     knn        fraction of malignant among the k nearest references by cosine similarity
@@ -808,8 +809,8 @@ def parse_args(argv=None):
                         help="average each image's features over its four flips (default: as the model "
                              "was trained, see train.py --tta)")
     parser.add_argument("--score", "--classify", choices=SCORES, nargs="+", default=["auto"],
-                        help="how P(malignant) is computed (default auto: gallery for bce, knn for "
-                             "contrastive/triplet, direct for ce). Several: the first gives the figures and "
+                        help="how P(malignant) is computed (default auto: gallery for bce, contrastive and "
+                             "triplet, direct for ce). Several: the first gives the figures and "
                              "the main metrics, the others are scored from the same embeddings into "
                              "metrics.json's other_scores")
     parser.add_argument("--k", type=int, default=None,
