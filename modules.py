@@ -245,8 +245,8 @@ class Loss:
     network: Callable        # (config, weights) -> the nn.Module to train
     batch_loss: Callable     # (model, images, labels, pairs, config, criterion, pos_weight) -> (loss, correct, count, active)
     default_score: str       # how an image's P(malignant) is computed unless --score says otherwise
-    sampler: str = None      # the batch sampler it always uses, or None: --sampler chooses
-    margin: float = None     # default --margin
+    sampler: str | None = None   # the batch sampler it always uses, or None: --sampler chooses
+    margin: float | None = None  # default --margin
     miner: str = "all"       # default --miner
     siamese_head: bool = False  # the design's pair head: --pairing, --aux-weight and head-knn apply
     classifier: bool = False    # outputs P(malignant) itself ("direct"); its pair similarity only
@@ -380,7 +380,7 @@ class RunConfig:
     dict (as_dict), so it loads with weights_only=True. The defaults are the study's and are
     written only here; a checkpoint saved before a setting existed loads with its default."""
     loss: str = "bce"
-    pairing: str = "embed-once"    # bce only (None for the others)
+    pairing: str | None = "embed-once"  # bce only (None for the others)
     weights: str = "imagenet"
     image_size: int = 224
     epochs: int = 20
@@ -392,7 +392,7 @@ class RunConfig:
     seed: int = 0
     partners_per_class: int = 8
     embed_dim: int = 128
-    margin: float = None            # None: the loss's default (LOSSES)
+    margin: float | None = None     # None: the loss's default (LOSSES)
     miner: str = "all"
     per_class: int = 64
     select: str = "val_auc"

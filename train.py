@@ -525,9 +525,9 @@ class Training:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    sampler: object
+    sampler: ShuffledBatches | BalancedBatches
     loader: DataLoader
-    criterion: object
+    criterion: tuple | None  # (loss function, miner) of a metric loss (Loss.criterion)
     pos_weight: torch.Tensor
     steps_per_epoch: int
     amp: bool  # mixed precision on CUDA (--no-amp turns it off)
