@@ -50,8 +50,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from cli import ArgumentParser, progress
-from dataset import (CLASS_NAMES, DataError, ImageDataset, check_image, collate_images, denormalize, eval_transform,
-                     has_split, is_labelled_folder, load_split, make_pairs, read_rgb, attach_cache)
+from dataset import (CLASS_NAMES, DataError, ImageDataset, attach_cache, check_image, collate_images, denormalize,
+                     eval_transform, has_split, is_labelled_folder, load_split, make_pairs, read_rgb)
 from files import write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
 from modules import LOSSES, WeightsError, load_checkpoint, load_state, save_atomic
@@ -181,7 +181,7 @@ def score_images(model, features, gallery_features, gallery_labels, method, k=10
         d_benign = (x - g[~malignant].mean(0)).norm(dim=1)
         d_malignant = (x - g[malignant].mean(0)).norm(dim=1)
         return d_benign / (d_benign + d_malignant).clamp(min=1e-12)
-    raise ValueError(f"unknown classifier {method}")
+    raise ValueError(f"unknown score method {method}")
 
 
 def resolve_score(config, method="auto"):
