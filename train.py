@@ -52,7 +52,7 @@ RECIPES = {
     "study": {key: getattr(STUDY, key) for key in ("optimizer", "lr", "weight_decay", "schedule", "warmup_epochs",
                                                    "augment", "aux_weight", "sampler", "gallery_size", "tta")},
     "tuned": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1.0,
-              "augment": "dermoscopy", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0, "tta": True},
+              "augment": "study", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0, "tta": True},
 }
 VALIDATION_GALLERY_CAP = 256  # references per class when validating each epoch (0 = all would cost an epoch's time)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
@@ -68,7 +68,7 @@ def add_recipe_flags(p):
     group.add_argument("--recipe", choices=tuple(RECIPES), default="study",
                        help="study: the design's settings (the default); tuned: the best Siamese setting found "
                             "on HAM10000 validation: AdamW lr 1e-3 weight decay 0.05, cosine schedule with 1 "
-                            "warm-up epoch, dermoscopy augmentation, auxiliary classifier (--aux-weight 1), "
+                            "warm-up epoch, the study's augmentation, auxiliary classifier (--aux-weight 1), "
                             "class-balanced batches, every training image as a reference, flip TTA. "
                             "Flags given explicitly override the recipe")
     group.add_argument("--lr", type=float, default=None, help="peak learning rate (study: 1e-5; tuned: 1e-3)")
@@ -81,8 +81,9 @@ def add_recipe_flags(p):
     group.add_argument("--warmup-epochs", type=float, default=None,
                        help="epochs of linear learning-rate warm-up from 0 (study: 0; tuned: 1)")
     group.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                       help="study: the study's affine warp, crop and horizontal flip; dermoscopy: adds "
-                            "vertical flips, 90-degree rotations and colour jitter (tuned)")
+                       help="study: the study's affine warp, crop and horizontal flip (both recipes); dermoscopy: "
+                            "adds vertical flips, 90-degree rotations and colour jitter (it did not help on "
+                            "HAM10000, docs/results.md)")
     group.add_argument("--aux-weight", type=float, default=None,
                        help="bce: weight of an auxiliary malignant-vs-benign loss on the Siamese features, "
                             "trained jointly with the pair BCE (study: 0; tuned: 1)")
