@@ -30,7 +30,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -659,6 +659,16 @@ def grad_cam(model, image, malignant_mean):
         return cam(input_tensor=image[None], targets=[RawScoresOutputTarget()])[0]
 
 
+def heat_overlay(image, heat):
+    """The Grad-CAM heat map over the image (H, W, 3) in [0, 1], as --image draws it and app.py shows it."""
+    return show_cam_on_image(image.astype(np.float32), heat, use_rgb=True)
+
+
+def reference_thumbnail(path, side=96):
+    """A training reference's image as a (side, side, 3) uint8 array, for the figure and app.py."""
+    return v2.functional.resize(read_rgb(path), [side, side], antialias=True).permute(1, 2, 0).numpy()
+
+
 def plot_prediction(image, heat, title, references, path):
     """One figure a reader can check: the image as the network saw it, the Grad-CAM heat map over
     it, and the nearest training references (path, class, similarity) with their images."""
@@ -667,7 +677,7 @@ def plot_prediction(image, heat, title, references, path):
     left, right = top.subplots(1, 2)
     left.imshow(image)
     left.set_title("image (as the network sees it)", fontsize=9)
-    right.imshow(show_cam_on_image(image.astype(np.float32), heat, use_rgb=True))
+    right.imshow(heat_overlay(image, heat))
     right.set_title("Grad-CAM: where the score came from (red = most)", fontsize=9)
     for ax in (left, right):
         ax.axis("off")
@@ -676,7 +686,7 @@ def plot_prediction(image, heat, title, references, path):
                                                  references):
         name = Path(reference).name if reference else "(path not stored)"
         if reference and Path(reference).is_file():
-            ax.imshow(v2.functional.resize(read_rgb(reference), [96, 96], antialias=True).permute(1, 2, 0).numpy())
+            ax.imshow(reference_thumbnail(reference))
         else:  # moved or deleted since training, or a gallery saved without paths: the name only
             ax.text(0.5, 0.5, name, ha="center", va="center", fontsize=7, wrap=True)
         ax.set_title(f"{name}\n{CLASS_NAMES[label]}, similarity {similarity:.3f}", fontsize=7,
@@ -694,33 +704,45 @@ def prediction_folder(checkpoint, project=None):
     return (checkpoint.parent.parent if checkpoint.parent.name == "outputs" else checkpoint.parent) / "predictions"
 
 
+@dataclass
+class Prediction:
+    """One image's prediction as values: what --image prints and draws, and what app.py shows."""
+    probability: float             # P(malignant)
+    verdict: str                   # malignant or benign, at the gallery's threshold
+    image: np.ndarray | None = None  # (H, W, 3) in [0, 1], the image as the network sees it
+    heat: np.ndarray | None = None   # Grad-CAM heat map (H, W) in [0, 1]
+    references: list = field(default_factory=list)  # nearest first: (path or None, class, similarity)
+
+
 @torch.no_grad()
-def predict_images(checkpoint, images, data=None, device="auto", out=None, n_references=5):
-    """P(malignant) of each image and the verdict at the threshold saved with the gallery. With
-    `out`, also one figure per image there (see plot_prediction). Returns the printed lines."""
-    for path in images:  # the training limit (dataset.MAX_PIXELS) too, from the header, before decoding
-        reason = check_image(Path(path))
-        if reason:
-            raise DataError(f"--image {path}: {reason}")
+def load_predictor(checkpoint, data=None, device="auto"):
+    """(model, config, gallery, device): what single-image prediction needs, loaded once, so that
+    app.py can keep them between requests. The gallery is checked against the model's feature
+    width, found from one blank image."""
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    size = config.image_size
-    batch = to_device(torch.stack([eval_transform(size)(read_rgb(path)) for path in images]), device)
+    blank = torch.zeros(1, 3, config.image_size, config.image_size, device=device)
+    gallery = reference_gallery(model, config, checkpoint, data, device, model.embed(blank).shape[1])
+    return model, config, gallery, device
+
+
+@torch.no_grad()
+def predict_files(model, config, gallery, images, device, checkpoint, n_references=5, explain=True):
+    """A Prediction per image file (already passed check_image) against the loaded gallery; with
+    `explain` also its Grad-CAM heat map and nearest references. The one implementation behind
+    predict_images (--image) and app.py."""
+    batch = to_device(torch.stack([eval_transform(config.image_size)(read_rgb(path)) for path in images]), device)
     features = model.embed(batch).float()
-    gallery = reference_gallery(model, config, checkpoint, data, device, features.shape[1])
     if gallery.get("tta"):  # embedded as the references were: the mean over the four flips
         features = torch.stack([features] + [model.embed(view).float() for view in flip_views(batch)[1:]]).mean(0)
     check_finite(features, checkpoint)
     references, labels = gallery["features"].to(device), gallery["labels"].to(device)
     threshold = gallery["threshold"]
     scores = score_images(model, features, references, labels, gallery["score"], gallery["k"]).tolist()
-    lines = [f"P(malignant) {p:.4f}  {'malignant' if p >= threshold else 'benign'}  (threshold {threshold:.4f})"
-             f"  {path}" for p, path in zip(scores, images)]
-    if out is None:
-        return lines
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    predictions = [Prediction(p, "malignant" if p >= threshold else "benign") for p in scores]
+    if not explain:
+        return predictions
     # Nearest references by the model's own pair similarity; the classifier has none, so cosine there.
     if LOSSES[config.loss].classifier:
         similarity = F.normalize(features, dim=1) @ F.normalize(references.float(), dim=1).T
@@ -729,16 +751,48 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     nearest = similarity.topk(min(n_references, len(references)), dim=1)
     malignant_mean = references[labels == 1].float().mean(0)
     paths = gallery.get("paths") or [None] * len(references)
+    for i, prediction in enumerate(predictions):
+        prediction.image = denormalize(batch[i])
+        prediction.heat = grad_cam(model, batch[i], malignant_mean)
+        prediction.references = [(paths[j], int(labels[j]), s)
+                                 for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
+    return predictions
+
+
+@torch.no_grad()
+def predict_images(checkpoint, images, data=None, device="auto", out=None, n_references=5):
+    """P(malignant) of each image and the verdict at the threshold saved with the gallery. With
+    `out`, also one figure per image there (see plot_prediction). Returns the printed lines."""
+    for path in images:  # the training limit (dataset.MAX_PIXELS) too, from the header, before decoding
+        reason = check_image(Path(path))
+        if reason:
+            raise DataError(f"--image {path}: {reason}")
+    model, config, gallery, device = load_predictor(checkpoint, data, device)
+    predictions = predict_files(model, config, gallery, images, device, checkpoint, n_references,
+                                explain=out is not None)
+    threshold = gallery["threshold"]
+    lines = [f"P(malignant) {p.probability:.4f}  {p.verdict}  (threshold {threshold:.4f})  {path}"
+             for p, path in zip(predictions, images)]
+    if out is None:
+        return lines
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     stems = [Path(path).stem for path in images]
-    for i, path in enumerate(images):
+    for i, (path, p) in enumerate(zip(images, predictions)):
         name = f"{stems[i]}_prediction.png" if stems.count(stems[i]) == 1 else f"{stems[i]}_{i + 1}_prediction.png"
-        heat = grad_cam(model, batch[i], malignant_mean)
-        verdict = "malignant" if scores[i] >= threshold else "benign"
-        title = f"{Path(path).name}: P(malignant) {scores[i]:.2f} -> {verdict} (threshold {threshold:.2f})"
-        shown = [(paths[j], int(labels[j]), s) for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
-        plot_prediction(denormalize(batch[i]), heat, title, shown, out / name)
+        title = f"{Path(path).name}: P(malignant) {p.probability:.2f} -> {p.verdict} (threshold {threshold:.2f})"
+        plot_prediction(p.image, p.heat, title, p.references, out / name)
         lines[i] += f"\n  figure: {out / name}"
     return lines
+
+
+@torch.no_grad()
+def compare_pair(model, config, first, second, device):
+    """(similarity, verdict) of two image files by a loaded model: same class above 0.5."""
+    batch = torch.stack([eval_transform(config.image_size)(read_rgb(path)) for path in (first, second)])
+    features = model.embed(to_device(batch, device)).float()
+    similarity = model.pair_similarity(features[:1], features[1:]).item()
+    return similarity, "same class" if similarity > 0.5 else "different classes"
 
 
 @torch.no_grad()
@@ -747,10 +801,7 @@ def predict_pair(checkpoint, first, second, device="auto"):
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    batch = torch.stack([eval_transform(config.image_size)(read_rgb(path)) for path in (first, second)])
-    features = model.embed(to_device(batch, device)).float()
-    similarity = model.pair_similarity(features[:1], features[1:]).item()
-    verdict = "same class" if similarity > 0.5 else "different classes"
+    similarity, verdict = compare_pair(model, config, first, second, device)
     return f"similarity {similarity:.4f} -> {verdict}  {first}  {second}"
 
 
