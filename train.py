@@ -40,20 +40,12 @@ from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, Pa
                      write_excluded)
 from files import write_atomic
 from metrics import auc_or_nan
-from modules import (LOSSES, RUN_KEYS, RunConfig, WeightsError, build_model, check_finite_weights, load_state, pair_bce,
+from modules import (BACKBONES, FEATURES, LOSSES, RECIPES, RUN_KEYS, RunConfig, WeightsError, build_model, check_finite_weights, load_state, pair_bce,
                      save_atomic)
 from predict import (SCORES, applicable_scores, autocast, embed_and_score, embedder, evaluate, pick_device,
                      resolve_score, save_figure, to_device)
 
-# --recipe: study is the design's setting; tuned is the best Siamese setting found on HAM10000
-# validation (docs/results.md). A flag given on the command line overrides either.
 STUDY = RunConfig()  # the study's settings: every default below comes from modules.RunConfig
-RECIPES = {
-    "study": {key: getattr(STUDY, key) for key in ("optimizer", "lr", "weight_decay", "schedule", "warmup_epochs",
-                                                   "augment", "aux_weight", "sampler", "gallery_size", "tta")},
-    "tuned": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1.0,
-              "augment": "study", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0, "tta": True},
-}
 VALIDATION_GALLERY_CAP = 256  # references per class when validating each epoch (0 = all would cost an epoch's time)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
                    "active_fraction", "embedding_spread", "lr", "seconds"]
@@ -69,8 +61,9 @@ def add_recipe_flags(p):
                        help="study: the design's settings (the default); tuned: the best Siamese setting found "
                             "on HAM10000 validation: AdamW lr 1e-3 weight decay 0.05, cosine schedule with 1 "
                             "warm-up epoch, the study's augmentation, auxiliary classifier (--aux-weight 1), "
-                            "class-balanced batches, every training image as a reference, flip TTA. "
-                            "Flags given explicitly override the recipe")
+                            "class-balanced batches, every training image as a reference, flip TTA; transfer: "
+                            "tuned for fine-tuning --weights imagenet, the backbone at a tenth of --lr and a "
+                            "half-epoch warm-up (docs/training.md). Flags given explicitly override the recipe")
     group.add_argument("--lr", type=float, default=None, help="peak learning rate (study: 1e-5; tuned: 1e-3)")
     group.add_argument("--weight-decay", type=float, default=None, help="weight decay (study: 1e-5; tuned: 0.05)")
     group.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
@@ -87,6 +80,10 @@ def add_recipe_flags(p):
     group.add_argument("--aux-weight", type=float, default=None,
                        help="bce: weight of an auxiliary malignant-vs-benign loss on the Siamese features, "
                             "trained jointly with the pair BCE (study: 0; tuned: 1)")
+    group.add_argument("--backbone-lr-scale", type=float, default=None,
+                       help="the backbone's learning rate as a fraction of --lr, the head's being --lr (study, "
+                            "tuned: 1; transfer: 0.1). 0 freezes the backbone (its BatchNorm statistics too) and "
+                            "trains only what sits on it")
     group.add_argument("--sampler", choices=("shuffled", "balanced"), default=None,
                        help="bce/ce training batches: shuffled (every image once per epoch, study) or balanced "
                             "(half malignant, so malignant images are not starved; tuned). Contrastive and "
@@ -153,8 +150,15 @@ def parse_args(argv=None):
     p.add_argument("--benign-limit", type=int, nargs="+", default=STUDY.benign_limit, metavar="N",
                    help="cap on benign images in train, validation and test (one value: all three); "
                         "0 = no cap, the full data set (study: 4000 1000 1000)")
+    p.add_argument("--backbone", choices=BACKBONES, default=STUDY.backbone,
+                   help="resnet18 (the design, torchvision) or efficientnet_lite0 (timm; its ImageNet weights "
+                        "install with pip, no download at run time)")
+    p.add_argument("--features", choices=FEATURES, default=STUDY.features,
+                   help="what the backbone hands the head: imagenet, its 1000-d ImageNet output (the design), or "
+                        "pooled, the pooled features before it (512-d ResNet18, 1280-d EfficientNet-Lite0)")
     p.add_argument("--weights", default=STUDY.weights,
-                   help="backbone start: imagenet (torchvision, downloaded once), none (random), or a .pth path")
+                   help="backbone start: imagenet (ResNet18: torchvision, downloaded once; EfficientNet-Lite0: "
+                        "the pip package, offline), none (random), or a .pth path")
     p.add_argument("--loss", choices=LOSSES, default=STUDY.loss,
                    help="bce: the design's Siamese pairs; contrastive / triplet: metric learning on an "
                         "L2-normalised embedding; ce: plain classifier baseline (class-weighted BCE)")
@@ -222,6 +226,8 @@ def check_args(args):
         raise ValueError("--per-class must be at least 2")
     if args.gallery_size < 0:
         raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
+    if not 0 <= args.backbone_lr_scale <= 1:
+        raise ValueError(f"--backbone-lr-scale {args.backbone_lr_scale}: must be from 0 (frozen) to 1")
     if not 0 <= args.warmup_epochs < 1e6 or not 0 <= args.aux_weight < 1e6:
         raise ValueError("--warmup-epochs and --aux-weight must be finite and not negative")
     if args.aux_weight > 0 and (not LOSSES[args.loss].siamese_head or args.pairing != "embed-once"):
@@ -248,7 +254,8 @@ def make_config(args):
         score=resolve_score(RunConfig(loss=args.loss, aux_weight=args.aux_weight), args.score),
         gallery_size=args.gallery_size, k=args.k, sync_bn=args.sync_bn, data=str(Path(args.data).resolve()),
         recipe=args.recipe, optimizer=args.optimizer, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-        augment=args.augment, aux_weight=args.aux_weight, sampler=loss.sampler or args.sampler, tta=args.tta)
+        augment=args.augment, aux_weight=args.aux_weight, sampler=loss.sampler or args.sampler, tta=args.tta,
+        backbone=args.backbone, features=args.features, backbone_lr_scale=args.backbone_lr_scale)
 
 
 def setup_distributed(device_name):
@@ -672,7 +679,8 @@ def build_training(args, config, train, resume, rank, world_size, device, worker
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = optimizer_class(parameter_groups(raw_model, config.backbone_lr_scale), lr=config.lr,
+                                weight_decay=config.weight_decay)
     use_scaler = device.type == "cuda" and not args.no_amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     state = RunState()
@@ -698,6 +706,20 @@ def build_training(args, config, train, resume, rank, world_size, device, worker
     criterion = LOSSES[config.loss].criterion(config, world_size)
     return Training(raw_model, model, optimizer, scaler, sampler, loader, criterion, pos_weight,
                     len(sampler.batches()), not args.no_amp), state
+
+
+def parameter_groups(model, backbone_lr_scale):
+    """The optimizer's parameter groups, each with the fraction of the learning rate it takes
+    ("lr_scale"): the backbone's and the rest. Scale 0 freezes the backbone: it is left out."""
+    if backbone_lr_scale == 1:  # one group, as runs saved before the scale existed
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    backbone = list(model.backbone.parameters())
+    rest = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+    if backbone_lr_scale == 0:
+        for parameter in backbone:
+            parameter.requires_grad_(False)
+        return [{"params": rest, "lr_scale": 1.0}]
+    return [{"params": backbone, "lr_scale": backbone_lr_scale}, {"params": rest, "lr_scale": 1.0}]
 
 
 def restore(resume, raw_model, optimizer, scaler, config, outputs):
@@ -733,12 +755,15 @@ def train_one_epoch(training, config, epoch, state, stop, rank, world_size, devi
     sums = list(state.partial) if resumed else [0.0] * 5
     training.sampler.set_epoch(epoch, first_step)
     training.model.train()
+    if config.backbone_lr_scale == 0:  # frozen: its BatchNorm statistics stay the pretrained ones
+        training.raw_model.backbone.eval()
     bar = progress(training.loader, f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
                        initial=first_step, total=first_step + len(training.sampler), leave=False)
     metric = LOSSES[config.loss].metric
     for step, batch in enumerate(bar, start=first_step + 1):
         for group in training.optimizer.param_groups:
-            group["lr"] = learning_rate(epoch * steps_per_epoch + step - 1, config.epochs * steps_per_epoch, config)
+            group["lr"] = group["lr_scale"] * learning_rate(epoch * steps_per_epoch + step - 1,
+                                                            config.epochs * steps_per_epoch, config)
         generator = torch.Generator().manual_seed(sample_seed(config.seed + 1, epoch, step))
         with autocast(device, training.amp):
             loss, correct, count, active = training_loss(training.model, batch, config, device, generator,
@@ -774,7 +799,7 @@ def validate_and_save(training, config, epoch, sums, started, state, splits, out
     metric = LOSSES[config.loss].metric
     row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
            "active_fraction": active_sum / steps if metric else math.nan,
-           "lr": training.optimizer.param_groups[0]["lr"]}
+           "lr": training.optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's may be scaled)
     if world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
         for buffer in training.raw_model.buffers():
             dist.broadcast(buffer, 0)

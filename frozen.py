@@ -1,0 +1,108 @@
+"""Reference rows with no fine-tuning: a backbone's frozen ImageNet features, scored by
+scikit-learn's logistic regression and by k-NN, both fitted on the training split with their one
+setting (C, k) chosen on validation. A fine-tuned model has to beat these to be worth its time.
+
+    python frozen.py --data data/isic2017 --backbone efficientnet_lite0 --image-size 224
+
+Prints validation and test AUC (95% bootstrap interval) of each and writes them to --out as JSON.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from cli import ArgumentParser
+from dataset import DataError, attach_cache, has_split, load_split
+from files import write_text_atomic
+from metrics import auc_or_nan, bootstrap_auc
+from modules import BACKBONES, FEATURES, ImageClassifier, WeightsError
+from predict import embed_images, pick_device
+
+# The one setting each is allowed, chosen on validation.
+LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)  # inverse L2 strength on standardised features
+KNN_K = (5, 10, 25, 50)
+
+
+def logistic_regression(c):
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
+
+
+def knn(k):
+    return KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
+
+
+REFERENCES = {"logistic regression": (logistic_regression, "C", LOGISTIC_C), "k-NN": (knn, "k", KNN_K)}
+
+
+def fit_on_validation(make, settings, train, validation):
+    """(fitted model, its setting): of `settings`, the one with the highest validation AUC."""
+    fitted = [(make(value).fit(*train), value) for value in settings]
+    return max(fitted, key=lambda pair: auc_or_nan(validation[1], pair[0].predict_proba(validation[0])[:, 1]))
+
+
+def parse_args(argv=None):
+    p = ArgumentParser("frozen.py", description=__doc__)
+    p.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
+    p.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0", help="the frozen network")
+    p.add_argument("--features", choices=FEATURES, default="pooled",
+                   help="imagenet: its 1000-d ImageNet output; pooled: the pooled features before it (default)")
+    p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random: a floor), or a .pth path")
+    p.add_argument("--image-size", type=int, default=224, help="network input side in pixels (default 224)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    p.add_argument("--cache", metavar="DIR", help="uint8 image cache folder (see train.py --cache)")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", help="JSON file for the results (default: print only)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if not Path(args.data).is_dir():
+            raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py")
+        if args.image_size < 32 or args.batch_size < 1 or args.workers < 0:
+            raise ValueError("--image-size must be at least 32, --batch-size at least 1, --workers 0 or more")
+        device = pick_device(args.device)
+        model = ImageClassifier(args.weights, args.backbone, args.features).to(device).eval()
+        names = ["train", "validation"] + (["test"] if has_split(args.data, "test") else [])
+        splits = {name: load_split(args.data, name, 0, 0, max(1, args.workers)) for name in names}
+        features = {}
+        for name, split in splits.items():
+            if args.cache:
+                attach_cache(split, args.cache, args.image_size, args.workers)
+            rows = embed_images(model, split, args.image_size, args.batch_size, device, args.workers, amp=False,
+                                desc=f"embedding {name}")
+            features[name] = (rows.cpu().numpy(), np.asarray(split.labels))
+    except (ValueError, DataError, WeightsError) as error:
+        sys.exit(f"frozen.py: error: {error}")
+
+    results = {"data": str(Path(args.data).resolve()), "backbone": args.backbone, "features": args.features,
+               "weights": args.weights, "image_size": args.image_size, "rows": {}}
+    print(f"\nfrozen {args.backbone} ({args.weights} weights, {args.features} features, {args.image_size} px)")
+    for reference, (make, setting, values) in REFERENCES.items():
+        fitted, chosen = fit_on_validation(make, values, features["train"], features["validation"])
+        row = {setting: chosen}
+        for name in names[1:]:
+            x, y = features[name]
+            scores = fitted.predict_proba(x)[:, 1]
+            low, high = bootstrap_auc(y, scores)
+            row[name] = {"auc": auc_or_nan(y, scores), "auc_ci_low": low, "auc_ci_high": high}
+        results["rows"][reference] = row
+        shown = "  ".join(f"{name} AUC {row[name]['auc']:.3f} ({row[name]['auc_ci_low']:.3f}-"
+                          f"{row[name]['auc_ci_high']:.3f})" for name in names[1:])
+        print(f"  {reference:<20} {setting} = {chosen:<6} {shown}")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
+        print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
