@@ -1,16 +1,21 @@
-# make demo: set up .venv and train + evaluate on synthetic lesions (CPU, a few minutes)
+# make demo: set up .venv and fine-tune the ImageNet EfficientNet-Lite0 Siamese model on 600 real
+#            ISIC 2017 lesions shipped in assets/ (CPU, a few minutes, no download)
 # make test: the test suite (CPU, no network)
+# make app: the local page (app.py) on the demo model, http://127.0.0.1:7860
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEMO_DATA := data/demo
-DEMO_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --lr 5e-4
+DEMO_DATA := assets/isic2017_demo
+DEMO_FLAGS := --backbone efficientnet_lite0 --weights imagenet --recipe transfer --image-size 128 --epochs 5 --batch-size 32 --benign-limit 0
+# Synthetic lesions (dataset.py --synthetic) for make compare: every loss in a few minutes
+SYNTHETIC_DATA := data/synthetic
+SYNTHETIC_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --lr 5e-4
 
 # The real-data benchmarks (docs/results.md): same budget and seed for every row, CPU-sized.
 # Make data/ham10000 and data/isic2017 first with to_subdirectories.py (README, "Data").
 BENCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
-.PHONY: install demo test bench compare bench-ham bench-isic2017 figure clean
+.PHONY: install demo test app bench compare bench-ham bench-isic2017 figure clean
 
 install: $(VENV)/installed
 
@@ -20,20 +25,30 @@ $(VENV)/installed: requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-$(DEMO_DATA): | install
-	$(PY) dataset.py --synthetic $(DEMO_DATA)
+$(SYNTHETIC_DATA): | install
+	$(PY) dataset.py --synthetic $(SYNTHETIC_DATA)
 
-demo: install $(DEMO_DATA)
+demo: install
 	$(PY) train.py --project runs/demo --data $(DEMO_DATA) $(DEMO_FLAGS) --force
 
 test: install
 	$(PY) -m pytest -q tests
 
+$(VENV)/app-installed: requirements-app.txt requirements.txt | install
+	$(PY) -m pip install -r requirements-app.txt
+	touch $@
+
+runs/demo/outputs/best.pth:
+	@echo "no demo model yet: run make demo first"; exit 1
+
+app: runs/demo/outputs/best.pth $(VENV)/app-installed
+	$(PY) app.py --project runs/demo
+
 bench: install
 	$(PY) bench.py --quick
 
-compare: install $(DEMO_DATA)
-	$(PY) compare.py --project runs/compare --data $(DEMO_DATA) $(DEMO_FLAGS)
+compare: install $(SYNTHETIC_DATA)
+	$(PY) compare.py --project runs/compare --data $(SYNTHETIC_DATA) $(SYNTHETIC_FLAGS)
 
 bench-ham: install
 	$(PY) compare.py --project runs/ham --data data/ham10000 --epochs 8 $(BENCH_FLAGS) \
@@ -47,4 +62,4 @@ figure: install
 	$(PY) assets/draw_architecture.py
 
 clean:
-	rm -rf runs/demo $(DEMO_DATA)
+	rm -rf runs/demo runs/compare $(SYNTHETIC_DATA)

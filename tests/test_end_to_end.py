@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import predict
 import train
@@ -136,20 +137,63 @@ def test_isic_sample_through_split_train_and_predict(tmp_path, quick_bootstrap, 
     assert metrics["test_n_malignant"] > 10  # the sample's 159 melanomas reach the test split
 
 
-def test_demo_settings_learn_the_synthetic_lesions(tmp_path, quick_bootstrap, capsys):
-    """make demo's data and flags at half its image size (32 px, a quarter of the compute): test
-    pair accuracy >= 0.8 and Siamese test AUC >= 0.9, the targets make demo reaches at 64 px."""
-    flags = re.search(r"^DEMO_FLAGS := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+def makefile_flags(name):
+    return re.search(rf"^{name} := (.*)$", (ROOT / "Makefile").read_text(), re.M).group(1).split()
+
+
+def test_synthetic_settings_learn_the_synthetic_lesions(tmp_path, quick_bootstrap, capsys):
+    """make compare's synthetic data and flags at half its image size (32 px, a quarter of the
+    compute): test pair accuracy >= 0.8 and Siamese test AUC >= 0.9."""
+    flags = makefile_flags("SYNTHETIC_FLAGS")
     assert flags[flags.index("--image-size") + 1] == "64"
-    data = tmp_path / "demo"
+    data = tmp_path / "synthetic"
     run_script("dataset.py", "--synthetic", data)
     # the cache decodes the 96 px files once instead of every epoch; one process, no loader workers
-    train.main(["--project", str(tmp_path / "demo_run"), "--data", str(data), *flags, "--image-size", "32",
+    train.main(["--project", str(tmp_path / "synthetic_run"), "--data", str(data), *flags, "--image-size", "32",
                 "--workers", "0", "--cache", str(tmp_path / "cache")])
-    metrics = json.loads((tmp_path / "demo_run" / "results" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "synthetic_run" / "results" / "metrics.json").read_text())
     assert (metrics["test_n_benign"], metrics["test_n_malignant"]) == (60, 30)
     assert metrics["test_pair_accuracy"] >= 0.8, metrics
     assert metrics["test_auc"] >= 0.9, metrics
+
+
+DEMO_DATA = ROOT / "assets" / "isic2017_demo"
+
+
+def test_the_demo_ships_600_real_lesions_at_128_px_with_their_licence():
+    from PIL import Image
+
+    counts = {split: tuple(len(list((DEMO_DATA / split / c).glob("*.jpg"))) for c in "01")
+              for split in ("train_data", "validation_data", "test_data")}
+    assert counts == {"train_data": (200, 100), "validation_data": (70, 30), "test_data": (120, 80)}
+    files = list(DEMO_DATA.rglob("*.jpg"))
+    assert sum(f.stat().st_size for f in files) < 5e6
+    assert all(f.name.startswith("ISIC_") for f in files) and len({f.name for f in files}) == 600
+    with Image.open(files[0]) as image:
+        assert image.size == (128, 128) and image.mode == "RGB"
+    licence = (DEMO_DATA / "LICENSE.md").read_text()
+    assert "CC-0" in licence and "Codella" in licence and "ISBI" in licence
+
+
+def test_demo_settings_fine_tune_the_packaged_imagenet_weights(tmp_path, quick_bootstrap):
+    """make demo's data and flags, shortened (1 epoch, 64 px, 40 images of each split), run for
+    real: the pretrained EfficientNet-Lite0 loads offline and the run evaluates its test split."""
+    flags = makefile_flags("DEMO_FLAGS")
+    assert flags[flags.index("--weights") + 1] == "imagenet" and "--benign-limit" in flags
+    assert makefile_flags("DEMO_DATA") == ["assets/isic2017_demo"]
+    data = tmp_path / "demo"
+    for split in ("train_data", "validation_data", "test_data"):
+        for c in "01":
+            (data / split / c).mkdir(parents=True)
+            for image in sorted((DEMO_DATA / split / c).glob("*.jpg"))[:20]:
+                (data / split / c / image.name).symlink_to(image)
+    train.main(["--project", str(tmp_path / "run"), "--data", str(data), *flags, "--epochs", "1",
+                "--image-size", "64", "--workers", "0", "--save-every", "50"])
+    metrics = json.loads((tmp_path / "run" / "results" / "metrics.json").read_text())
+    assert (metrics["test_n_benign"], metrics["test_n_malignant"]) == (20, 20)
+    assert 0 <= metrics["test_auc"] <= 1
+    checkpoint = torch.load(tmp_path / "run" / "outputs" / "best.pth", weights_only=True)
+    assert checkpoint["config"]["backbone"] == "efficientnet_lite0" and checkpoint["config"]["recipe"] == "transfer"
 
 
 def project_files(project):
