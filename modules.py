@@ -462,7 +462,7 @@ RECIPES = {
               "backbone_lr_scale": 1.0},
     # fine-tuning ImageNet weights (--weights imagenet), chosen on HAM10000 validation (docs/results.md)
     "transfer": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 0.5,
-                 "augment": "study", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 0, "tta": False,
+                 "augment": "study", "aux_weight": 1.0, "sampler": "balanced", "gallery_size": 256, "tta": False,
                  "backbone_lr_scale": 0.1},
 }
 
