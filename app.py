@@ -1,0 +1,245 @@
+"""A local web page to check one lesion with a trained model.
+
+    python app.py --project runs/exp1                      # then open http://127.0.0.1:7860
+    python app.py --checkpoint runs/exp1/outputs/best.pth --port 8000
+
+One image in: P(malignant), the verdict at the model's saved threshold, the Grad-CAM heat map and
+the five nearest training references with their class and similarity. Two images in: their
+similarity and whether the model puts them in the same class. The numbers come from predict.py's
+own functions (load_predictor, predict_files, compare_pair), so the page shows what
+`predict.py --image` and `--pair` print.
+
+The model and the references are loaded once, at start. Uploads and the images the page shows
+live in a temporary folder that is removed when the page stops; nothing is written into the
+project. Gradio's analytics, version check and run history are off, so the page works offline.
+Needs gradio: pip install -r requirements-app.txt (or make app).
+"""
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cli import ArgumentParser
+from dataset import CLASS_NAMES, DataError, check_image
+from modules import WeightsError
+from predict import compare_pair, heat_overlay, load_predictor, predict_files, reference_thumbnail
+
+MIN_SIDE = 32  # the smallest --image-size train.py takes: a smaller upload is an icon, not a lesion photo
+CONVERTED = {"CMYK": "a CMYK file, read as RGB", "RGBA": "transparency dropped", "LA": "greyscale, transparency dropped",
+             "L": "greyscale, read as RGB", "P": "a palette image, read as RGB", "I;16": "16-bit, read as 8-bit",
+             "I;16B": "16-bit, read as 8-bit", "I": "16-bit, read as 8-bit"}
+DISPLAY_SIDE = 256  # small model inputs (the demo's 64 px) are shown enlarged, pixel for pixel
+NOT_A_DIAGNOSIS = "A research model: its verdict is not a diagnosis."
+
+
+def threshold_rule(gallery):
+    """How the saved threshold was chosen, where the gallery says so (galleries of older
+    versions do not), else None."""
+    if "target_sensitivity" not in gallery:
+        return None
+    target = gallery["target_sensitivity"]
+    if target is None:
+        return "Youden's J (sensitivity + specificity - 1) on the validation split"
+    return f"the highest threshold reaching sensitivity {target:g} on the validation split"
+
+
+def upload_problem(path):
+    """Why an uploaded file cannot be checked, or None: predict.py's own check (check_image), and
+    an image too small to be a lesion photo."""
+    if not path:
+        return "no file uploaded"
+    reason = check_image(Path(path))
+    if reason:
+        return reason
+    with Image.open(path) as image:
+        width, height = image.size
+    if min(width, height) < MIN_SIDE:
+        return f"too small ({width}x{height}); a lesion photo needs at least {MIN_SIDE} px on each side"
+    return None
+
+
+def conversion_note(path):
+    """What reading the file as 8-bit RGB changed, or ''."""
+    with Image.open(path) as image:
+        note = CONVERTED.get(image.mode)
+    return f" ({note})" if note else ""
+
+
+def refusal(path, reason):
+    """The one line the page shows for an upload it cannot check."""
+    return f"**Cannot check {Path(path).name if path else 'this upload'}:** {reason}."
+
+
+class LesionChecker:
+    """The loaded model, references and threshold, and the page's two requests. Requests take
+    turns (one lock): Grad-CAM hooks into the model, so two at once would mix."""
+
+    def __init__(self, checkpoint, data=None, device="auto"):
+        self.checkpoint = Path(checkpoint)
+        self.model, self.config, self.gallery, self.device = load_predictor(checkpoint, data, device)
+        self.lock = threading.Lock()
+
+    def describe(self):
+        """The model line at the top of the page: what is served and how its threshold was chosen."""
+        rule = threshold_rule(self.gallery)
+        threshold = f"threshold **{self.gallery['threshold']:.4f}**" + (f", chosen by {rule}" if rule else "")
+        return (f"Model `{self.checkpoint}` ({self.config.loss}, {self.config.image_size} px), "
+                f"{len(self.gallery['labels'])} training references, {threshold}. {NOT_A_DIAGNOSIS}")
+
+    def check_one(self, path):
+        """(result text, image as the network sees it, Grad-CAM overlay, [(thumbnail, caption)])
+        of one uploaded file; a file it cannot check gives one line and no images."""
+        reason = upload_problem(path)
+        if reason:
+            return refusal(path, reason), None, None, []
+        try:
+            with self.lock:
+                prediction, = predict_files(self.model, self.config, self.gallery, [path], self.device,
+                                            self.checkpoint)
+        except Exception as error:  # the page keeps serving; the terminal keeps the details
+            return refusal(path, failure(error)), None, None, []
+        text = (f"### P(malignant) {prediction.probability:.4f}: {prediction.verdict}\n"
+                f"at the model's threshold {self.gallery['threshold']:.4f} (malignant at or above it); "
+                f"{Path(path).name}{conversion_note(path)}")
+        image = (prediction.image * 255).round().astype(np.uint8)
+        overlay = heat_overlay(prediction.image, prediction.heat)
+        return (text, enlarged(image), enlarged(overlay),
+                [reference_card(*reference) for reference in prediction.references])
+
+    def check_pair(self, first, second):
+        """The result text for two uploaded files: their similarity and the model's verdict."""
+        if not first or not second:
+            return "Upload two images to compare them."
+        for path in (first, second):
+            reason = upload_problem(path)
+            if reason:
+                return refusal(path, reason)
+        try:
+            with self.lock:
+                similarity, verdict = compare_pair(self.model, self.config, first, second, self.device)
+        except Exception as error:
+            return refusal(f"{Path(first).name} and {Path(second).name}", failure(error))
+        return (f"### similarity {similarity:.4f}: {verdict}\n"
+                f"same class above 0.5; {Path(first).name} and {Path(second).name}")
+
+
+def failure(error):
+    """A request's unexpected error as one line for the page; the traceback goes to the terminal."""
+    if not isinstance(error, (DataError, WeightsError, ValueError, OSError)):
+        traceback.print_exc()
+    return str(error) or error.__class__.__name__
+
+
+def enlarged(image):
+    """An (H, W, 3) image repeated pixel for pixel up to about DISPLAY_SIDE, so that a 32 or 64 px
+    input is not shown as a stamp; nothing is interpolated."""
+    factor = max(1, DISPLAY_SIDE // max(image.shape[:2]))
+    return image.repeat(factor, 0).repeat(factor, 1)
+
+
+def reference_card(path, label, similarity):
+    """A nearest reference as the page's gallery shows it: its image (grey where the file has
+    moved since training) and a caption with its class and similarity."""
+    name = Path(path).name if path else "(path not stored)"
+    try:
+        thumbnail = reference_thumbnail(path)
+    except (TypeError, OSError, DataError, RuntimeError):
+        thumbnail = np.full((96, 96, 3), 200, np.uint8)
+    return thumbnail, f"{CLASS_NAMES[label]} {similarity:.3f} · {name}"
+
+
+def offline_gradio(temp_dir):
+    """gradio, imported with its analytics, version check and Hugging Face telemetry off and its
+    uploads in temp_dir (these are read when gradio is imported)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ["GRADIO_TEMP_DIR"] = str(temp_dir)
+    import gradio
+    return gradio
+
+
+def build_page(gr, checker):
+    """The page: a tab for one lesion, a tab for two."""
+    with gr.Blocks(title="Check one lesion", analytics_enabled=False, delete_cache=(600, 3600)) as page:
+        gr.Markdown("# Check one lesion")
+        gr.Markdown(checker.describe(), elem_id="model")
+        with gr.Tab("One lesion"):
+            with gr.Row():
+                upload = gr.File(label="lesion image (drop or click)", type="filepath", elem_id="upload")
+                result = gr.Markdown("Upload a dermoscopic image.", elem_id="result")
+            with gr.Row():
+                seen = gr.Image(label="image as the network sees it", type="numpy", interactive=False,
+                                height=256, elem_id="seen")
+                overlay = gr.Image(label="Grad-CAM: where the score came from (red = most)", type="numpy",
+                                   interactive=False, height=256, elem_id="heat")
+            references = gr.Gallery(label="nearest training references: class and similarity", columns=5,
+                                    height=240,
+                                    object_fit="contain", elem_id="references")
+            upload.upload(checker.check_one, upload, [result, seen, overlay, references])
+            upload.clear(lambda: ("Upload a dermoscopic image.", None, None, []), None,
+                         [result, seen, overlay, references])
+        with gr.Tab("Two lesions"):
+            with gr.Row():
+                first = gr.File(label="first image", type="filepath", elem_id="first")
+                second = gr.File(label="second image", type="filepath", elem_id="second")
+            pair_result = gr.Markdown("Upload two images to compare them.", elem_id="pair-result")
+            for upload_one in (first, second):
+                upload_one.upload(checker.check_pair, [first, second], pair_result)
+    return page
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser("app.py", description=__doc__)
+    parser.add_argument("--project", help="project folder written by train.py (serves PROJECT/outputs/best.pth)")
+    parser.add_argument("--checkpoint", help="checkpoint to serve (default PROJECT/outputs/best.pth); its "
+                                             "gallery.pt beside it holds the references and the threshold")
+    parser.add_argument("--data", help="split folder to rebuild the references and threshold from when "
+                                       "gallery.pt is missing or made for another checkpoint (as predict.py --data)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
+                             "to the network)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    temp_dir = Path(tempfile.mkdtemp(prefix="lesion-app-"))
+    try:
+        if not 1 <= args.port <= 65535:
+            raise ValueError(f"--port {args.port}: must be 1-65535")
+        checkpoint = args.checkpoint or (args.project and Path(args.project) / "outputs" / "best.pth")
+        if not checkpoint:
+            raise ValueError("pass --project P or --checkpoint PATH")
+        if not Path(checkpoint).is_file():
+            raise ValueError(f"{checkpoint}: no such checkpoint; train one with train.py (make demo for runs/demo)")
+        try:
+            gr = offline_gradio(temp_dir)
+        except ImportError:
+            raise ValueError("gradio is not installed; pip install -r requirements-app.txt (or make app)") from None
+        started = time.time()
+        checker = LesionChecker(checkpoint, args.data, args.device)
+        print(f"loaded {checkpoint} and {len(checker.gallery['labels'])} references in {time.time() - started:.1f} s")
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl+C: temp files go
+        build_page(gr, checker).launch(server_name=args.host, server_port=args.port, share=False,
+                                       run_history=False, footer_links=[], max_file_size="100mb")
+    except (ValueError, DataError, WeightsError) as error:
+        sys.exit(f"app.py: error: {error}")
+    except OSError as error:  # the port is taken, or the address is not this machine's
+        sys.exit(f"app.py: error: {error.strerror or error}")
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
