@@ -15,6 +15,7 @@ Modes (the training step is train.py's own, embed-once BCE unless said otherwise
     gallery       test images/s scored against the gallery: each image with each reference by two
                   backbone passes vs from stored embeddings
 """
+import dataclasses
 import json
 import os
 import resource
@@ -27,7 +28,7 @@ import torch
 
 from cli import ArgumentParser
 from dataset import DataError, eval_transform, load_split, make_synthetic, attach_cache
-from modules import LOSSES, SiameseNetwork
+from modules import BACKBONES, LOSSES, SiameseNetwork, build_model
 from predict import autocast, embed_images, pick_device, similarity_matrix, to_device
 from train import make_config, make_train_loader, parse_args as train_args, training_loss
 
@@ -80,7 +81,7 @@ def timed(device, run, warmup, steps):
 def train_step(model, optimizer, batch, config, device, amp):
     generator = torch.Generator().manual_seed(0)
     with autocast(device, amp):
-        criterion = LOSSES[config["loss"]].criterion(config)  # None for bce: its pair BCE is built in
+        criterion = LOSSES[config.loss].criterion(config)  # None for bce: its pair BCE is built in
         loss, *_ = training_loss(model, batch, config, device, generator, criterion, torch.tensor(1.0, device=device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -91,13 +92,14 @@ def random_batch(batch_size, size, seed=0):
     """A single-image batch with both classes, as the embed-once loader yields it."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(batch_size) % 2
-    return torch.randn(batch_size, 3, size, size, generator=g), labels, torch.arange(batch_size), torch.ones(batch_size, dtype=torch.bool)
+    return torch.randn(batch_size, 3, size, size, generator=g), labels, torch.ones(batch_size, dtype=torch.bool)
 
 
 def measure_training(args, device, data):
     config = make_config(train_args(["--project", "-", "--data", str(data), "--weights", "none",
-                                     "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]))
-    model = SiameseNetwork("none").to(device).train()
+                                     "--backbone", args.backbone, "--image-size", str(args.image_size),
+                                     "--batch-size", str(args.batch_size)]))
+    model = build_model(config).to(device).train()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -130,7 +132,7 @@ def measure_training(args, device, data):
     reset_peak(device)
     first, second = random_batch(args.batch_size, args.image_size, 1)[0], random_batch(args.batch_size, args.image_size, 2)[0]
     targets = (torch.arange(args.batch_size) % 2).float()
-    two_pass = dict(config, pairing="two-pass")
+    two_pass = dataclasses.replace(config, pairing="two-pass")
     seconds = timed(device, lambda: train_step(model, optimizer, (first, second, targets), two_pass, device, amp),
                     args.warmup, args.steps)
     results["two_pass"] = {"pairs_per_s": args.batch_size / seconds, **peaks(device)}
@@ -148,7 +150,7 @@ def iter_forever(sampler, loader):
 
 @torch.no_grad()
 def measure_evaluation(args, device, data):
-    model = SiameseNetwork("none").to(device).eval()
+    model = SiameseNetwork("none", backbone=args.backbone).to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     amp, size, results = not args.no_amp, args.image_size, {}
@@ -207,6 +209,7 @@ def test_batch(split, indices, size):
 def main(argv=None):
     parser = ArgumentParser("bench.py", description=__doc__)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--backbone", choices=BACKBONES, default="resnet18", help="the network measured (default resnet18)")
     parser.add_argument("--image-size", type=int, default=None, help="default 128 on the CPU, 224 on a GPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 on the CPU, 256 on a GPU")
     parser.add_argument("--data", help="split folder to read (default: synthetic 256 px JPEGs in a temp folder)")
@@ -260,7 +263,8 @@ def print_report(args, device, results, seconds):
         "gallery_speedup": results["gallery"]["stored_images_per_s"] / results["gallery"]["naive_images_per_s"],
     }
     machine = (torch.cuda.get_device_name(device) if gpu else f"{os.cpu_count()} CPU cores") + \
-        f", torch {torch.__version__}, {args.image_size} px, batch {args.batch_size}, workers {args.workers}" + \
+        f", torch {torch.__version__}, {args.backbone}, {args.image_size} px, batch {args.batch_size}, " \
+        f"workers {args.workers}" + \
         (", bf16/fp16 autocast" if gpu and not args.no_amp else ", fp32")
     print(f"\n{machine}")
     print(f"{'mode':<12} {'throughput':>24} {'peak RSS MiB':>13}" + (f" {'peak GPU MiB':>13}" if gpu else ""))
@@ -274,6 +278,7 @@ def print_report(args, device, results, seconds):
     print(json.dumps({"machine": machine, **{k: round(v, 3) for k, v in ratios.items()},
                       "modes": {m: {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
                                 for m, r in results.items()}}))
+
 
 if __name__ == "__main__":
     main()

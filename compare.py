@@ -29,11 +29,22 @@ def run(*args):
         sys.exit(f"compare.py: error: {args[0]} failed (its message is above)")
 
 
+# A row's own settings: passing one of these through to train.py would make the row lie.
+ROW_FLAGS = ("--project", "--data", "--loss", "--recipe", "--seed", "--force", "--resume")
+
+
 def train_and_score(project, data, loss, recipe, seed, train_flags):
     """metrics.json of one run (train.py computes every score the model supports); trains only
-    when the run has no results yet."""
-    metrics_path = project / "results" / "metrics.json"
-    if not metrics_path.exists():
+    when the run has no results yet, and refuses results made with other train.py flags."""
+    metrics_path, flags_path = project / "results" / "metrics.json", project / "compare_flags.json"
+    if metrics_path.exists():
+        made_with = json.loads(flags_path.read_text()) if flags_path.exists() else None
+        if made_with != train_flags:
+            sys.exit(f"compare.py: error: {project} was trained with train.py flags {made_with}, not "
+                     f"{train_flags}; choose another --project, or delete {project} to train it again")
+    else:
+        project.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(flags_path, json.dumps(train_flags) + "\n")
         run("train.py", "--project", project, "--data", data, "--loss", loss, "--recipe", recipe,
             "--seed", seed, "--force", *train_flags)
     return json.loads(metrics_path.read_text())
@@ -50,7 +61,7 @@ def rows_of(metrics, history):
     return [(name, m, seconds, len(history)) for name, m in rows]
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser("compare.py", description=__doc__)
     parser.add_argument("--project", required=True, help="folder for one sub-project per run and the comparison")
     parser.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
@@ -62,18 +73,26 @@ def main():
                         help="exactly these loss and recipe pairs, e.g. bce:study bce:tuned ce:tuned "
                              "(instead of every --losses x --recipes)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
-    args, train_flags = parser.parse_known_args()
+    args, train_flags = parser.parse_known_args(argv)
+    refused = [flag for flag in train_flags if flag.split("=")[0] in ROW_FLAGS + ("--losses", "--recipes")]
+    if refused:
+        parser.error(f"{refused[0]}: set by compare.py for each row (--losses, --recipes, --runs, --seeds); "
+                     f"drop it")
+    if len(set(args.seeds)) != len(args.seeds) or (args.runs and len(set(args.runs)) != len(args.runs)):
+        parser.error("--seeds and --runs must not repeat a value")
     pairs = [(loss, recipe) for recipe in args.recipes for loss in args.losses]
     if args.runs:
         pairs = [tuple(run.split(":", 1)) for run in args.runs]
-        bad = [f"{loss}:{recipe}" for loss, recipe in pairs if loss not in LOSSES or recipe not in RECIPES]
-        if bad or any(len(pair) != 2 for pair in pairs):
-            parser.error(f"--runs {' '.join(bad or args.runs)}: each is LOSS:RECIPE, e.g. bce:tuned")
-    project, table = Path(args.project), []
+        bad = [":".join(pair) for pair in pairs if len(pair) != 2 or pair[0] not in LOSSES or pair[1] not in RECIPES]
+        if bad:
+            parser.error(f"--runs {' '.join(bad)}: each is LOSS:RECIPE, e.g. bce:tuned")
+    # train.py runs in this file's folder: paths the user typed are made absolute here, first
+    project, table = Path(args.project).resolve(), []
+    data = str(Path(args.data).resolve())
     for loss, recipe in pairs:
         for seed in args.seeds:
             folder = project / f"{loss}-{recipe}-seed{seed}"
-            metrics = train_and_score(folder, args.data, loss, recipe, seed, train_flags)
+            metrics = train_and_score(folder, data, loss, recipe, seed, train_flags)
             history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
             table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
 
