@@ -12,6 +12,7 @@ import argparse
 import csv
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -571,9 +572,11 @@ def main(argv=None):
     except (ValueError, DataError) as error:
         sys.exit(f"train.py: error: {error}")
     except OSError as error:
+        last = Path(args.project) / "outputs" / "last.pth"
+        advice = (f"rerun with --resume: {last} holds the last complete state" if last.is_file() else
+                  "no checkpoint was saved, so rerun as before")
         sys.exit(f"train.py: error: could not write {error.filename or 'a file'} ({error.strerror or error}); "
-                 f"free disk space or fix permissions and rerun with --resume; the last complete "
-                 f"checkpoint is intact")
+                 f"free disk space or fix permissions (or choose another path), then {advice}")
     finally:
         if lock is not None:
             lock.close()  # releases the project
@@ -592,8 +595,11 @@ def run(args, rank, world_size, device, stop, previous_handlers):
     torch.manual_seed(config.seed)
     workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
     splits = load_data(args, config, rank, world_size, workers, say)
+    # the weights (--weights PATH or imagenet) load before --force deletes anything: a typo costs nothing
+    raw_model = build_model(config, weights="none" if resume else None).to(device)  # resume: weights from last.pth
     prepare_outputs(outputs, to_delete, splits, rank, world_size, say)
-    training, state = build_training(args, config, splits["train"], resume, rank, world_size, device, workers)
+    training, state = build_training(args, config, raw_model, splits["train"], resume, rank, world_size, device,
+                                     workers)
     if resume:
         say(f"resuming {outputs / 'last.pth'} at epoch {state.epoch + 1}, step {state.step}")
 
@@ -623,7 +629,8 @@ def restore_signal_handlers(previous):
 def resume_message(args, outputs, epochs_done, steps_done):
     return (f"stopped after {epochs_done} complete epoch(s) and {steps_done} step(s) of the next; "
             f"{outputs / 'last.pth'} holds that state. Continue with:\n"
-            f"  python train.py --project {args.project} --data {args.data} --resume")
+            f"  python train.py --project {shlex.quote(str(args.project))} --data {shlex.quote(str(args.data))} "
+            f"--resume")
 
 
 def run_config(args, outputs, say):
@@ -671,9 +678,8 @@ def prepare_outputs(outputs, to_delete, splits, rank, world_size, say):
         say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
 
 
-def build_training(args, config, train, resume, rank, world_size, device, workers):
-    """(Training, RunState): the model, optimizer, scaler and batches, fresh or from last.pth."""
-    raw_model = build_model(config, weights="none" if resume else None).to(device)  # resume: weights from last.pth
+def build_training(args, config, raw_model, train, resume, rank, world_size, device, workers):
+    """(Training, RunState): the model's optimizer, scaler and batches, fresh or from last.pth."""
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels

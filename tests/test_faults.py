@@ -622,7 +622,8 @@ def test_failed_write_ends_with_a_message_and_keeps_the_previous_checkpoint(disk
     assert disk_full_run.status != 0
     assert disk_full_run.message == (
         f"train.py: error: could not write {disk_full_run.outputs / 'last.pth'} (No space left on device); "
-        "free disk space or fix permissions and rerun with --resume; the last complete checkpoint is intact")
+        f"free disk space or fix permissions (or choose another path), then rerun with --resume: "
+        f"{disk_full_run.outputs / 'last.pth'} holds the last complete state")
     last = load(disk_full_run.outputs / "last.pth")
     assert last["epoch"] == 1 and len(last["history"]) == 1
     assert_finite_weights(disk_full_run.outputs / "best.pth")
@@ -922,7 +923,7 @@ def test_train_weights_of_another_architecture_is_one_line(data_dir, tmp_path, n
     status, message = call_main(train.main, tiny(tmp_path / "project", data_dir, 2, "--weights", path))
     assert status != 0
     assert_one_line(message, "train.py: error:")
-    assert f"--weights {path}" in message and "ResNet18" in message
+    assert f"--weights {path}" in message and "resnet18" in message
 
 
 @pytest.mark.parametrize("content", ["pickled_code", "truncated"])
@@ -1199,3 +1200,54 @@ def test_bad_flag_on_the_real_command_line(cli):
     assert_one_line(result.stderr.strip(), "train.py: error: --device banana")
     assert result.stdout == ""
     assert not cli.train_project.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 19: nothing lost by a typo, advice only when true
+
+
+def test_force_with_a_weights_typo_deletes_nothing(run_a, data_dir, tmp_path, no_test_eval):
+    project = tmp_path / "finished"
+    shutil.copytree(run_a.project, project)
+    before = {p.name: p.read_bytes() for p in (project / "outputs").iterdir()}
+    status, message = call_main(train.main, tiny(project, data_dir, 2, "--force", "--weights", tmp_path / "typo.pth"))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert f"--weights {tmp_path / 'typo.pth'}: no such file" in message
+    assert {p.name: p.read_bytes() for p in (project / "outputs").iterdir()} == before
+
+
+@pytest.mark.parametrize("content", ["foreign", "nan"])
+def test_weights_that_are_foreign_or_not_finite_are_one_line_before_training(content, data_dir, tmp_path,
+                                                                              no_test_eval):
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    if content == "nan":
+        state["fc.bias"][0] = float("nan")
+    else:  # another repository's checkpoint: a model name beside the tensors
+        state = {"model": "resnet18", "state_dict": state}
+    torch.save(state, tmp_path / "w.pth")
+    status, message = call_main(train.main, tiny(tmp_path / "p", data_dir, 1, "--weights", tmp_path / "w.pth"))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert f"--weights {tmp_path / 'w.pth'}" in message
+    assert ("not finite" if content == "nan" else "not a resnet18 state_dict") in message
+    assert not (tmp_path / "p" / "outputs" / "last.pth").exists()
+
+
+def test_a_project_that_is_a_file_gives_no_resume_advice(data_dir, tmp_path, no_test_eval):
+    (tmp_path / "file").write_text("not a folder")
+    status, message = call_main(train.main, tiny(tmp_path / "file", data_dir, 1))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert "--resume" not in message
+
+
+def test_the_resume_hint_is_quoted_so_that_it_pastes(tmp_path):
+    import shlex
+
+    args = SimpleNamespace(project=str(tmp_path / "my run ü"), data=str(tmp_path / "da ta"))
+    command = train.resume_message(args, Path(args.project) / "outputs", 1, 0).splitlines()[-1]
+    argv = shlex.split(command)
+    assert argv[argv.index("--project") + 1] == args.project and argv[argv.index("--data") + 1] == args.data
