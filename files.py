@@ -21,3 +21,10 @@ def write_atomic(path, write):
 
 def write_text_atomic(path, text):
     write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def overlaps(a, b):
+    """Whether one path is, holds or lies inside the other: a step that moves or deletes one must
+    not touch the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents

@@ -52,7 +52,7 @@ from torchvision.transforms import v2
 from cli import ArgumentParser, progress
 from dataset import (CLASS_NAMES, DataError, ImageDataset, attach_cache, check_image, collate_images, denormalize,
                      eval_transform, has_split, is_labelled_folder, load_split, make_pairs, read_rgb)
-from files import write_atomic, write_text_atomic
+from files import overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
 from modules import LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
 
@@ -402,9 +402,11 @@ def writes_gallery(checkpoint, data, results, config):
     """Whether this evaluation replaces the gallery.pt next to the checkpoint that single-image
     predictions use: only when it evaluates the checkpoint's own training data into its project's
     results folder. Evaluation on other data, or into --out, never writes to the project."""
-    project_results = Path(checkpoint).resolve().parent.parent / "results"
+    checkpoint = Path(checkpoint).resolve()
     same_data = bool(config.data) and Path(data).resolve() == Path(config.data).resolve()
-    return Path(results).resolve() == project_results and same_data
+    # best.pth only: evaluating last.pth must not replace the references best.pth predicts with
+    own_results = Path(results).resolve() == checkpoint.parent.parent / "results"
+    return checkpoint.name == "best.pth" and own_results and same_data
 
 
 def check_finite(features, checkpoint):
@@ -497,6 +499,11 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
     device = pick_device(device) if isinstance(device, str) else device
     if Path(results).exists() and not Path(results).is_dir():
         raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
+    # an earlier results folder is moved aside: it must not be, hold or lie inside what it reads
+    for what, path in (("--data", data), ("the checkpoint", checkpoint)):
+        if overlaps(results, path):
+            raise ValueError(f"--out {results}: overlaps {what} {path}, which moving earlier results aside "
+                             f"would move too; choose a folder of its own for --out")
     model, config, saved = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
     model.to(device)
     methods = [resolve_score(config, name) for name in ([score] if isinstance(score, str) else score)]

@@ -1251,3 +1251,30 @@ def test_the_resume_hint_is_quoted_so_that_it_pastes(tmp_path):
     command = train.resume_message(args, Path(args.project) / "outputs", 1, 0).splitlines()[-1]
     argv = shlex.split(command)
     assert argv[argv.index("--project") + 1] == args.project and argv[argv.index("--data") + 1] == args.data
+
+
+@pytest.mark.parametrize("out", ["data", "inside_data", "project", "outputs"])
+def test_predict_out_that_overlaps_the_data_or_the_checkpoint_moves_nothing(out, evaluated, data_dir, tmp_path):
+    data = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    project = tmp_path / "project"
+    shutil.copytree(evaluated / "outputs", project / "outputs")
+    target = {"data": data, "inside_data": data / "train_data", "project": project,
+              "outputs": project / "outputs"}[out]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    status, message = call_main(predict.main, evaluate_argv(project, data, "--out", target))
+    assert status != 0
+    assert_one_line(message, "predict.py: error:")
+    assert f"--out {target}: overlaps" in message
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_evaluating_last_pth_into_the_project_leaves_the_gallery_of_best_pth(evaluated, data_dir, tmp_path,
+                                                                             quick_metrics):
+    project = tmp_path / "project"
+    shutil.copytree(evaluated / "outputs", project / "outputs")
+    shutil.copy(project / "outputs" / "best.pth", project / "outputs" / "last.pth")
+    gallery = project / "outputs" / "gallery.pt"
+    before = gallery.read_bytes()
+    argv = evaluate_argv(project, data_dir, "--checkpoint", project / "outputs" / "last.pth")
+    assert call_main(predict.main, argv) == (0, "")
+    assert gallery.read_bytes() == before and (project / "results" / "metrics.json").exists()
