@@ -92,10 +92,10 @@ def main():
     from playwright.sync_api import sync_playwright
 
     checkpoint = ROOT / "runs" / "demo" / "outputs" / "best.pth"
-    image = ROOT / "data" / "demo" / "test_data" / "1" / "SYN_test_1_0003.jpg"
-    if not checkpoint.is_file() or not image.is_file():
+    image = sorted((ROOT / "assets" / "isic2017_demo" / "test_data" / "1").glob("*.jpg"))[0]
+    if not checkpoint.is_file():
         sys.exit("screenshot_app.py: error: no demo model; run make demo first")
-    with serve(checkpoint, "/tmp/screenshot_app.log") as url, sync_playwright() as playwright:
+    with serve(checkpoint.relative_to(ROOT), "/tmp/screenshot_app.log") as url, sync_playwright() as playwright:
         browser = launch_chromium(playwright)
         page, refused = offline_page(browser, url)
         print(check_image(page, url, image))
