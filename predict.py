@@ -51,7 +51,8 @@ from torchvision.transforms import v2
 
 from cli import ArgumentParser, progress
 from dataset import (CLASS_NAMES, DataError, ImageDataset, attach_cache, check_image, collate_images, denormalize,
-                     eval_transform, has_split, is_labelled_folder, load_split, make_pairs, read_rgb)
+                     eval_transform, has_split, is_labelled_folder, load_split, make_pairs, read_rgb,
+                     write_excluded)
 from files import overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, pair_metrics
 from modules import LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
@@ -515,6 +516,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
     seed, size = config.seed, config.image_size
     splits = splits or load_evaluation_splits(data, config, workers, cache)
     train, validation, test = splits["train"], splits["validation"], splits["evaluated"]
+    read = list({id(split): split for split in (train, validation, test)}.values())  # test may be validation
     prefix = "test" if test.name == "test" else "val" if test is validation else "external"
     results = prepare_results(results)
 
@@ -530,7 +532,8 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                "evaluated_split": prefix, "data": str(data), "tta": tta,
                f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
-               "val_auc": auc_or_nan(validation.labels, val.scores)}
+               "val_auc": auc_or_nan(validation.labels, val.scores),
+               "n_excluded_images": sum(len(split.excluded) for split in read)}
     metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
     metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
     labels = {"validation": validation.labels, "evaluated": test.labels}
@@ -547,9 +550,13 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
         curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
     save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
     save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config))
+    # every image left out (unreadable, truncated, not an image) is counted and listed beside the results
+    excluded = write_excluded(read, results / "excluded_images.txt")
     print_metrics(metrics)
     print_summary(metrics, results, device, time.time() - started,
-                  [("checkpoint", f"{checkpoint} (epoch {metrics['checkpoint_epoch']})"), *summary_rows])
+                  [("checkpoint", f"{checkpoint} (epoch {metrics['checkpoint_epoch']})"), *summary_rows,
+                   *([("excluded images", f"{excluded}, listed in {results / 'excluded_images.txt'}")]
+                     if excluded else [])])
     return metrics
 
 

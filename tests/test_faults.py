@@ -23,6 +23,7 @@ import contextlib
 import csv
 import functools
 import io
+import json
 import os
 import pickle
 import re
@@ -1278,3 +1279,17 @@ def test_evaluating_last_pth_into_the_project_leaves_the_gallery_of_best_pth(eva
     argv = evaluate_argv(project, data_dir, "--checkpoint", project / "outputs" / "last.pth")
     assert call_main(predict.main, argv) == (0, "")
     assert gallery.read_bytes() == before and (project / "results" / "metrics.json").exists()
+
+
+def test_evaluation_counts_and_lists_every_image_it_left_out(evaluated, data_dir, tmp_path, quick_metrics, capsys):
+    broken = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    good = (broken / "test_data" / "1" / "SYN_test_1_0000.jpg").read_bytes()
+    (broken / "test_data" / "1" / "cut_a.jpg").write_bytes(good[: len(good) // 2])
+    (broken / "test_data" / "0" / "cut_b.jpg").write_bytes(good[: len(good) // 3])
+    (broken / "test_data" / "0" / "notes.txt").write_text("not an image")
+    assert call_main(predict.main, evaluate_argv(evaluated, broken, "--out", tmp_path / "X")) == (0, "")
+    listed = (tmp_path / "X" / "excluded_images.txt").read_text().splitlines()
+    names = {Path(line.split("\t")[0]).name for line in listed}
+    assert {"cut_a.jpg", "cut_b.jpg", "notes.txt"} <= names and EXCLUDED <= names
+    assert json.loads((tmp_path / "X" / "metrics.json").read_text())["n_excluded_images"] == len(listed)
+    assert re.search(rf"excluded images +{len(listed)}, listed in .*excluded_images.txt", capsys.readouterr().out)
