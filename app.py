@@ -14,6 +14,7 @@ live in a temporary folder that is removed when the page stops; nothing is writt
 project. Gradio's analytics, version check and run history are off, so the page works offline.
 Needs gradio: pip install -r requirements-app.txt (or make app).
 """
+import contextlib
 import os
 import shutil
 import signal
@@ -149,10 +150,10 @@ def reference_card(path, label, similarity):
     """A nearest reference as the page's gallery shows it: its image (grey where the file has
     moved since training) and a caption with its class and similarity."""
     name = Path(path).name if path else "(path not stored)"
-    try:
-        thumbnail = reference_thumbnail(path)
-    except (TypeError, OSError, DataError, RuntimeError):
-        thumbnail = np.full((96, 96, 3), 200, np.uint8)
+    thumbnail = np.full((96, 96, 3), 200, np.uint8)
+    if path and Path(path).is_file():
+        with contextlib.suppress(DataError):  # a damaged file: grey too
+            thumbnail = reference_thumbnail(path)
     return thumbnail, f"{CLASS_NAMES[label]} {similarity:.3f} · {name}"
 
 

@@ -106,6 +106,13 @@ def test_one_image_shows_what_predict_computes(checker, checkpoint, lesion):
         assert caption == f"{('benign', 'malignant')[label]} {similarity:.3f} · {Path(path).name}"
 
 
+def test_a_reference_moved_since_training_is_grey_with_its_name(tmp_path):
+    thumbnail, caption = app.reference_card(str(tmp_path / "gone.jpg"), 1, 0.8123)
+    assert thumbnail.shape == (96, 96, 3) and (thumbnail == 200).all()
+    assert caption == "malignant 0.812 · gone.jpg"
+    assert app.reference_card(None, 0, 0.5)[1] == "benign 0.500 · (path not stored)"
+
+
 def test_the_page_names_the_threshold_and_its_rule(checker):
     described = checker.describe()
     assert f"threshold **{checker.gallery['threshold']:.4f}**" in described
