@@ -10,6 +10,7 @@ PROJECT/results/.
 """
 import argparse
 import csv
+import datetime
 import math
 import os
 import shlex
@@ -47,6 +48,7 @@ from predict import (SCORES, applicable_scores, autocast, embed_and_score, embed
                      resolve_score, save_figure, to_device)
 
 STUDY = RunConfig()  # the study's settings: every default below comes from modules.RunConfig
+DISTRIBUTED_TIMEOUT = datetime.timedelta(seconds=60)  # peers that never come: one line, not a hang
 VALIDATION_GALLERY_CAP = 256  # references per class when validating each epoch (0 = all would cost an epoch's time)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
                    "active_fraction", "embedding_spread", "lr", "seconds"]
@@ -273,7 +275,13 @@ def setup_distributed(device_name):
         torch.cuda.set_device(device)
     else:
         device = pick_device("cpu" if device_name == "auto" else device_name)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DISTRIBUTED_TIMEOUT)
+    except (RuntimeError, dist.DistError) as error:  # e.g. RANK and WORLD_SIZE left over in the environment
+        names = ", ".join(f"{key}={os.environ.get(key)}" for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        raise ValueError(f"the distributed environment ({names}) found no peers within "
+                         f"{DISTRIBUTED_TIMEOUT.seconds} s ({type(error).__name__}); start one process per rank with "
+                         f"torchrun, or unset these variables to train in one process") from None
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -571,6 +579,12 @@ def main(argv=None):
         sys.exit(f"train.py: error: {error}")
     except (ValueError, DataError) as error:
         sys.exit(f"train.py: error: {error}")
+    except (MemoryError, RuntimeError) as error:  # CUDA's OutOfMemoryError; the CPU's "can't allocate memory"
+        if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "allocate" not in str(error):
+            raise
+        sys.exit(f"train.py: error: out of memory at --image-size {args.image_size} and --batch-size "
+                 f"{args.batch_size} ({(str(error).splitlines() or [type(error).__name__])[0][:100]}); "
+                 f"lower --batch-size or --image-size")
     except OSError as error:
         last = Path(args.project) / "outputs" / "last.pth"
         advice = (f"rerun with --resume: {last} holds the last complete state" if last.is_file() else

@@ -8,6 +8,7 @@ import torch
 
 import train
 from dataset import ImageDataset, ShuffledBatches, BalancedBatches, collate_images, load_split, train_transform
+from helpers import TINY
 from modules import LOSSES, RunConfig, build_model
 
 FLAGS = ("--help", "--project", "--data", "--epochs", "--recipe", "--batch-size", "--val-batch-size", "--lr",
@@ -197,3 +198,32 @@ def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
 
 def test_classify_is_an_alias_of_score():
     assert config_of("--classify", "knn").score == config_of("--score", "knn").score == "knn"
+
+
+def test_distributed_variables_without_peers_end_in_one_line_naming_them(monkeypatch):
+    import datetime
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(train, "DISTRIBUTED_TIMEOUT", datetime.timedelta(seconds=2))
+    with pytest.raises(ValueError) as error:
+        train.setup_distributed("cpu")
+    message = str(error.value)
+    assert "RANK=0, WORLD_SIZE=2" in message and f"MASTER_PORT={port}" in message and "torchrun" in message
+
+
+def test_running_out_of_memory_names_the_flags_to_lower(tiny_data_dir, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 412316860416 bytes.")
+
+    monkeypatch.setattr(train, "train_one_epoch", no_memory)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--project", str(tmp_path / "p"), "--data", str(tiny_data_dir), *TINY])
+    message = str(exit_.value.code)
+    assert message.startswith("train.py: error: out of memory at --image-size 32 and --batch-size 8")
+    assert message.endswith("lower --batch-size or --image-size") and "\n" not in message
