@@ -773,14 +773,20 @@ def predict_files(model, config, gallery, images, device, checkpoint, n_referenc
     return predictions
 
 
+def check_inputs(paths, flag):
+    """Each file checked as training checks it (dataset.check_image: decodable, within
+    dataset.MAX_PIXELS from its header) before anything is decoded."""
+    for path in paths:
+        reason = check_image(Path(path))
+        if reason:
+            raise DataError(f"{flag} {path}: {reason}")
+
+
 @torch.no_grad()
 def predict_images(checkpoint, images, data=None, device="auto", out=None, n_references=5):
     """P(malignant) of each image and the verdict at the threshold saved with the gallery. With
     `out`, also one figure per image there (see plot_prediction). Returns the printed lines."""
-    for path in images:  # the training limit (dataset.MAX_PIXELS) too, from the header, before decoding
-        reason = check_image(Path(path))
-        if reason:
-            raise DataError(f"--image {path}: {reason}")
+    check_inputs(images, "--image")
     model, config, gallery, device = load_predictor(checkpoint, data, device)
     predictions = predict_files(model, config, gallery, images, device, checkpoint, n_references,
                                 explain=out is not None)
@@ -812,6 +818,7 @@ def compare_pair(model, config, first, second, device):
 @torch.no_grad()
 def predict_pair(checkpoint, first, second, device="auto"):
     """The model's similarity of two images and its verdict (same class above 0.5)."""
+    check_inputs((first, second), "--pair")
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)

@@ -1121,7 +1121,8 @@ def test_gallery_still_fits_a_project_copied_with_new_file_times(evaluated, tmp_
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the size is the subject
-def test_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(run_a, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flag", ["--image", "--pair"])
+def test_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(flag, run_a, tmp_path, monkeypatch):
     data = bytearray(jpeg_bytes())
     frame = data.find(b"\xff\xc0")  # start of frame: height and width at bytes 5-8
     data[frame + 5:frame + 9] = (12_000).to_bytes(2, "big") * 2
@@ -1133,10 +1134,11 @@ def test_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(ru
         raise AssertionError(f"{path} was decoded")
 
     monkeypatch.setattr(predict, "read_rgb", no_decoding)
-    status, message = call_main(predict.main, ["--checkpoint", run_a.outputs / "best.pth", "--image", bomb,
+    inputs = [bomb] if flag == "--image" else [bomb, bomb]
+    status, message = call_main(predict.main, ["--checkpoint", run_a.outputs / "best.pth", flag, *inputs,
                                                "--device", "cpu"])
     assert status != 0
-    assert_one_line(message, f"predict.py: error: --image {bomb}: too large (12000x12000)")
+    assert_one_line(message, f"predict.py: error: {flag} {bomb}: too large (12000x12000)")
     assert f"{dataset.MAX_PIXELS:,}" in message
 
 
