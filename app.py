@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -34,10 +35,11 @@ from modules import WeightsError
 from predict import compare_pair, heat_overlay, load_predictor, predict_files, reference_thumbnail
 
 MIN_SIDE = 32  # the smallest --image-size train.py takes: a smaller upload is an icon, not a lesion photo
-CONVERTED = {"CMYK": "a CMYK file, read as RGB", "RGBA": "transparency dropped", "LA": "greyscale, transparency dropped",
-             "L": "greyscale, read as RGB", "P": "a palette image, read as RGB", "I;16": "16-bit, read as 8-bit",
-             "I;16B": "16-bit, read as 8-bit", "I": "16-bit, read as 8-bit"}
-DISPLAY_SIDE = 256  # small model inputs (the demo's 64 px) are shown enlarged, pixel for pixel
+CONVERTED = {"CMYK": "a CMYK file, read as RGB", "RGBA": "transparency dropped",  # PIL mode: what reading changed
+             "LA": "greyscale, transparency dropped", "L": "greyscale, read as RGB",
+             "P": "a palette image, read as RGB", "I;16": "16-bit, read as 8-bit", "I;16B": "16-bit, read as 8-bit",
+             "I": "16-bit, read as 8-bit"}
+DISPLAY_SIDE = 256  # small model inputs (32 or 64 px) are shown enlarged, pixel for pixel
 NOT_A_DIAGNOSIS = "A research model: its verdict is not a diagnosis."
 
 
@@ -136,7 +138,7 @@ def failure(error):
     """A request's unexpected error as one line for the page; the traceback goes to the terminal."""
     if not isinstance(error, (DataError, WeightsError, ValueError, OSError)):
         traceback.print_exc()
-    return str(error) or error.__class__.__name__
+    return " ".join(str(error).split()) or error.__class__.__name__
 
 
 def enlarged(image):
@@ -198,6 +200,18 @@ def build_page(gr, checker):
     return page
 
 
+def check_address(host, port):
+    """Refuse a port that is taken, or a host that is not this machine's, before the model loads."""
+    try:
+        family = socket.getaddrinfo(host, port)[0][0]
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds it
+            probe.bind((host, port))
+    except OSError as error:
+        raise ValueError(f"--host {host} --port {port}: cannot serve there ({error.strerror or error}); "
+                         f"choose another --port or --host") from None
+
+
 def parse_args(argv=None):
     parser = ArgumentParser("app.py", description=__doc__)
     parser.add_argument("--project", help="project folder written by train.py (serves PROJECT/outputs/best.pth)")
@@ -224,6 +238,7 @@ def main(argv=None):
             raise ValueError("pass --project P or --checkpoint PATH")
         if not Path(checkpoint).is_file():
             raise ValueError(f"{checkpoint}: no such checkpoint; train one with train.py (make demo for runs/demo)")
+        check_address(args.host, args.port)
         try:
             gr = offline_gradio(temp_dir)
         except ImportError:
@@ -236,8 +251,8 @@ def main(argv=None):
                                        run_history=False, footer_links=[], max_file_size="100mb")
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"app.py: error: {error}")
-    except OSError as error:  # the port is taken, or the address is not this machine's
-        sys.exit(f"app.py: error: {error.strerror or error}")
+    except OSError as error:  # the port was taken while the model loaded
+        sys.exit(f"app.py: error: --port {args.port}: {error.strerror or error}")
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -4,7 +4,7 @@ page itself in Debian's Chromium driven by Playwright (skipped without gradio, p
 import importlib.util
 import io
 import re
-import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +214,19 @@ def test_command_line_mistakes_are_one_line(argv, message):
     with pytest.raises(SystemExit) as exit_:
         app.main(argv)
     assert str(exit_.value.code).startswith(message) and "\n" not in str(exit_.value.code)
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(checkpoint, monkeypatch):
+    monkeypatch.setattr(app, "LesionChecker", None)  # never reached
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            app.main(["--checkpoint", str(checkpoint), "--port", str(port)])
+    message = str(exit_.value.code)
+    assert message.startswith(f"app.py: error: --host 127.0.0.1 --port {port}: cannot serve there (")
+    assert "\n" not in message
 
 
 # ---------------------------------------------------------------------------------------------
