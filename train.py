@@ -57,40 +57,45 @@ OUTPUT_FILES = ("best.pth", "last.pth", "history.csv", "training_validation_metr
 RESUME_KEYS = ("model", "optimizer", "scaler", "config", "epoch", "step", "partial", "best", "history", "rng")
 
 
+def by_recipe(name):
+    """A lever's value under each recipe, for its help text: 'study: 1e-05; tuned: 0.001; ...'."""
+    return "; ".join(f"{recipe}: {values[name]}" for recipe, values in RECIPES.items())
+
+
 def add_recipe_flags(p):
-    """--recipe and the levers it sets (docs/training.md); a lever given explicitly overrides it."""
+    """--recipe and the levers it sets (docs/training.md); a lever given explicitly overrides it.
+    The recipes' values are written once, in modules.RECIPES; the help texts read them there."""
     group = p.add_argument_group("recipe and its levers")
     group.add_argument("--recipe", choices=tuple(RECIPES), default="study",
                        help="study: the design's settings (the default); tuned: the best Siamese setting found "
-                            "on HAM10000 validation: AdamW lr 1e-3 weight decay 0.05, cosine schedule with 1 "
-                            "warm-up epoch, the study's augmentation, auxiliary classifier (--aux-weight 1), "
-                            "class-balanced batches, every training image as a reference, flip TTA; transfer: "
-                            "tuned for fine-tuning --weights imagenet, the backbone at a tenth of --lr and a "
-                            "half-epoch warm-up (docs/training.md). Flags given explicitly override the recipe")
-    group.add_argument("--lr", type=float, default=None, help="peak learning rate (study: 1e-5; tuned: 1e-3)")
-    group.add_argument("--weight-decay", type=float, default=None, help="weight decay (study: 1e-5; tuned: 0.05)")
+                            "on HAM10000 validation from random weights; transfer: for fine-tuning --weights "
+                            "imagenet (docs/training.md). Each lever below lists its value under each recipe; "
+                            "a lever given explicitly overrides the recipe")
+    group.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({by_recipe('lr')})")
+    group.add_argument("--weight-decay", type=float, default=None, help=f"weight decay ({by_recipe('weight_decay')})")
     group.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
-                       help="adam: L2 penalty in the gradient, as the study; adamw: decoupled weight decay (tuned)")
+                       help=f"adam: L2 penalty in the gradient, as the study; adamw: decoupled weight decay "
+                            f"({by_recipe('optimizer')})")
     group.add_argument("--schedule", choices=("constant", "cosine"), default=None,
-                       help="learning rate over the run after the warm-up: constant (study) or cosine decay to "
-                            "0 (tuned)")
+                       help=f"learning rate over the run after the warm-up: constant or cosine decay to 0 "
+                            f"({by_recipe('schedule')})")
     group.add_argument("--warmup-epochs", type=float, default=None,
-                       help="epochs of linear learning-rate warm-up from 0 (study: 0; tuned: 1)")
+                       help=f"epochs of linear learning-rate warm-up from 0 ({by_recipe('warmup_epochs')})")
     group.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                       help="study: the study's affine warp, crop and horizontal flip (both recipes); dermoscopy: "
-                            "adds vertical flips, 90-degree rotations and colour jitter (it did not help on "
-                            "HAM10000, docs/results.md)")
+                       help=f"study: the study's affine warp, crop and horizontal flip; dermoscopy: adds vertical "
+                            f"flips, 90-degree rotations and colour jitter (it did not help on HAM10000, "
+                            f"docs/results.md) ({by_recipe('augment')})")
     group.add_argument("--aux-weight", type=float, default=None,
-                       help="bce: weight of an auxiliary malignant-vs-benign loss on the Siamese features, "
-                            "trained jointly with the pair BCE (study: 0; tuned: 1)")
+                       help=f"bce: weight of an auxiliary malignant-vs-benign loss on the Siamese features, "
+                            f"trained jointly with the pair BCE ({by_recipe('aux_weight')})")
     group.add_argument("--backbone-lr-scale", type=float, default=None,
-                       help="the backbone's learning rate as a fraction of --lr, the head's being --lr (study, "
-                            "tuned: 1; transfer: 0.1). 0 freezes the backbone (its BatchNorm statistics too) and "
-                            "trains only what sits on it")
+                       help=f"the backbone's learning rate as a fraction of --lr, the head's being --lr; 0 freezes "
+                            f"the backbone (its BatchNorm statistics too) and trains only what sits on it "
+                            f"({by_recipe('backbone_lr_scale')})")
     group.add_argument("--sampler", choices=("shuffled", "balanced"), default=None,
-                       help="bce/ce training batches: shuffled (every image once per epoch, study) or balanced "
-                            "(half malignant, so malignant images are not starved; tuned). Contrastive and "
-                            "triplet always use balanced batches")
+                       help=f"bce/ce training batches: shuffled (every image once per epoch) or balanced (half "
+                            f"malignant, so malignant images are not starved); contrastive and triplet always "
+                            f"use balanced batches ({by_recipe('sampler')})")
 
 
 def add_speed_flags(p):
@@ -123,13 +128,13 @@ def add_evaluation_flags(p):
                             "pair loss (the study's rule)")
     group.add_argument("--gallery-size", type=int, default=None,
                        help=f"training references per class for image-level scores; 0 = every training image "
-                            f"(study: 64; tuned: 0). Validation during training uses at most "
+                            f"({by_recipe('gallery_size')}). Validation during training uses at most "
                             f"{VALIDATION_GALLERY_CAP} per class")
     group.add_argument("--score", "--classify", choices=SCORES, default="auto",
                        help="how an image's P(malignant) is computed: gallery, head-knn, knn, prototype or direct; "
                             "see predict.py --help (default auto: the loss's own; --classify is the old name)")
     group.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                       help="evaluate with features averaged over each image's four flips (study: off; tuned: on)")
+                       help=f"evaluate with features averaged over each image's four flips ({by_recipe('tta')})")
     group.add_argument("--k", type=int, default=STUDY.k, help=f"neighbours for --score knn and head-knn (default {STUDY.k})")
     group.add_argument("--target-sensitivity", type=float, default=None,
                        help="test threshold reaching this sensitivity on validation (default: Youden's J)")
