@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dataset import make_synthetic
 from helpers import SUBPROCESS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--backbone", "efficientnet_lite0", "--recipe", "transfer"]],
+                         ids=["resnet18", "efficientnet_lite0-transfer"])
+def test_torchrun_two_processes_gloo(extra, tmp_path):
     data = tmp_path / "data"
     make_synthetic(data, size=40, seed=0, counts={"train": (12, 8), "validation": (6, 4), "test": (6, 4)})
     project = tmp_path / "exp"
@@ -21,7 +25,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
                "train.py", "--project", str(project), "--data", str(data), "--weights", "none",
                "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--val-batch-size", "4",
                "--lr", "1e-3", "--workers", "0", "--gallery-size", "4", "--save-every", "5",
-               "--cache", str(tmp_path / "cache")]  # --sync-bn needs CUDA
+               "--cache", str(tmp_path / "cache"), *extra]  # --sync-bn needs CUDA
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # rank 0 alone prints the epoch summaries and writes the files
@@ -57,9 +61,6 @@ def _wrapped_losses_on_half(rank, init_file, results):
         loss = loss_fn(mine, labels[half], miner_fn(mine, labels[half]) if miner_fn else None)
         results[rank, name] = loss.item()
     dist.destroy_process_group()
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
