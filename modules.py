@@ -19,6 +19,7 @@ from pytorch_metric_learning.utils import distributed as pml_distributed
 import timm
 from torchvision.models import ResNet18_Weights, resnet18
 
+from dataset import AUGMENTATIONS
 from files import write_atomic
 
 class WeightsError(Exception):
@@ -467,11 +468,19 @@ RECIPES = {
 }
 
 
+# Each setting's allowed values, written once: train.py's argparse choices and CONFIG_RULES read them.
+PAIRINGS = ("embed-once", "two-pass")
+MINERS = ("semihard", "hard", "all")
+SELECTIONS = ("val_auc", "val_loss")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+SAMPLERS = ("shuffled", "balanced")
+
 # What train.py's make_config writes: key -> (test, what the value must be). A hand-edited or
 # damaged config fails here, in one line, not as a KeyError or TypeError deep in a run.
 CONFIG_RULES = {
     "loss": (lambda v: v in LOSSES, f"one of {', '.join(LOSSES)}"),
-    "pairing": (lambda v: v in (None, "embed-once", "two-pass"), "embed-once, two-pass or None"),
+    "pairing": (lambda v: v in (None, *PAIRINGS), f"{', '.join(PAIRINGS)} or None"),
     "weights": (lambda v: isinstance(v, str), "a string"),
     "image_size": (lambda v: _whole(v) and v >= 32, "an integer of at least 32"),
     "epochs": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
@@ -485,9 +494,9 @@ CONFIG_RULES = {
     "partners_per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
     "embed_dim": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
     "margin": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0 or None"),
-    "miner": (lambda v: v in ("semihard", "hard", "all"), "semihard, hard or all"),
+    "miner": (lambda v: v in MINERS, f"one of {', '.join(MINERS)}"),
     "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
-    "select": (lambda v: v in ("val_auc", "val_loss"), "val_auc or val_loss"),
+    "select": (lambda v: v in SELECTIONS, f"one of {', '.join(SELECTIONS)}"),
     "score": (lambda v: v in ("gallery", "head-knn", "knn", "prototype", "direct"),
                  "gallery, head-knn, knn, prototype or direct"),
     "gallery_size": (lambda v: _whole(v) and v >= 0, "an integer >= 0"),
@@ -496,12 +505,12 @@ CONFIG_RULES = {
     "data": (lambda v: isinstance(v, str), "a string"),
     # train.py's levers (--recipe); a run saved before they existed has none of them
     "recipe": (lambda v: v in RECIPES, f"one of {', '.join(RECIPES)}"),
-    "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
-    "schedule": (lambda v: v in ("constant", "cosine"), "constant or cosine"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
     "warmup_epochs": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "augment": (lambda v: v in ("study", "dermoscopy"), "study or dermoscopy"),
+    "augment": (lambda v: v in AUGMENTATIONS, f"one of {', '.join(AUGMENTATIONS)}"),
     "aux_weight": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
-    "sampler": (lambda v: v in ("shuffled", "balanced"), "shuffled or balanced"),
+    "sampler": (lambda v: v in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
     "tta": (lambda v: isinstance(v, bool), "True or False"),
     # a run saved before --backbone and --features existed is a ResNet18 on its 1000-d output
     "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),

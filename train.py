@@ -42,8 +42,9 @@ from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, Pa
                      write_excluded)
 from files import write_atomic
 from metrics import auc_or_nan
-from modules import (BACKBONES, FEATURES, LOSSES, RECIPES, RUN_KEYS, RunConfig, WeightsError, build_model, check_finite_weights, load_state, pair_bce,
-                     save_atomic)
+from modules import (BACKBONES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS, SAMPLERS,
+                     SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights, load_state,
+                     pair_bce, save_atomic)
 from predict import (SCORES, applicable_scores, autocast, embed_and_score, embedder, evaluate, pick_device,
                      resolve_score, save_figure, to_device)
 
@@ -73,10 +74,10 @@ def add_recipe_flags(p):
                             "a lever given explicitly overrides the recipe")
     group.add_argument("--lr", type=float, default=None, help=f"peak learning rate ({by_recipe('lr')})")
     group.add_argument("--weight-decay", type=float, default=None, help=f"weight decay ({by_recipe('weight_decay')})")
-    group.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                        help=f"adam: L2 penalty in the gradient, as the study; adamw: decoupled weight decay "
                             f"({by_recipe('optimizer')})")
-    group.add_argument("--schedule", choices=("constant", "cosine"), default=None,
+    group.add_argument("--schedule", choices=SCHEDULES, default=None,
                        help=f"learning rate over the run after the warm-up: constant or cosine decay to 0 "
                             f"({by_recipe('schedule')})")
     group.add_argument("--warmup-epochs", type=float, default=None,
@@ -92,7 +93,7 @@ def add_recipe_flags(p):
                        help=f"the backbone's learning rate as a fraction of --lr, the head's being --lr; 0 freezes "
                             f"the backbone (its BatchNorm statistics too) and trains only what sits on it "
                             f"({by_recipe('backbone_lr_scale')})")
-    group.add_argument("--sampler", choices=("shuffled", "balanced"), default=None,
+    group.add_argument("--sampler", choices=SAMPLERS, default=None,
                        help=f"bce/ce training batches: shuffled (every image once per epoch) or balanced (half "
                             f"malignant, so malignant images are not starved); contrastive and triplet always "
                             f"use balanced batches ({by_recipe('sampler')})")
@@ -123,7 +124,7 @@ def apply_recipe(args):
 def add_evaluation_flags(p):
     """How validation picks best.pth and how images are scored, after training and during it."""
     group = p.add_argument_group("evaluation")
-    group.add_argument("--select", choices=("val_auc", "val_loss"), default=STUDY.select,
+    group.add_argument("--select", choices=SELECTIONS, default=STUDY.select,
                        help="what best.pth keeps: the highest validation AUC, or the lowest validation "
                             "pair loss (the study's rule)")
     group.add_argument("--gallery-size", type=int, default=None,
@@ -170,7 +171,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=LOSSES, default=STUDY.loss,
                    help="bce: the design's Siamese pairs; contrastive / triplet: metric learning on an "
                         "L2-normalised embedding; ce: plain classifier baseline (class-weighted BCE)")
-    p.add_argument("--pairing", choices=("embed-once", "two-pass"), default=STUDY.pairing,
+    p.add_argument("--pairing", choices=PAIRINGS, default=STUDY.pairing,
                    help="bce only. embed-once: each batch image passes the backbone once and the design's "
                         "pairs are drawn inside the batch; two-pass: the study's pair dataset, two passes per pair")
     p.add_argument("--partners-per-class", type=int, default=STUDY.partners_per_class,
@@ -180,7 +181,7 @@ def parse_args(argv=None):
                    help=f"contrastive/triplet embedding size (default {STUDY.embed_dim})")
     p.add_argument("--margin", type=float, default=None,
                    help="contrastive/triplet margin (default: 0.5 contrastive, 0.2 triplet)")
-    p.add_argument("--miner", choices=("semihard", "hard", "all"), default=None,
+    p.add_argument("--miner", choices=MINERS, default=None,
                    help="contrastive/triplet miner (default: semihard for triplet, all pairs for contrastive)")
     p.add_argument("--per-class", type=int, default=None,
                    help="contrastive/triplet: images of each class per batch (default batch-size / 2)")
