@@ -32,7 +32,8 @@ from PIL import Image
 from cli import ArgumentParser
 from dataset import CLASS_NAMES, DataError, check_image
 from modules import WeightsError
-from predict import compare_pair, heat_overlay, load_predictor, predict_files, reference_thumbnail
+from plots import heat_overlay, reference_thumbnail
+from predict import compare_pair, load_predictor, predict_files
 
 MIN_SIDE = 32  # the smallest --image-size train.py takes: a smaller upload is an icon, not a lesion photo
 CONVERTED = {"CMYK": "a CMYK file, read as RGB", "RGBA": "transparency dropped",  # PIL mode: what reading changed

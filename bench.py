@@ -29,7 +29,7 @@ import torch
 from cli import ArgumentParser
 from dataset import DataError, eval_transform, load_split, make_synthetic, attach_cache
 from modules import BACKBONES, LOSSES, SiameseNetwork, build_model
-from predict import autocast, embed_images, pick_device, similarity_matrix, to_device
+from scoring import autocast, embed_images, pick_device, similarity_matrix, to_device
 from train import make_config, make_train_loader, parse_args as train_args, training_loss
 
 

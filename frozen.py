@@ -22,7 +22,7 @@ from dataset import DataError, attach_cache, has_split, load_split
 from files import write_text_atomic
 from metrics import auc_or_nan, bootstrap_auc
 from modules import BACKBONES, FEATURES, ImageClassifier, WeightsError
-from predict import embed_images, pick_device
+from scoring import embed_images, pick_device
 
 # The one setting each is allowed, chosen on validation.
 LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)  # inverse L2 strength on standardised features

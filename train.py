@@ -26,11 +26,6 @@ try:
 except ImportError:  # Windows: runs are not locked against each other
     fcntl = None
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -45,8 +40,10 @@ from metrics import auc_or_nan
 from modules import (BACKBONES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS, SAMPLERS,
                      SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights, load_state,
                      pair_bce, save_atomic)
-from predict import (SCORES, applicable_scores, autocast, embed_and_score, embedder, evaluate, pick_device,
-                     resolve_score, save_figure, to_device)
+from plots import plot_history
+from predict import evaluate
+from scoring import (SCORES, applicable_scores, autocast, embed_and_score, embedder, pick_device, resolve_score,
+                     to_device)
 
 STUDY = RunConfig()  # the study's settings: every default below comes from modules.RunConfig
 DISTRIBUTED_TIMEOUT = datetime.timedelta(seconds=60)  # peers that never come: one line, not a hang
@@ -336,7 +333,7 @@ def training_loss(model, batch, config, device, generator, criterion, pos_weight
 @torch.no_grad()
 def validate(model, train, validation, config, device, workers, amp, rank, world_size):
     """Validation pair loss and accuracy (the design's fixed pairs) and image-level AUC, from
-    predict.embed_and_score: the same code that evaluates the test split."""
+    scoring.embed_and_score: the same code that evaluates the test split."""
     embed = embedder(model, config.image_size, config.val_batch_size, device, workers, amp, rank, world_size)
     per_class = min(config.gallery_size or VALIDATION_GALLERY_CAP, VALIDATION_GALLERY_CAP)
     _, scored = embed_and_score(model, train, {"validation": validation}, per_class, config.score, config.k,
@@ -384,26 +381,6 @@ def write_history(history, path):
             writer.writeheader()
             writer.writerows(history)
     write_atomic(path, write)
-
-
-def plot_history(history, path, selected=None):
-    """Loss, accuracy and validation AUC per epoch; `selected` marks the epoch best.pth holds."""
-    epochs = [row["epoch"] for row in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    left.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    left.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation (pair BCE)")
-    left.set(xlabel="epoch", ylabel="loss", title="loss")
-    right.plot(epochs, [r["train_acc"] for r in history], "o-", label="train accuracy")
-    right.plot(epochs, [r["val_acc"] for r in history], "o-", label="validation pair accuracy")
-    right.plot(epochs, [r["val_auc"] for r in history], "s--", label="validation AUC (image level)")
-    right.set(xlabel="epoch", ylim=(0, 1.02), title="accuracy and AUC")
-    for ax in (left, right):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        if selected is not None:
-            ax.axvline(selected, color="grey", ls=":", label=f"selected epoch {selected} (best.pth)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    save_figure(fig, path)
 
 
 def rng_state():

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import app
+import plots
 import predict
 from helpers import ROOT, SUBPROCESS_ENV, run_script
 
@@ -99,7 +100,7 @@ def test_one_image_shows_what_predict_computes(checker, checkpoint, lesion):
     expected, = predict.predict_files(checker.model, checker.config, checker.gallery, [lesion], checker.device,
                                       checkpoint)
     assert seen.shape == overlay.shape == (256, 256, 3) and overlay.dtype == np.uint8  # 32 px, 8 times
-    assert np.array_equal(overlay, app.enlarged(predict.heat_overlay(expected.image, expected.heat)))
+    assert np.array_equal(overlay, app.enlarged(plots.heat_overlay(expected.image, expected.heat)))
     assert len(references) == 5
     for (thumbnail, caption), (path, label, similarity) in zip(references, expected.references):
         assert thumbnail.shape == (96, 96, 3)

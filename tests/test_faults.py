@@ -48,6 +48,7 @@ import dataset  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
 import predict  # noqa: E402
+import scoring  # noqa: E402
 import train  # noqa: E402
 from dataset import DataError, make_synthetic  # noqa: E402
 from helpers import SUBPROCESS_ENV  # noqa: E402
@@ -681,8 +682,8 @@ def test_divergence_in_the_first_epoch_does_not_claim_a_saved_checkpoint(where, 
         monkeypatch.setattr(train, "training_loss",
                             lambda *a, **k: (lambda loss, *rest: (loss * float("nan"), *rest))(*real_loss(*a, **k)))
     else:  # the weights took a finite but exploding step: the validation features overflow
-        real_embed = predict.embed_images
-        monkeypatch.setattr(predict, "embed_images", lambda *a, **k: real_embed(*a, **k) * float("inf"))
+        real_embed = scoring.embed_images
+        monkeypatch.setattr(scoring, "embed_images", lambda *a, **k: real_embed(*a, **k) * float("inf"))
     project = tmp_path / "project"
     status, message = call_main(train.main, tiny(project, data_dir, 1))
     assert status != 0

@@ -394,7 +394,7 @@ def test_validation_embedding_spread_is_zero_for_collapsed_embeddings(tiny_data_
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_each_loss_row_builds_its_network_and_its_default_score_applies(name):
-    from predict import applicable_scores, resolve_score
+    from scoring import applicable_scores, resolve_score
 
     loss = LOSSES[name]
     model = build_model(config_for(name))

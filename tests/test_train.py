@@ -179,8 +179,9 @@ def test_dermoscopy_augmentation_flips_and_rotates():
 
 def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
     """train.validate and predict.build_gallery (what evaluate scores with) go through one core,
-    predict.embed_and_score: with the same references they give the same validation AUC."""
+    scoring.embed_and_score: with the same references they give the same validation AUC."""
     import predict
+    import scoring
     from metrics import auc_or_nan
 
     torch.manual_seed(0)
@@ -188,7 +189,7 @@ def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
     model = build_model(config).eval()
     train_split, validation = load_split(tiny_data_dir, "train"), load_split(tiny_data_dir, "validation")
     row = train.validate(model, train_split, validation, config, torch.device("cpu"), 0, False, 0, 1)
-    embed = predict.embedder(model, 32, config.val_batch_size, torch.device("cpu"), amp=False)
+    embed = scoring.embedder(model, 32, config.val_batch_size, torch.device("cpu"), amp=False)
     gallery, scored = predict.build_gallery(model, train_split, {"validation": validation}, embed, gallery_size=4,
                                             method=config.score, k=config.k, target_sensitivity=None, seed=0)
     assert len(gallery["labels"]) == 8  # 4 references per class

@@ -1,0 +1,242 @@
+"""Devices and precision, embedding, and image-level scores: the embed-and-score core that
+validation during training (train.py) and evaluation (predict.py) share.
+
+    embed_and_score   references from the training split, every split embedded once and scored
+    score_images      P(malignant) per image by each --score method (formulas: predict.py's docstring)
+    embed_images      features of a split's images (--tta: the mean over the four flips; DDP-aware)
+    pick_device       --device: CUDA, then Apple MPS, then CPU
+"""
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from cli import progress
+from dataset import ImageDataset, collate_images, eval_transform, make_pairs
+from metrics import pair_metrics
+from modules import LOSSES
+
+SCORES = ("auto", "gallery", "head-knn", "knn", "prototype", "direct")
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and precision (train.py, bench.py and frozen.py use these too)
+
+
+def pick_device(name="auto"):
+    """CUDA, then Apple MPS, then CPU; --device overrides."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: Apple MPS is not available; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda or mps")
+    return device
+
+
+def autocast(device, enabled=True):
+    """Mixed precision on CUDA: bf16 where the GPU has it, else fp16 (train.py adds a scaler)."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def to_device(images, device):
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return images.to(device, non_blocking=True, memory_format=memory_format)
+
+
+def describe_device(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else str(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding and scoring
+
+
+def flip_views(images):
+    """A batch and its horizontal, vertical and double flips: the views --tta averages over."""
+    return [images, images.flip(3), images.flip(2), images.flip(2, 3)]
+
+
+@torch.no_grad()
+def embed_images(model, split, image_size, batch_size, device, workers=0, indices=None, amp=True,
+                 rank=0, world_size=1, tta=False, desc="embedding"):
+    """Features of the split's images (all, or `indices`), one backbone pass per image, in
+    batches (four with tta: the mean over the image and its horizontal, vertical and double
+    flips). Under DDP each rank embeds every world_size-th image and the rows are gathered.
+    `desc` labels the progress bar."""
+    indices = list(range(len(split))) if indices is None else [int(i) for i in indices]
+    rank_indices = indices[rank::world_size]
+    loader = DataLoader(ImageDataset(split, eval_transform(image_size)), batch_size=batch_size,
+                        sampler=rank_indices, num_workers=workers, collate_fn=collate_images,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    model.eval()
+    rows = []
+    with autocast(device, amp):
+        for images, *_ in progress(loader, desc, disable=rank != 0, leave=False):
+            images = to_device(images, device)
+            views = flip_views(images) if tta else [images]
+            rows.append(torch.stack([model.embed(view).float() for view in views]).mean(0))
+    features = torch.cat(rows) if rows else torch.empty(0, device=device)
+    if world_size == 1:
+        return features
+    # Pad to equal length, gather, and put rank r's rows back at positions r, r + W, ...
+    longest = -(-len(indices) // world_size)
+    padded = torch.zeros(longest, features.shape[1], device=features.device)
+    padded[:len(features)] = features
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    full = torch.empty(len(indices), features.shape[1], device=features.device)
+    for r, rows_r in enumerate(gathered):
+        count = len(indices[r::world_size])
+        full[r::world_size] = rows_r[:count]
+    return full
+
+
+@torch.no_grad()
+def similarity_matrix(model, features, references, chunk=1 << 24):
+    """(N, G) P(same class) of every image with every reference, from stored features, in row
+    blocks of about `chunk` hidden values."""
+    model.eval()
+    out = torch.empty(len(features), len(references), device=features.device)
+    rows = max(1, chunk // (64 * max(1, len(references))))
+    for start in range(0, len(features), rows):
+        block = features[start:start + rows]
+        if hasattr(model, "similarity_matrix"):  # the Siamese head, without the N * G inputs
+            out[start:start + rows] = model.similarity_matrix(block, references).float()
+        else:
+            f1 = block.repeat_interleave(len(references), 0)
+            f2 = references.repeat(len(block), 1)
+            out[start:start + rows] = model.pair_similarity(f1, f2).float().view(len(block), len(references))
+    return out
+
+
+@torch.no_grad()
+def score_images(model, features, gallery_features, gallery_labels, method, k=10):
+    """P(malignant) per image from stored features (see predict.py's docstring for the formulas)."""
+    malignant = gallery_labels == 1
+    if method == "direct":
+        return model.malignant_probability(features).float()
+    if method in ("gallery", "head-knn"):
+        similarity = similarity_matrix(model, features, gallery_features)
+        if method == "head-knn":
+            nearest, positions = similarity.topk(min(k, len(gallery_features)), dim=1)
+            return (nearest * malignant[positions]).sum(1) / nearest.sum(1).clamp(min=1e-12)
+        return (similarity[:, malignant].mean(1) + (1 - similarity[:, ~malignant]).mean(1)) / 2
+    x, g = F.normalize(features.float(), dim=1), F.normalize(gallery_features.float(), dim=1)
+    if method == "knn":
+        nearest = (x @ g.T).topk(min(k, len(g)), dim=1).indices
+        return malignant[nearest].float().mean(1)
+    if method == "prototype":
+        d_benign = (x - g[~malignant].mean(0)).norm(dim=1)
+        d_malignant = (x - g[malignant].mean(0)).norm(dim=1)
+        return d_benign / (d_benign + d_malignant).clamp(min=1e-12)
+    raise ValueError(f"unknown score method {method}")
+
+
+def resolve_score(config, method="auto"):
+    """--score auto: the loss's default score (modules.LOSSES); an explicit choice the model
+    cannot compute is refused."""
+    loss = LOSSES[config.loss]
+    if method == "auto":
+        return loss.default_score
+    if method == "direct" and not (loss.classifier or config.aux_weight > 0):
+        raise ValueError("--score direct needs a --loss ce model or a bce model trained with --aux-weight; "
+                         "use gallery, head-knn, knn or prototype")
+    if method == "head-knn" and not loss.siamese_head:
+        raise ValueError("--score head-knn needs the Siamese head of a --loss bce model; use knn")
+    return method
+
+
+def applicable_scores(config):
+    """Every --score method this model supports."""
+    methods = []
+    for method in SCORES[1:]:
+        try:
+            methods.append(resolve_score(config, method))
+        except ValueError:
+            pass
+    return methods
+
+
+def choose_gallery(labels, per_class, seed):
+    """A seeded, class-balanced sample of training indices (all of a class if it is smaller;
+    per_class 0: every training image)."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in (0, 1):
+        pool = np.flatnonzero(np.asarray(labels) == c)
+        picks.append(rng.choice(pool, min(per_class or len(pool), len(pool)), replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+@dataclass
+class ScoredSplit:
+    """One split embedded and scored against the references: its features, P(malignant) per
+    image, and the design's fixed pairs (make_pairs) with their metrics."""
+    features: torch.Tensor
+    scores: np.ndarray
+    pair_summary: dict
+    pairs: tuple  # (partner per image, target per pair, similarity per pair)
+
+
+@torch.no_grad()
+def score_split(model, features, labels, references, reference_labels, method, k, seed):
+    """A split's stored features scored: P(malignant) per image against the references, and the
+    design's pair metrics on the split's fixed pairs."""
+    scores = score_images(model, features, references, reference_labels, method, k)
+    partners, targets = make_pairs(labels, seed)
+    similarity = model.pair_similarity(features, features[torch.as_tensor(partners, device=features.device)])
+    similarity = similarity.float().cpu().numpy()
+    return ScoredSplit(features, scores.cpu().numpy(), pair_metrics(similarity, targets), (partners, targets, similarity))
+
+
+@torch.no_grad()
+def embed_and_score(model, train, splits, per_class, method, k, seed, embed):
+    """The evaluation core, shared by validation during training and by evaluate: embed a
+    seeded, class-balanced sample of the training split as references (per_class 0: all of it)
+    and every split of {name: split} once, then score each split against the references.
+    `embed(split, indices, desc)` returns feature rows. Returns (references {features, labels,
+    paths}, {name: ScoredSplit})."""
+    picks = choose_gallery(train.labels, per_class, seed)
+    features = embed(train, picks, "embedding references")
+    references = {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
+                  "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
+    scored = {}
+    for name, split in splits.items():
+        split_features = embed(split, None, f"embedding {split.name}")
+        if not torch.isfinite(split_features).all():
+            raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
+                             "--no-amp")
+        scored[name] = score_split(model, split_features, split.labels, references["features"],
+                                   references["labels"], method, k, seed)
+    return references, scored
+
+
+def embedder(model, image_size, batch_size, device, workers=0, amp=True, rank=0, world_size=1, tta=False):
+    """embed(split, indices, desc) for embed_and_score: embed_images with these settings."""
+    return lambda split, indices, desc: embed_images(model, split, image_size, batch_size, device, workers, indices,
+                                                     amp, rank, world_size, tta, desc)

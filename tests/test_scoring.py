@@ -1,0 +1,278 @@
+"""Tests of scoring.py: the gallery of references, P(malignant) by each classifier against
+direct computations, the similarity matrix, embedding and the device choice."""
+import numpy as np
+import pytest
+import torch
+
+import scoring
+from dataset import eval_transform, load_split, make_pairs
+from modules import EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork
+from scoring import (choose_gallery, embed_images, score_images, pick_device, resolve_score,
+                     similarity_matrix)
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def siamese():
+    torch.manual_seed(0)
+    return SiameseNetwork("none").eval()
+
+
+def toy(n, g, dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, dim, generator=generator)
+    gallery = torch.randn(g, dim, generator=generator)
+    labels = torch.tensor([0, 1] * (g // 2) + [0] * (g % 2))
+    return features, gallery, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# choose_gallery
+
+
+def test_choose_gallery_is_class_balanced_sorted_and_unique():
+    labels = np.array([0] * 30 + [1] * 7)
+    np.random.default_rng(0).shuffle(labels)
+    picks = choose_gallery(labels, per_class=5, seed=0)
+    assert len(picks) == 10 and len(set(picks.tolist())) == 10
+    assert np.array_equal(picks, np.sort(picks))
+    assert (labels[picks] == 0).sum() == 5 and (labels[picks] == 1).sum() == 5
+
+
+def test_choose_gallery_takes_all_of_a_smaller_class():
+    labels = np.array([0] * 30 + [1] * 3)
+    picks = choose_gallery(labels, per_class=8, seed=0)
+    assert (labels[picks] == 0).sum() == 8
+    assert sorted(picks[labels[picks] == 1].tolist()) == [30, 31, 32]
+
+
+def test_choose_gallery_is_fixed_by_the_seed():
+    labels = np.array([0, 1] * 40)
+    first = choose_gallery(labels, 6, seed=3)
+    assert np.array_equal(first, choose_gallery(labels.tolist(), 6, seed=3))
+    assert not np.array_equal(first, choose_gallery(labels, 6, seed=4))
+
+
+# ---------------------------------------------------------------------------------------------
+# score_images
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 50])
+def test_knn_probability_is_the_malignant_fraction_of_the_k_nearest_by_cosine(k):
+    features, gallery, labels = toy(12, 15, 8, seed=k)
+    result = score_images(None, features, gallery, labels, "knn", k=k)
+    x = features.numpy() / np.linalg.norm(features.numpy(), axis=1, keepdims=True)
+    g = gallery.numpy() / np.linalg.norm(gallery.numpy(), axis=1, keepdims=True)
+    cosine = x @ g.T
+    expected = [labels.numpy()[np.argsort(-row)[:min(k, 15)]].mean() for row in cosine]
+    assert result.shape == (12,)
+    assert np.allclose(result.numpy(), expected)
+
+
+def test_knn_probability_ignores_feature_scale():
+    features, gallery, labels = toy(6, 10, 5, seed=0)
+    plain = score_images(None, features, gallery, labels, "knn", k=3)
+    scaled = score_images(None, features * 7, gallery * 0.1, labels, "knn", k=3)
+    assert torch.equal(plain, scaled)
+
+
+def test_prototype_probability_is_distance_ratio_to_normalised_centroids():
+    features, gallery, labels = toy(9, 14, 6, seed=1)
+    result = score_images(None, features, gallery, labels, "prototype")
+    x = features.double().numpy()
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    g = gallery.double().numpy()
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    benign_centre, malignant_centre = g[labels.numpy() == 0].mean(0), g[labels.numpy() == 1].mean(0)
+    d_benign = np.linalg.norm(x - benign_centre, axis=1)
+    d_malignant = np.linalg.norm(x - malignant_centre, axis=1)
+    assert np.allclose(result.numpy(), d_benign / (d_benign + d_malignant), atol=1e-6)
+    assert ((result >= 0) & (result <= 1)).all()
+
+
+def test_prototype_probability_is_high_near_the_malignant_references():
+    gallery = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([1, 1, 0, 0])
+    result = score_images(None, torch.tensor([[1.0, 0.05], [0.05, 1.0]]), gallery, labels, "prototype")
+    assert result[0] > 0.9 and result[1] < 0.1
+
+
+def test_gallery_probability_is_mean_similarity_to_malignant_and_dissimilarity_to_benign(siamese):
+    features, gallery, labels = toy(5, 6, 1000, seed=2)
+    result = score_images(siamese, features, gallery, labels, "gallery")
+    expected = []
+    with torch.no_grad():
+        for f in features:
+            similarity = [siamese.pair_similarity(f[None], r[None]).item() for r in gallery]
+            to_malignant = np.mean([s for s, c in zip(similarity, labels) if c == 1])
+            to_benign = np.mean([1 - s for s, c in zip(similarity, labels) if c == 0])
+            expected.append((to_malignant + to_benign) / 2)
+    assert result.shape == (5,)
+    assert np.allclose(result.numpy(), expected, atol=1e-5)
+
+
+def test_direct_probability_is_the_classifier_output():
+    torch.manual_seed(0)
+    model = ImageClassifier("none").eval()
+    features = torch.randn(4, 1000)
+    result = score_images(model, features, None, torch.tensor([0, 1]), "direct")
+    assert torch.allclose(result, model.malignant_probability(features).detach())
+
+
+def test_unknown_classifier_raises_value_error():
+    features, gallery, labels = toy(2, 4, 3, seed=0)
+    with pytest.raises(ValueError, match="banana"):
+        score_images(None, features, gallery, labels, "banana")
+
+
+# ---------------------------------------------------------------------------------------------
+# similarity_matrix and score_split
+
+
+@pytest.mark.parametrize("chunk", [65536, 7, 1])
+def test_similarity_matrix_equals_looping_pair_similarity(siamese, chunk):
+    features, references, _ = toy(5, 3, 1000, seed=3)
+    result = similarity_matrix(siamese, features, references, chunk=chunk)
+    with torch.no_grad():
+        expected = torch.tensor([[siamese.pair_similarity(f[None], r[None]).item() for r in references]
+                                 for f in features])
+    assert result.shape == (5, 3)
+    assert torch.allclose(result, expected, atol=1e-6)
+
+
+def test_similarity_matrix_puts_the_model_in_eval_mode():
+    torch.manual_seed(0)
+    model = SiameseNetwork("none").train()  # AlphaDropout and batch statistics would make rows random
+    features, references, _ = toy(4, 3, 1000, seed=4)
+    first = similarity_matrix(model, features, references)
+    assert not model.training
+    assert torch.equal(first, similarity_matrix(model, features, references))
+
+
+def test_score_split_scores_the_fixed_pairs_of_make_pairs(siamese):
+    features, gallery, gallery_labels = toy(10, 4, 1000, seed=5)
+    labels = np.array([0] * 6 + [1] * 4)
+    scored = scoring.score_split(siamese, features, labels, gallery, gallery_labels, "knn", 3, seed=9)
+    scores, summary, (partners, targets, similarity) = scored.scores, scored.pair_summary, scored.pairs
+    expected_partners, expected_targets = make_pairs(labels, 9)
+    assert np.array_equal(partners, expected_partners) and np.array_equal(targets, expected_targets)
+    with torch.no_grad():
+        direct = siamese.pair_similarity(features, features[torch.as_tensor(partners)]).numpy()
+    assert np.allclose(similarity, direct, atol=1e-6)
+    assert summary["pair_accuracy"] == pytest.approx(np.mean((similarity > 0.5) == (targets == 1)))
+    assert np.allclose(scores, score_images(siamese, features, gallery, gallery_labels, "knn", 3).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# embed_images
+
+
+def test_embed_images_equals_model_embed_of_each_eval_transformed_image(tiny_data_dir, siamese):
+    split = load_split(tiny_data_dir, "validation")
+    features = embed_images(siamese, split, 32, batch_size=4, device=torch.device("cpu"))
+    with torch.no_grad():
+        expected = torch.cat([siamese.embed(eval_transform(32)(split.read(i))[None]) for i in range(len(split))])
+    assert features.shape == (len(split), 1000) and features.dtype == torch.float32
+    assert torch.allclose(features, expected, atol=1e-4)
+    subset = embed_images(siamese, split, 32, batch_size=2, device=torch.device("cpu"), indices=np.array([7, 2, 5]))
+    assert torch.allclose(subset, expected[[7, 2, 5]], atol=1e-4)
+
+
+def test_embed_images_of_an_embedding_model_gives_unit_rows(tiny_data_dir):
+    torch.manual_seed(0)
+    model = EmbeddingNetwork("none", embed_dim=8)
+    split = load_split(tiny_data_dir, "test")
+    features = embed_images(model, split, 32, batch_size=16, device=torch.device("cpu"), indices=[0, 9])
+    assert features.shape == (2, 8) and not model.training
+    assert torch.allclose(features.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# resolve_score and pick_device
+
+
+def test_resolve_score_defaults_per_loss():
+    assert resolve_score(RunConfig(loss="bce")) == "gallery"
+    assert resolve_score(RunConfig(loss="ce")) == "direct"
+    assert resolve_score(RunConfig(loss="contrastive")) == "gallery"  # beat knn by 0.07 on HAM10000 (docs/results.md)
+    assert resolve_score(RunConfig(loss="triplet"), "auto") == "gallery"
+
+
+def test_resolve_score_keeps_an_explicit_choice_and_refuses_direct_without_a_classifier():
+    assert resolve_score(RunConfig(loss="bce"), "prototype") == "prototype"
+    assert resolve_score(RunConfig(loss="triplet"), "gallery") == "gallery"
+    assert resolve_score(RunConfig(loss="ce"), "direct") == "direct"
+    with pytest.raises(ValueError, match="--loss ce"):
+        resolve_score(RunConfig(loss="bce"), "direct")
+
+
+def test_pick_device_auto_falls_back_to_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device() == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_pick_device_auto_is_cpu_on_this_machine():
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("this machine has an accelerator")
+    assert pick_device("auto").type == "cpu"
+
+
+def test_pick_device_cuda_without_cuda_raises_a_clear_value_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as error:
+        pick_device("cuda")
+    assert "--device cuda" in str(error.value) and "CUDA is not available" in str(error.value)
+    assert "--device cpu" in str(error.value)
+
+
+def test_pick_device_mps_without_mps_raises_value_error(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device mps"):
+        pick_device("mps")
+
+
+def test_pick_device_unknown_name_raises_value_error():
+    with pytest.raises(ValueError) as error:
+        pick_device("banana")
+    assert "--device banana" in str(error.value) and "unknown device" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring levers: head-knn, every training image as a reference, flip TTA
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_head_knn_is_the_similarity_weighted_malignant_share_of_the_k_most_similar(siamese, k):
+    features, gallery, labels = toy(4, 6, 1000, seed=8)
+    result = score_images(siamese, features, gallery, labels, "head-knn", k)
+    similarity = similarity_matrix(siamese, features, gallery)
+    for row, score in zip(similarity, result):
+        top = sorted(zip(row.tolist(), labels.tolist()), reverse=True)[:k]
+        assert score.item() == pytest.approx(sum(s * y for s, y in top) / sum(s for s, _ in top), rel=1e-5)
+
+
+def test_choose_gallery_zero_takes_every_training_image():
+    labels = np.array([0] * 30 + [1] * 7)
+    assert np.array_equal(choose_gallery(labels, 0, seed=0), np.arange(37))
+
+
+def test_tta_embedding_is_the_mean_over_the_four_flips(tiny_data_dir, siamese):
+    split = load_split(tiny_data_dir, "test")
+    result = embed_images(siamese, split, 32, 4, torch.device("cpu"), tta=True)
+    images = torch.stack([eval_transform(32)(split.read(i)) for i in range(len(split))])
+    with torch.no_grad():
+        views = [images, images.flip(3), images.flip(2), images.flip(2, 3)]
+        expected = torch.stack([siamese.embed(v) for v in views]).mean(0)
+    assert torch.allclose(result, expected, atol=1e-4)
+    assert not torch.allclose(result, embed_images(siamese, split, 32, 4, torch.device("cpu")), atol=1e-4)
+
+
+def test_applicable_scores_follow_the_model():
+    assert scoring.applicable_scores(RunConfig(loss="bce")) == ["gallery", "head-knn", "knn", "prototype"]
+    assert "direct" in scoring.applicable_scores(RunConfig(loss="bce", aux_weight=1.0))
+    assert scoring.applicable_scores(RunConfig(loss="triplet")) == ["gallery", "knn", "prototype"]
+    assert "direct" in scoring.applicable_scores(RunConfig(loss="ce"))
