@@ -334,17 +334,14 @@ def remove(path):
 
 
 def move_into_place(tmp, out):
-    """Publish the finished split. A fresh (or empty) --out is one rename. A non-empty one (--force)
+    """Publish the finished split. A fresh --out is one rename. An existing one (empty, or with
+    --force; perhaps a mount point, which nothing can be renamed onto) keeps its own folder: it
     loses split.json first, so a run cut short here never leaves a split that looks complete;
     only the split folders and split.json are replaced, anything else in --out is left alone."""
     if not out.exists():
         os.rename(tmp, out)
         return
-    if not any(out.iterdir()):
-        out.rmdir()
-        os.rename(tmp, out)
-        return
-    trash = out.parent / f"{out.name}.old-{os.getpid()}"
+    trash = out / f".old-{os.getpid()}"  # inside --out: on its file system, even when it is a mount point
     remove(trash)
     trash.mkdir()
     try:
@@ -529,10 +526,10 @@ def place_images(tmp, rows, assignment, splits, images, copy):
 
 
 def write_split(out, rows, assignment, images, copy, info, csv_path):
-    """Build the split and split.json in a temp folder next to --out, then move it into place in
-    one go, so an interrupted run never leaves a half-written split that looks complete.
-    Sets info["files"]; returns the Counter of linked and copied images."""
-    tmp = out.parent / f"{out.name}.partial-{os.getpid()}"
+    """Build the split and split.json in a temp folder next to --out (inside it, when it exists),
+    then move it into place, so an interrupted run never leaves a half-written split that looks
+    complete. Sets info["files"]; returns the Counter of linked and copied images."""
+    tmp = out / f".partial-{os.getpid()}" if out.is_dir() else out.parent / f"{out.name}.partial-{os.getpid()}"
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         remove(tmp)

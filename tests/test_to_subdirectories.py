@@ -201,11 +201,25 @@ def test_refuses_non_empty_out_without_force(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
-def test_empty_existing_out_is_fine(tmp_path):
+def test_empty_existing_out_is_written_into_never_replaced(tmp_path, monkeypatch):
+    """An empty --out may be a mount point: nothing can be renamed onto it or remove it, so the
+    split is built inside it and its own folder stays (the same inode), with nothing left over."""
     csv_path, images = make_data(tmp_path, simple_rows())
-    (tmp_path / "DATA").mkdir()
-    run_main(csv_path, images, tmp_path / "DATA")
-    assert len(layout(tmp_path / "DATA")) == 30
+    out = tmp_path / "DATA"
+    out.mkdir()
+    inode = out.stat().st_ino
+    real_rename, real_rmdir = os.rename, os.rmdir
+
+    def like_a_mount_point(src, dst, *args, **kwargs):
+        if Path(dst) == out or Path(src) == out:
+            raise OSError(16, "Device or resource busy")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", like_a_mount_point)
+    run_main(csv_path, images, out)
+    assert len(layout(out)) == 30 and out.stat().st_ino == inode
+    assert sorted(p.name for p in out.iterdir()) == ["split.json", "test_data", "train_data", "validation_data"]
+    assert not list(tmp_path.glob("DATA.*"))
 
 
 def test_force_replaces_the_split_and_keeps_other_files(tmp_path):
