@@ -22,12 +22,16 @@ The references are a seeded, class-balanced sample of the training split (--gall
 class; 0 = every training image). --tta averages each image's features over its four flips.
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
 import math
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,11 +96,14 @@ def build_gallery(model, train, splits, embed, *, gallery_size, method, k, targe
     return gallery, scored
 
 
-def prepare_results(results):
-    """A fresh results folder; an earlier one is moved aside, never overwritten."""
+def prepare_results(results, aside=None):
+    """A fresh results folder; an earlier one is moved aside, never overwritten (`aside` records
+    where, before the move, so that put_back can undo it)."""
     results = Path(results)
     if results.exists() and any(results.iterdir()):
         moved = results.with_name(f"{results.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        if aside is not None:
+            aside["moved"] = moved
         shutil.move(results, moved)
         print(f"earlier results moved to {moved}")
     results.mkdir(parents=True, exist_ok=True)
@@ -152,6 +159,54 @@ def load_evaluation_splits(data, config, workers, cache=None):
     return splits
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a predict.py command (interrupt_handler); evaluate sets `note`:
+    what it put back."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interrupt_handler():
+    """SIGINT / SIGTERM raise Interrupted in the main process, once: the clean-up it starts
+    (put_back) is not interrupted by a second signal."""
+    main_pid, raised = os.getpid(), []
+
+    def interrupt(signum, _frame):
+        if os.getpid() != main_pid or raised:
+            return  # a DataLoader worker inherited this handler, or the clean-up is under way
+        raised.append(signum)
+        raise Interrupted(signum)
+    return interrupt
+
+
+def put_back(results, moved, existed):
+    """Undo prepare_results after a signal: the unfinished folder removed and the earlier one
+    moved back (or an empty one left as it was). Returns what main's closing line says."""
+    if moved is not None and not moved.exists():  # stopped before the move: the earlier results are in place
+        return f"{results} is as it was"
+    shutil.rmtree(results, ignore_errors=True)
+    if moved is not None:
+        shutil.move(moved, results)
+        return f"earlier results moved back to {results}"
+    if existed:
+        results.mkdir()
+    return f"the unfinished results in {results} were removed"
+
+
+@contextlib.contextmanager
+def fresh_results(results):
+    """prepare_results, undone by put_back when a signal stops the evaluation inside."""
+    results, aside = Path(results), {}
+    existed = results.is_dir()
+    try:
+        yield prepare_results(results, aside)
+    except KeyboardInterrupt as stopped:  # Interrupted, or Ctrl-C under train.py
+        stopped.note = put_back(results, aside.get("moved"), existed)
+        raise
+
+
 def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=None,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
              cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=()):
@@ -182,45 +237,44 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
     train, validation, test = splits["train"], splits["validation"], splits["evaluated"]
     read = list({id(split): split for split in (train, validation, test)}.values())  # test may be validation
     prefix = "test" if test.name == "test" else "val" if test is validation else "external"
-    results = prepare_results(results)
+    with fresh_results(results) as results:  # put back as it was if a signal stops the evaluation
+        embed = embedder(model, size, batch_size, device, workers, amp, tta=tta)
+        gallery, scored = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
+                                        gallery_size=gallery_size, method=method, k=k,
+                                        target_sensitivity=target_sensitivity, seed=seed, tta=tta)
+        val, evaluated = scored["validation"], scored["evaluated"]
+        image = image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed)
 
-    embed = embedder(model, size, batch_size, device, workers, amp, tta=tta)
-    gallery, scored = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
-                                    gallery_size=gallery_size, method=method, k=k,
-                                    target_sensitivity=target_sensitivity, seed=seed, tta=tta)
-    val, evaluated = scored["validation"], scored["evaluated"]
-    image = image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed)
+        metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
+                   "score": method, "recipe": config.recipe, "aux_weight": config.aux_weight,
+                   "evaluated_split": prefix, "data": str(data), "tta": tta,
+                   f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
+                   "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
+                   "val_auc": auc_or_nan(validation.labels, val.scores),
+                   "n_excluded_images": sum(len(split.excluded) for split in read)}
+        metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
+        metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
+        labels = {"validation": validation.labels, "evaluated": test.labels}
+        others = {  # the same embeddings scored other ways, each thresholded on validation
+            name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed)
+            for name in dict.fromkeys(methods[1:]) if name != method}
+        metrics["other_scores"] = {name: other_metrics for name, (other_metrics, _) in others.items()}
+        write_scores(test, {method: evaluated.scores, **{name: scores for name, (_, scores) in others.items()}},
+                     results / "scores.csv")
+        write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
-    metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
-               "score": method, "recipe": config.recipe, "aux_weight": config.aux_weight,
-               "evaluated_split": prefix, "data": str(data), "tta": tta,
-               f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
-               "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
-               "val_auc": auc_or_nan(validation.labels, val.scores),
-               "n_excluded_images": sum(len(split.excluded) for split in read)}
-    metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
-    metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
-    labels = {"validation": validation.labels, "evaluated": test.labels}
-    others = {  # the same embeddings scored other ways, each thresholded on validation
-        name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed)
-        for name in dict.fromkeys(methods[1:]) if name != method}
-    metrics["other_scores"] = {name: other_metrics for name, (other_metrics, _) in others.items()}
-    write_scores(test, {method: evaluated.scores, **{name: scores for name, (_, scores) in others.items()}},
-                 results / "scores.csv")
-    write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-    curves = {"validation": (validation.labels, val.scores)}
-    if test is not validation:
-        curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
-    save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
-    save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config))
-    # every image left out (unreadable, truncated, not an image) is counted and listed beside the results
-    excluded = write_excluded(read, results / "excluded_images.txt")
-    print_metrics(metrics)
-    print_summary(metrics, results, device, time.time() - started,
-                  [("checkpoint", f"{checkpoint} (epoch {metrics['checkpoint_epoch']})"), *summary_rows,
-                   *([("excluded images", f"{excluded}, listed in {results / 'excluded_images.txt'}")]
-                     if excluded else [])])
+        curves = {"validation": (validation.labels, val.scores)}
+        if test is not validation:
+            curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
+        save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
+        save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config))
+        # every image left out (unreadable, truncated, not an image) is counted and listed beside the results
+        excluded = write_excluded(read, results / "excluded_images.txt")
+        print_metrics(metrics)
+        print_summary(metrics, results, device, time.time() - started,
+                      [("checkpoint", f"{checkpoint} (epoch {metrics['checkpoint_epoch']})"), *summary_rows,
+                       *([("excluded images", f"{excluded}, listed in {results / 'excluded_images.txt'}")]
+                         if excluded else [])])
     return metrics
 
 
@@ -521,6 +575,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, interrupt_handler()) for s in signals}
     try:
         if args.image or args.pair:
             flag = "--image" if args.image else "--pair"
@@ -552,11 +608,19 @@ def main(argv=None):
                  score=args.score, k=args.k, target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=args.batch_size, device=args.device,
                  workers=args.workers, cache=args.cache, tta=args.tta, started=started)
+    except Interrupted as stopped:  # one line and 128 + the signal, as a process killed by it
+        note = getattr(stopped, "note", None)
+        print(f"predict.py: stopped by {signal.Signals(stopped.signum).name}" + (f"; {note}" if note else ""),
+              file=sys.stderr)
+        sys.exit(128 + stopped.signum)
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"predict.py: error: {error}")
     except OSError as error:  # a full disk or a folder without write permission (--out, gallery.pt)
         sys.exit(f"predict.py: error: could not write {error.filename or 'a file'} ({error.strerror or error}); "
                  f"free disk space or fix permissions, or choose another --out")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -1048,6 +1048,35 @@ def test_predict_full_disk_is_one_line_naming_the_file(evaluated, data_dir, tmp_
     assert_one_line(message, f"predict.py: error: could not write {out / 'metrics.json'} (No space left on device)")
 
 
+@pytest.mark.parametrize("earlier", [True, False], ids=["earlier-results", "no-earlier-results"])
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_signal_during_evaluation_puts_the_earlier_results_back(signum, earlier, evaluated, data_dir, tmp_path,
+                                                                monkeypatch, capsys):
+    """SIGINT / SIGTERM (the real signal, to predict.py's own handler) right after the earlier
+    results were moved aside: they are moved back, nothing half-written is left, one line, 128 + signal."""
+    out = tmp_path / "report"
+    if earlier:
+        out.mkdir()
+        (out / "metrics.json").write_text("earlier\n")
+
+    def signalled(*args, **kwargs):
+        assert not earlier or not out.exists() or not (out / "metrics.json").exists()  # moved aside by now
+        signal.raise_signal(signum)
+        raise AssertionError("the signal did not stop the evaluation")
+
+    monkeypatch.setattr(predict, "build_gallery", signalled)
+    status, message = call_main(predict.main, evaluate_argv(evaluated, data_dir, "--out", out))
+    assert (status, message) == (128 + signum, "")
+    stderr = capsys.readouterr().err.strip()
+    assert_one_line(stderr, f"predict.py: stopped by {signum.name}; ")
+    if earlier:
+        assert stderr.endswith(f"earlier results moved back to {out}")
+        assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "earlier\n"
+    else:
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["report"] if earlier else [])  # no results.<date-time> left
+
+
 def test_save_atomic_turns_torchs_runtime_error_into_an_os_error_naming_the_file(tmp_path, monkeypatch):
     path = tmp_path / "gallery.pt"
     modules.save_atomic({"threshold": 0.5}, path)
