@@ -57,7 +57,9 @@ RESUME_KEYS = ("model", "optimizer", "scaler", "config", "epoch", "step", "parti
 
 def by_recipe(name):
     """A lever's value under each recipe, for its help text: 'study: 1e-05; tuned: 0.001; ...'."""
-    return "; ".join(f"{recipe}: {values[name]}" for recipe, values in RECIPES.items())
+    def shown(value):
+        return f"{value:g}".replace("e-0", "e-") if isinstance(value, float) else value
+    return "; ".join(f"{recipe}: {shown(values[name])}" for recipe, values in RECIPES.items())
 
 
 def add_recipe_flags(p):

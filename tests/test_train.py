@@ -12,8 +12,9 @@ from helpers import TINY
 from modules import LOSSES, RunConfig, build_model
 
 FLAGS = ("--help", "--project", "--data", "--epochs", "--recipe", "--batch-size", "--val-batch-size", "--lr",
-         "--weight-decay", "--optimizer", "--schedule", "--warmup-epochs", "--augment", "--aux-weight", "--sampler",
-         "--image-size", "--benign-limit", "--weights", "--loss", "--pairing", "--partners-per-class", "--embed-dim",
+         "--weight-decay", "--optimizer", "--schedule", "--warmup-epochs", "--augment", "--aux-weight",
+         "--backbone-lr-scale", "--sampler", "--image-size", "--benign-limit", "--backbone", "--features", "--weights",
+         "--loss", "--pairing", "--partners-per-class", "--embed-dim",
          "--margin", "--miner", "--per-class", "--select", "--gallery-size", "--score", "--classify", "--tta", "--no-tta", "--k",
          "--target-sensitivity", "--save-every", "--device", "--seed", "--workers", "--cache", "--no-amp",
          "--compile", "--sync-bn", "--resume", "--force")
