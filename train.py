@@ -35,7 +35,7 @@ from cli import ArgumentParser, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
                      batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, attach_cache,
                      write_excluded)
-from files import write_atomic
+from files import overlaps, write_atomic
 from metrics import auc_or_nan
 from modules import (BACKBONES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS, SAMPLERS,
                      SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights, load_state,
@@ -206,6 +206,9 @@ def check_args(args):
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py "
                          f"or `python dataset.py --synthetic {args.data}`")
+    if overlaps(args.project, args.data):  # its results/ would move inside (or with) the data
+        raise ValueError(f"--project {args.project}: overlaps --data {args.data}; choose a project folder "
+                         f"outside the data")
     if args.image_size < 32:
         raise ValueError(f"--image-size {args.image_size}: must be at least 32 (ResNet18 downsamples 32x)")
     for flag in ("batch_size", "val_batch_size", "k", "save_every", "embed_dim"):
@@ -280,8 +283,12 @@ def setup_distributed(device_name):
         torch.cuda.set_device(device)
     else:
         device = pick_device("cpu" if device_name == "auto" else device_name)
+    # Outside torchrun (the variables set by hand, or left over) a missing peer would hang for
+    # the default half hour; torchrun's own rendezvous waits for peers, and its runs keep the
+    # default timeout, which a long step (rank 0 building the --cache) needs.
+    timeout = None if "TORCHELASTIC_RUN_ID" in os.environ else DISTRIBUTED_TIMEOUT
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DISTRIBUTED_TIMEOUT)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     except (RuntimeError, dist.DistError) as error:  # e.g. RANK and WORLD_SIZE left over in the environment
         names = ", ".join(f"{key}={os.environ.get(key)}" for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
         raise ValueError(f"the distributed environment ({names}) found no peers within "
@@ -567,9 +574,12 @@ def main(argv=None):
     except (MemoryError, RuntimeError) as error:  # CUDA's OutOfMemoryError; the CPU's "can't allocate memory"
         if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "allocate" not in str(error):
             raise
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:100]
+        if args.resume:  # its sizes are last.pth's, and --resume keeps them
+            sys.exit(f"train.py: error: out of memory resuming {args.project} ({reason}); its --image-size and "
+                     f"--batch-size need more memory than this machine has: start a new run with lower ones")
         sys.exit(f"train.py: error: out of memory at --image-size {args.image_size} and --batch-size "
-                 f"{args.batch_size} ({(str(error).splitlines() or [type(error).__name__])[0][:100]}); "
-                 f"lower --batch-size or --image-size")
+                 f"{args.batch_size} ({reason}); lower --batch-size or --image-size")
     except OSError as error:
         last = Path(args.project) / "outputs" / "last.pth"
         advice = (f"rerun with --resume: {last} holds the last complete state" if last.is_file() else
@@ -731,7 +741,10 @@ def restore(resume, raw_model, optimizer, scaler, config, outputs):
     """last.pth's weights, optimizer (and scaler) state and random streams."""
     try:
         raw_model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        scales = [group["lr_scale"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(resume["optimizer"])  # replaces the groups: a last.pth from before the
+        for group, scale in zip(optimizer.param_groups, scales):  # backbone's scale existed has none
+            group["lr_scale"] = scale
     except (RuntimeError, ValueError, KeyError, TypeError):
         raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights or optimizer state do not fit the "
                            f"{config.loss} model its config describes; the file was edited or mixed up, "

@@ -1325,3 +1325,23 @@ def test_evaluation_counts_and_lists_every_image_it_left_out(evaluated, data_dir
     assert {"cut_a.jpg", "cut_b.jpg", "notes.txt"} <= names and EXCLUDED <= names
     assert json.loads((tmp_path / "X" / "metrics.json").read_text())["n_excluded_images"] == len(listed)
     assert re.search(rf"excluded images +{len(listed)}, listed in .*excluded_images.txt", capsys.readouterr().out)
+
+
+def test_a_last_pth_saved_before_the_backbone_scale_existed_resumes(resumable, data_dir, no_test_eval):
+    last = resumable / "outputs" / "last.pth"
+    state = load(last)
+    for key in ("backbone", "features", "backbone_lr_scale"):
+        state["config"].pop(key)
+    for group in state["optimizer"]["param_groups"]:
+        group.pop("lr_scale")
+    torch.save(state, last)
+    assert call_main(train.main, tiny(resumable, data_dir, 3, "--resume")) == (0, "")
+    assert load(last)["epoch"] == 3
+
+
+def test_a_project_inside_its_data_is_refused_before_training(data_dir, tmp_path, no_test_eval):
+    data = Path(shutil.copytree(data_dir, tmp_path / "data"))
+    status, message = call_main(train.main, tiny(data / "runs" / "x", data, 1))
+    assert status != 0
+    assert_one_line(message, f"train.py: error: --project {data / 'runs' / 'x'}: overlaps --data")
+    assert not (data / "runs").exists()
