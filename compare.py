@@ -19,14 +19,15 @@ from pathlib import Path
 
 from cli import ArgumentParser
 from files import write_text_atomic
-from modules import LOSSES
-from train import RECIPES
+from modules import LOSSES, RECIPES
 
 
-def run(*args):
-    print("$", " ".join(map(str, args)), flush=True)
-    if subprocess.run([sys.executable, *map(str, args)], cwd=Path(__file__).parent).returncode != 0:
-        sys.exit(f"compare.py: error: {args[0]} failed (its message is above)")
+def run(script, *args):
+    """One of this repository's scripts, run in the caller's folder: every path a user typed
+    (--cache, --weights ...) means what it means to them."""
+    print("$", script, " ".join(map(str, args)), flush=True)
+    if subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *map(str, args)]).returncode != 0:
+        sys.exit(f"compare.py: error: {script} failed (its message is above)")
 
 
 # A row's own settings: passing one of these through to train.py would make the row lie.
@@ -38,7 +39,11 @@ def train_and_score(project, data, loss, recipe, seed, train_flags):
     when the run has no results yet, and refuses results made with other train.py flags."""
     metrics_path, flags_path = project / "results" / "metrics.json", project / "compare_flags.json"
     if metrics_path.exists():
-        made_with = json.loads(flags_path.read_text()) if flags_path.exists() else None
+        try:
+            made_with = json.loads(flags_path.read_text())
+        except (OSError, ValueError):
+            sys.exit(f"compare.py: error: {project} has results but no readable {flags_path.name} (the train.py "
+                     f"flags that made them); choose another --project, or delete {project} to train it again")
         if made_with != train_flags:
             sys.exit(f"compare.py: error: {project} was trained with train.py flags {made_with}, not "
                      f"{train_flags}; choose another --project, or delete {project} to train it again")
@@ -74,7 +79,7 @@ def main(argv=None):
                              "(instead of every --losses x --recipes)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
     args, train_flags = parser.parse_known_args(argv)
-    refused = [flag for flag in train_flags if flag.split("=")[0] in ROW_FLAGS + ("--losses", "--recipes")]
+    refused = [flag for flag in train_flags if flag.split("=")[0] in ROW_FLAGS]
     if refused:
         parser.error(f"{refused[0]}: set by compare.py for each row (--losses, --recipes, --runs, --seeds); "
                      f"drop it")
@@ -86,9 +91,7 @@ def main(argv=None):
         bad = [":".join(pair) for pair in pairs if len(pair) != 2 or pair[0] not in LOSSES or pair[1] not in RECIPES]
         if bad:
             parser.error(f"--runs {' '.join(bad)}: each is LOSS:RECIPE, e.g. bce:tuned")
-    # train.py runs in this file's folder: paths the user typed are made absolute here, first
-    project, table = Path(args.project).resolve(), []
-    data = str(Path(args.data).resolve())
+    project, table, data = Path(args.project), [], args.data
     for loss, recipe in pairs:
         for seed in args.seeds:
             folder = project / f"{loss}-{recipe}-seed{seed}"

@@ -42,7 +42,7 @@ REFERENCES = {"logistic regression": (logistic_regression, "C", LOGISTIC_C), "k-
 
 def fit_on_validation(make, settings, train, validation):
     """(fitted model, its setting): of `settings`, the one with the highest validation AUC."""
-    fitted = [(make(value).fit(*train), value) for value in settings]
+    fitted = [(make(value).fit(*train), value) for value in settings if make is not knn or value <= len(train[1])]
     return max(fitted, key=lambda pair: auc_or_nan(validation[1], pair[0].predict_proba(validation[0])[:, 1]))
 
 
@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    help="imagenet: its 1000-d ImageNet output; pooled: the pooled features before it (default)")
     p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random: a floor), or a .pth path")
     p.add_argument("--image-size", type=int, default=224, help="network input side in pixels (default 224)")
+    p.add_argument("--benign-limit", type=int, default=0, metavar="N",
+                   help="cap on benign training images (a seeded subset, as train.py --benign-limit); 0 = all")
     p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--cache", metavar="DIR", help="uint8 image cache folder (see train.py --cache)")
@@ -67,12 +69,14 @@ def main(argv=None):
     try:
         if not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py")
-        if args.image_size < 32 or args.batch_size < 1 or args.workers < 0:
-            raise ValueError("--image-size must be at least 32, --batch-size at least 1, --workers 0 or more")
+        if args.image_size < 32 or args.batch_size < 1 or args.workers < 0 or args.benign_limit < 0:
+            raise ValueError("--image-size must be at least 32, --batch-size at least 1, --workers and "
+                             "--benign-limit 0 or more")
         device = pick_device(args.device)
         model = ImageClassifier(args.weights, args.backbone, args.features).to(device).eval()
         names = ["train", "validation"] + (["test"] if has_split(args.data, "test") else [])
-        splits = {name: load_split(args.data, name, 0, 0, max(1, args.workers)) for name in names}
+        splits = {name: load_split(args.data, name, args.benign_limit if name == "train" else 0, 0,
+                                   max(1, args.workers)) for name in names}
         features = {}
         for name, split in splits.items():
             if args.cache:
@@ -84,7 +88,7 @@ def main(argv=None):
         sys.exit(f"frozen.py: error: {error}")
 
     results = {"data": str(Path(args.data).resolve()), "backbone": args.backbone, "features": args.features,
-               "weights": args.weights, "image_size": args.image_size, "rows": {}}
+               "weights": args.weights, "image_size": args.image_size, "benign_limit": args.benign_limit, "rows": {}}
     print(f"\nfrozen {args.backbone} ({args.weights} weights, {args.features} features, {args.image_size} px)")
     for reference, (make, setting, values) in REFERENCES.items():
         fitted, chosen = fit_on_validation(make, values, features["train"], features["validation"])

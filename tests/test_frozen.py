@@ -1,0 +1,27 @@
+"""frozen.py run for real on the tiny synthetic split: both reference rows fitted on train, their
+setting chosen on validation, scored on validation and test, written to --out."""
+import json
+
+import pytest
+
+import frozen
+
+
+def test_frozen_features_give_both_reference_rows(tiny_data_dir, tmp_path, capsys):
+    out = tmp_path / "frozen.json"
+    frozen.main(["--data", str(tiny_data_dir), "--weights", "none", "--image-size", "32", "--workers", "0",
+                 "--benign-limit", "6", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["benign_limit"] == 6 and set(results["rows"]) == {"logistic regression", "k-NN"}
+    assert results["rows"]["logistic regression"]["C"] in frozen.LOGISTIC_C
+    assert results["rows"]["k-NN"]["k"] <= 12  # k above the 12 training images is never tried
+    for row in results["rows"].values():
+        for split in ("validation", "test"):
+            assert 0 <= row[split]["auc_ci_low"] <= row[split]["auc"] <= row[split]["auc_ci_high"] <= 1
+    assert "logistic regression" in capsys.readouterr().out
+
+
+def test_frozen_bad_data_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        frozen.main(["--data", str(tmp_path / "missing")])
+    assert str(exit_.value.code).startswith("frozen.py: error: --data")
