@@ -132,7 +132,7 @@ class SiameseNetwork(nn.Module):
     head(concat(f1, f2, f1 * f2)) -> similarity.
     The final Sigmoid is applied in pair_similarity; training uses BCE-with-logits, which is
     Sigmoid + BCE fused into one numerically stable (and autocast-safe) function.
-    auxiliary_classifier=True adds Linear(1000, 1) on the same features, trained jointly with
+    auxiliary_classifier=True adds Linear(width, 1) on the same features, trained jointly with
     the pair loss (--aux-weight): it gives the embedding a direct malignant-vs-benign signal."""
 
     def __init__(self, weights="none", auxiliary_classifier=False, backbone="resnet18", features="imagenet"):
@@ -190,7 +190,8 @@ class SiameseNetwork(nn.Module):
 
 
 class EmbeddingNetwork(nn.Module):
-    """Contrastive / triplet: backbone -> Linear(1000, embed_dim) -> L2-normalised embedding."""
+    """Contrastive / triplet: backbone -> Linear(width, embed_dim) -> L2-normalised embedding
+    (width: 1000, or the pooled features' with --features pooled)."""
 
     def __init__(self, weights="none", embed_dim=128, backbone="resnet18", features="imagenet"):
         super().__init__()
@@ -213,7 +214,7 @@ class EmbeddingNetwork(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """The baseline users would pick instead: backbone -> Linear(1000, 1) on single images."""
+    """The baseline users would pick instead: backbone -> Linear(width, 1) on single images."""
 
     def __init__(self, weights="none", backbone="resnet18", features="imagenet"):
         super().__init__()

@@ -414,7 +414,7 @@ def check_flags(args):
 
 def output_folder(out):
     """--out made absolute without following a symlinked --out, then the symlink resolved: the
-    temp folder must sit next to the real folder."""
+    temp folder must sit next to (or inside) the real folder."""
     out = Path(os.path.abspath(out))
     return out.resolve() if out.is_symlink() else out
 
@@ -530,6 +530,8 @@ def write_split(out, rows, assignment, images, copy, info, csv_path):
     then move it into place, so an interrupted run never leaves a half-written split that looks
     complete. Sets info["files"]; returns the Counter of linked and copied images."""
     tmp = out / f".partial-{os.getpid()}" if out.is_dir() else out.parent / f"{out.name}.partial-{os.getpid()}"
+    for leftover in out.glob(".partial-*") if out.is_dir() else ():  # from a run killed with SIGKILL
+        remove(leftover)
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         remove(tmp)
