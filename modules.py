@@ -476,6 +476,7 @@ SELECTIONS = ("val_auc", "val_loss")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SAMPLERS = ("shuffled", "balanced")
+SCORE_METHODS = ("gallery", "head-knn", "knn", "prototype", "direct")  # --score (scoring.py says what each is)
 
 # What train.py's make_config writes: key -> (test, what the value must be). A hand-edited or
 # damaged config fails here, in one line, not as a KeyError or TypeError deep in a run.
@@ -498,8 +499,7 @@ CONFIG_RULES = {
     "miner": (lambda v: v in MINERS, f"one of {', '.join(MINERS)}"),
     "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
     "select": (lambda v: v in SELECTIONS, f"one of {', '.join(SELECTIONS)}"),
-    "score": (lambda v: v in ("gallery", "head-knn", "knn", "prototype", "direct"),
-                 "gallery, head-knn, knn, prototype or direct"),
+    "score": (lambda v: v in SCORE_METHODS, f"one of {', '.join(SCORE_METHODS)}"),
     "gallery_size": (lambda v: _whole(v) and v >= 0, "an integer >= 0"),
     "k": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
     "sync_bn": (lambda v: isinstance(v, bool), "True or False"),

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 from cli import progress
 from dataset import ImageDataset, collate_images, eval_transform, make_pairs
 from metrics import pair_metrics
-from modules import LOSSES
+from modules import LOSSES, SCORE_METHODS
 
-SCORES = ("auto", "gallery", "head-knn", "knn", "prototype", "direct")
+SCORES = ("auto", *SCORE_METHODS)  # auto: the loss's own (modules.LOSSES)
 
 
 # ---------------------------------------------------------------------------------------------
