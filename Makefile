@@ -13,9 +13,12 @@ SYNTHETIC_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --
 
 # The real-data benchmarks (docs/results.md): same budget and seed for every row, CPU-sized.
 # Make data/ham10000 and data/isic2017 first with to_subdirectories.py (README, "Data").
-BENCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
+# Pretrained (the regime users run): ImageNet EfficientNet-Lite0, 128 px, 2 epochs.
+PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-size 128 --epochs 2 --batch-size 32 --cache cache --workers 1
+# From random weights (the earlier tables): ResNet18, 96 px.
+SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
-.PHONY: install demo test app bench compare bench-ham bench-isic2017 figure clean
+.PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch figure clean
 
 install: $(VENV)/installed
 
@@ -51,11 +54,24 @@ compare: install $(SYNTHETIC_DATA)
 	$(PY) compare.py --project runs/compare --data $(SYNTHETIC_DATA) $(SYNTHETIC_FLAGS)
 
 bench-ham: install
-	$(PY) compare.py --project runs/ham --data data/ham10000 --epochs 8 $(BENCH_FLAGS) \
-		--runs bce:study bce:tuned contrastive:tuned triplet:tuned ce:tuned
+	$(PY) compare.py --project runs/ham --data data/ham10000 $(PRETRAINED_FLAGS) --benign-limit 1500 0 0 \
+		--save-every 100000 --runs bce:transfer ce:transfer
 
 bench-isic2017: install
-	$(PY) compare.py --project runs/isic2017 --data data/isic2017 --epochs 12 --seeds 0 1 2 $(BENCH_FLAGS) \
+	$(PY) compare.py --project runs/isic2017 --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
+		--seeds 0 1 --runs bce:transfer ce:transfer
+
+bench-frozen: install
+	$(PY) frozen.py --data data/isic2017 --image-size 224 --cache cache
+	$(PY) frozen.py --data data/isic2017 --image-size 128 --cache cache
+	$(PY) frozen.py --data data/ham10000 --image-size 128 --cache cache
+
+bench-ham-scratch: install
+	$(PY) compare.py --project runs/ham-scratch --data data/ham10000 --epochs 8 $(SCRATCH_FLAGS) \
+		--runs bce:study bce:tuned contrastive:tuned triplet:tuned ce:tuned
+
+bench-isic2017-scratch: install
+	$(PY) compare.py --project runs/isic2017-scratch --data data/isic2017 --epochs 12 --seeds 0 1 2 $(SCRATCH_FLAGS) \
 		--runs bce:study bce:tuned triplet:tuned ce:tuned
 
 figure: install
