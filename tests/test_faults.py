@@ -224,9 +224,10 @@ def cli(one_thread, tmp_path_factory):
     marker, checkpoint, image = root / "code_ran", root / "evil.pth", root / "x.jpg"
     torch.save({"model": RunsCode(marker), "config": {"loss": "bce"}}, checkpoint)
     image.write_bytes(jpeg_bytes())
+    (root / "data").mkdir()  # beside the project, not holding it
     runs = SimpleNamespace(
         root=root, marker=marker, checkpoint=checkpoint, train_project=root / "project",
-        train=Background(["train.py", *tiny(root / "project", root, 2, "--device", "banana")]),
+        train=Background(["train.py", *tiny(root / "project", root / "data", 2, "--device", "banana")]),
         predict=Background(["predict.py", "--checkpoint", checkpoint, "--image", image, "--device", "cpu"]))
     yield runs
     for run in (runs.train, runs.predict):
