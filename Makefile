@@ -55,16 +55,16 @@ compare: install $(SYNTHETIC_DATA)
 
 bench-ham: install
 	$(PY) compare.py --project runs/ham --data data/ham10000 $(PRETRAINED_FLAGS) --benign-limit 1500 0 0 \
-		--save-every 100000 --runs bce:transfer ce:transfer
+		--save-every 100000 --runs bce:transfer ce:transfer triplet:transfer contrastive:transfer bce:study
 
 bench-isic2017: install
 	$(PY) compare.py --project runs/isic2017 --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
-		--seeds 0 1 --runs bce:transfer ce:transfer
+		--seeds 0 1 2 --runs bce:transfer ce:transfer triplet:transfer bce:study
 
 bench-frozen: install
 	$(PY) frozen.py --data data/isic2017 --image-size 224 --cache cache
 	$(PY) frozen.py --data data/isic2017 --image-size 128 --cache cache
-	$(PY) frozen.py --data data/ham10000 --image-size 128 --cache cache
+	$(PY) frozen.py --data data/ham10000 --image-size 128 --benign-limit 1500 --cache cache
 
 bench-ham-scratch: install
 	$(PY) compare.py --project runs/ham-scratch --data data/ham10000 --epochs 8 $(SCRATCH_FLAGS) \
