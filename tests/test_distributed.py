@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
-    """EfficientNet-Lite0 under the transfer recipe: two parameter groups (the backbone at a
-    tenth of the learning rate) through DDP's gradient all-reduce."""
+    """EfficientNet-Lite0 under the transfer recipe with two parameter groups (the backbone at
+    half the learning rate) through DDP's gradient all-reduce."""
     data = tmp_path / "data"
     make_synthetic(data, size=40, seed=0, counts={"train": (12, 8), "validation": (6, 4), "test": (6, 4)})
     project = tmp_path / "exp"
@@ -25,7 +25,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
                "train.py", "--project", str(project), "--data", str(data), "--weights", "none",
                "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--val-batch-size", "4",
                "--lr", "1e-3", "--workers", "0", "--gallery-size", "4", "--save-every", "5",
-               "--cache", str(tmp_path / "cache"), "--backbone", "efficientnet_lite0", "--recipe", "transfer"]
+               "--cache", str(tmp_path / "cache"), "--backbone", "efficientnet_lite0", "--recipe", "transfer",
+               "--backbone-lr-scale", "0.5"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # rank 0 alone prints the epoch summaries and writes the files
