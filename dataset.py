@@ -238,12 +238,16 @@ def attach_cache(split, cache_dir, image_size, workers=0):
     cache_dir = Path(cache_dir)
     array_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
     shape = (len(split), 3, size, size)
-    if not (array_path.exists() and meta_path.exists()):
+    split.cache = read_cache(array_path, meta_path, shape)
+    if split.cache is None:  # missing, or damaged (a killed copy, a full disk): built again
         cache_dir.mkdir(parents=True, exist_ok=True)
 
         def build(tmp):
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            loader = DataLoader(_ResizedImages(split, size), batch_size=64, num_workers=workers)
+            # its own generator: a run that builds the cache must draw the same random stream
+            # (initialisation, dropout) as one that finds it built
+            loader = DataLoader(_ResizedImages(split, size), batch_size=64, num_workers=workers,
+                                generator=torch.Generator())
             start = 0
             for batch in loader:
                 array[start:start + len(batch)] = batch.numpy()
@@ -251,8 +255,20 @@ def attach_cache(split, cache_dir, image_size, workers=0):
             array.flush()
         write_atomic(array_path, build)  # only a complete cache ever has the final name
         write_text_atomic(meta_path, json.dumps({"split": split.name, "images": len(split), "size": size}))
-    split.cache = np.load(array_path, mmap_mode="r")
+        split.cache = np.load(array_path, mmap_mode="r")
     return array_path
+
+
+def read_cache(array_path, meta_path, shape):
+    """The memory-mapped cache, or None when it is missing, unreadable or of another shape than
+    its split and its metadata say."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        array = np.load(array_path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    fits = (isinstance(meta, dict) and meta.get("images") == shape[0] and meta.get("size") == shape[2])
+    return array if fits and array.shape == shape and array.dtype == np.uint8 else None
 
 
 # ---------------------------------------------------------------------------------------------

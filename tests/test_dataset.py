@@ -572,6 +572,38 @@ def test_cache_key_changes_when_a_file_is_touched_or_added(tiny_data_dir, tmp_pa
     assert added not in (first, touched) and split.cache.shape[0] == sum(TINY_COUNTS["train"]) + 1
 
 
+def test_building_the_cache_leaves_the_global_random_stream_alone(tiny_data_dir, tmp_path):
+    """A run that builds the cache must initialise and train as one that finds it built."""
+    torch.manual_seed(0)
+    attach_cache(load_split(tiny_data_dir, "test"), tmp_path / "cache", 32)
+    after_building = torch.rand(4)
+    torch.manual_seed(0)
+    attach_cache(load_split(tiny_data_dir, "test"), tmp_path / "cache", 32)  # found built
+    after_reading = torch.rand(4)
+    torch.manual_seed(0)
+    untouched = torch.rand(4)
+    assert torch.equal(after_building, untouched) and torch.equal(after_reading, untouched)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other count in its metadata", "metadata not json"])
+def test_a_damaged_cache_is_built_again(damage, tiny_data_dir, tmp_path):
+    path = attach_cache(load_split(tiny_data_dir, "test"), tmp_path / "cache", 32)
+    meta = path.with_suffix(".json")
+    if damage == "truncated":  # a copy killed half-way, or a full disk
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "other count in its metadata":
+        meta.write_text(json.dumps({"split": "test", "images": 3, "size": dataset.cached_side(32)}))
+    else:
+        meta.write_text("{not json")
+    split = load_split(tiny_data_dir, "test")
+    assert attach_cache(split, tmp_path / "cache", 32) == path
+    assert json.loads(meta.read_text())["images"] == len(split)
+    size = dataset.cached_side(32)
+    for index in range(len(split)):
+        expected = v2.functional.resize(read_rgb(split.paths[index]), [size, size], antialias=True)
+        assert torch.equal(split.read(index), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # read_rgb
 

@@ -458,6 +458,32 @@ def test_run_stopped_after_epoch_1_and_resumed_equals_the_uninterrupted_run(run_
     assert load(project / "outputs" / "last.pth")["best"] == load(run_a.outputs / "last.pth")["best"]
 
 
+class Killed(BaseException):
+    """kill -9: nothing of train.py runs after it, no handler sees it."""
+
+
+def test_a_run_killed_after_epoch_1_resumes_to_the_uninterrupted_run(run_a, data_dir, tmp_path, monkeypatch,
+                                                                     no_test_eval):
+    """Killed as soon as history.csv lists epoch 1, then --resume; the killed run built the
+    cache, the resumed one reads it, and run_a used none: all three train alike."""
+    real_write = train.write_history
+
+    def write_then_die(history, path):
+        real_write(history, path)
+        raise Killed
+
+    project, cache = tmp_path / "project", tmp_path / "cache"
+    with monkeypatch.context() as patched:
+        patched.setattr(train, "write_history", write_then_die)
+        with pytest.raises(Killed):
+            call_main(train.main, tiny(project, data_dir, 2, "--cache", cache))
+    assert load(project / "outputs" / "last.pth")["epoch"] == 1
+    assert call_main(train.main, tiny(project, data_dir, 2, "--resume", "--cache", cache)) == (0, "")
+    assert history_without_seconds(project / "outputs") == history_without_seconds(run_a.outputs)
+    for name in ("best.pth", "last.pth"):
+        assert_same_weights(project / "outputs" / name, run_a.outputs / name)
+
+
 def start_training(project, data, epochs, logs):
     out, err = logs / "stdout.txt", logs / "stderr.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:
