@@ -41,7 +41,7 @@ from modules import (BACKBONES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, 
                      SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights, load_state,
                      pair_bce, save_atomic)
 from plots import plot_history
-from predict import evaluate
+from predict import Interrupted, evaluate, interrupt_handler
 from scoring import (SCORES, applicable_scores, autocast, embed_and_score, embedder, pick_device, resolve_score,
                      to_device)
 
@@ -558,10 +558,16 @@ def main(argv=None):
     try:
         check_outputs(Path(args.project) / "outputs", args)  # before the lock: a refused run creates nothing
         lock = lock_project(args.project, rank, world_size, device)
-        run(args, rank, world_size, device, stop, previous)
+        run(args, rank, world_size, device, stop)
     except StopForResume as stopped:
         if rank == 0:
             print(stopped)
+        sys.exit(128 + stopped.signum)
+    except Interrupted as stopped:  # during the final evaluation, on rank 0
+        print(f"train.py: stopped by {signal.Signals(stopped.signum).name} during the evaluation; "
+              f"{getattr(stopped, 'note', 'nothing was written')}. Training is complete; evaluate again with: "
+              f"python predict.py --project {shlex.quote(str(args.project))} --data {shlex.quote(str(args.data))}",
+              file=sys.stderr)
         sys.exit(128 + stopped.signum)
     except WeightsError as error:  # e.g. no network for --weights imagenet: leave no empty project behind
         if rank == 0 and created is not None and not any(created.rglob("*.pth")):
@@ -594,7 +600,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def run(args, rank, world_size, device, stop, previous_handlers):
+def run(args, rank, world_size, device, stop):
     """Set up, train epoch by epoch (validating and saving after each), then evaluate best.pth."""
     started = time.time()
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -623,7 +629,11 @@ def run(args, rank, world_size, device, stop, previous_handlers):
         if reduce_sum([stop["signal"] is not None], device, world_size)[0]:  # any rank signalled: all stop
             raise StopForResume(stop["signal"] or signal.SIGINT, resume_message(args, outputs, epoch + 1, 0))
 
-    restore_signal_handlers(previous_handlers)  # Ctrl-C now simply interrupts the evaluation
+    # training is complete: a signal now stops the evaluation as it stops predict.py's, putting
+    # back what it moved aside
+    stop_evaluation = interrupt_handler()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_evaluation)
     if world_size > 1:
         dist.barrier()
     if rank == 0:

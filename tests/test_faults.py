@@ -586,6 +586,23 @@ def test_signal_during_the_last_validation_stops_before_the_test_evaluation(data
     assert load(project / "outputs" / "last.pth")["epoch"] == 1
 
 
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_signal_during_the_final_evaluation_is_one_line_and_leaves_no_results(signum, data_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    def signalled(*args, **kwargs):
+        signal.raise_signal(signum)
+        raise AssertionError("the signal did not stop the evaluation")
+
+    monkeypatch.setattr(predict, "build_gallery", signalled)
+    project = tmp_path / "project"
+    status, message = call_main(train.main, tiny(project, data_dir, 1))
+    assert (status, message) == (128 + signum, "")
+    stderr = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stderr.startswith(f"train.py: stopped by {signum.name} during the evaluation; the unfinished results")
+    assert stderr.endswith(f"evaluate again with: python predict.py --project {project} --data {data_dir}")
+    assert not (project / "results").exists() and (project / "outputs" / "best.pth").is_file()
+
+
 def test_non_finite_loss_stops_with_a_message_and_keeps_best(data_dir, tmp_path, monkeypatch, no_test_eval):
     real_loss, calls = train.training_loss, []
 
