@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 try:
@@ -37,9 +37,9 @@ from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, Pa
                      write_excluded)
 from files import overlaps, write_atomic
 from metrics import auc_or_nan
-from modules import (BACKBONES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS, SAMPLERS,
-                     SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights, load_state,
-                     pair_bce, save_atomic)
+from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS,
+                     SAMPLERS, SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights,
+                     load_state, pair_bce, save_atomic)
 from plots import plot_history
 from predict import Interrupted, evaluate, interrupt_handler
 from scoring import (SCORES, applicable_scores, autocast, embed_and_score, embedder, pick_device, resolve_score,
@@ -202,71 +202,57 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Bad flags end here, before any work, with one line each."""
+    """Bad flags end here, before any work, with one line each: the paths, the flags the config
+    does not keep, the combinations of flags, then every setting by its own rule (check_settings)."""
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py "
                          f"or `python dataset.py --synthetic {args.data}`")
     if overlaps(args.project, args.data):  # its results/ would move inside (or with) the data
         raise ValueError(f"--project {args.project}: overlaps --data {args.data}; choose a project folder "
                          f"outside the data")
-    if args.image_size < 32:
-        raise ValueError(f"--image-size {args.image_size}: must be at least 32 (ResNet18 downsamples 32x)")
-    for flag in ("batch_size", "val_batch_size", "k", "save_every", "embed_dim"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    if args.epochs is not None and args.epochs < 1:
-        raise ValueError(f"--epochs {args.epochs}: must be at least 1")
-    if args.batch_size < 2:
-        raise ValueError(f"--batch-size {args.batch_size}: must be at least 2 (BatchNorm needs two or more "
-                         f"images, or pairs, per training batch)")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise ValueError(f"--lr {args.lr}: must be a finite number > 0 (study: 1e-5)")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise ValueError(f"--weight-decay {args.weight_decay}: must be a finite number >= 0 (study: 1e-5)")
-    if args.margin is not None and not (math.isfinite(args.margin) and args.margin > 0):
-        raise ValueError(f"--margin {args.margin}: must be a finite number > 0")
-    if not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f"--seed {args.seed}: must be between 0 and {2 ** 32 - 1}")
+    if args.save_every < 1:
+        raise ValueError(f"--save-every {args.save_every}: must be at least 1")
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers}: must be 0 or more")
-    if len(args.benign_limit) not in (1, 3) or min(args.benign_limit) < 0:
+    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
+        raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
+    if len(args.benign_limit) not in (1, 3):
         raise ValueError("--benign-limit takes one value or three (train validation test), each 0 or more")
-    if args.partners_per_class < 2:
-        raise ValueError("--partners-per-class must be at least 2 (an anchor's partner is another image)")
-    if args.per_class is not None and args.per_class < 2:
-        raise ValueError("--per-class must be at least 2")
-    if args.gallery_size < 0:
-        raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
-    if not 0 <= args.backbone_lr_scale <= 1:
-        raise ValueError(f"--backbone-lr-scale {args.backbone_lr_scale}: must be from 0 (frozen) to 1")
-    if not 0 <= args.warmup_epochs < 1e6 or not 0 <= args.aux_weight < 1e6:
-        raise ValueError("--warmup-epochs and --aux-weight must be finite and not negative")
     if args.aux_weight > 0 and (not LOSSES[args.loss].siamese_head or args.pairing != "embed-once"):
         raise ValueError("--aux-weight trains a classifier on the Siamese features: it needs --loss bce "
                          "with --pairing embed-once")
-    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
-        raise ValueError("--target-sensitivity must be in (0, 1]")
     if args.resume and args.force:
         raise ValueError("--resume and --force contradict each other; pick one")
-    resolve_score(RunConfig(loss=args.loss, aux_weight=args.aux_weight), args.score)  # an impossible pairing raises
+    check_settings(make_config(args))  # make_config raises for a --score the loss cannot give
+
+
+def check_settings(config):
+    """Each setting of the config the flags built, by its rule in modules.CONFIG_RULES (the one
+    place the rules live; checkpoints are checked by the same), named by its flag."""
+    for key, (valid, what) in CONFIG_RULES.items():
+        value = getattr(config, key)
+        if not valid(value):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value  # as typed
+            raise ValueError(f"--{key.replace('_', '-')} {shown}: must be {what}")
 
 
 def make_config(args):
-    """The RunConfig the flags describe (a flag left out takes its recipe's or the study's value)."""
-    limits = args.benign_limit * 3 if len(args.benign_limit) == 1 else args.benign_limit
+    """The RunConfig the flags describe: each setting from the flag of its name (a flag left out
+    takes its recipe's or the study's value), except those that follow from the loss."""
     loss = LOSSES[args.loss]
-    return RunConfig(
-        loss=args.loss, pairing=args.pairing if loss.siamese_head else None, weights=args.weights,
-        image_size=args.image_size, epochs=args.epochs or STUDY.epochs, batch_size=args.batch_size,
-        val_batch_size=args.val_batch_size, lr=args.lr, weight_decay=args.weight_decay, benign_limit=list(limits),
-        seed=args.seed, partners_per_class=args.partners_per_class, embed_dim=args.embed_dim,
-        margin=args.margin if args.margin is not None else loss.margin, miner=args.miner or loss.miner,
-        per_class=args.per_class or max(2, args.batch_size // 2), select=args.select,
-        score=resolve_score(RunConfig(loss=args.loss, aux_weight=args.aux_weight), args.score),
-        gallery_size=args.gallery_size, k=args.k, sync_bn=args.sync_bn, data=str(Path(args.data).resolve()),
-        recipe=args.recipe, optimizer=args.optimizer, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-        augment=args.augment, aux_weight=args.aux_weight, sampler=loss.sampler or args.sampler, tta=args.tta,
-        backbone=args.backbone, features=args.features, backbone_lr_scale=args.backbone_lr_scale)
+    derived = {
+        "pairing": args.pairing if loss.siamese_head else None,
+        "epochs": STUDY.epochs if args.epochs is None else args.epochs,
+        "benign_limit": list(args.benign_limit * 3 if len(args.benign_limit) == 1 else args.benign_limit),
+        "margin": loss.margin if args.margin is None else args.margin,
+        "miner": args.miner or loss.miner,
+        "per_class": max(2, args.batch_size // 2) if args.per_class is None else args.per_class,
+        "score": resolve_score(RunConfig(loss=args.loss, aux_weight=args.aux_weight), args.score),
+        "sampler": loss.sampler or args.sampler,
+        "data": str(Path(args.data).resolve()),
+    }
+    return RunConfig(**{setting.name: derived[setting.name] if setting.name in derived else getattr(args, setting.name)
+                        for setting in fields(RunConfig)})
 
 
 def setup_distributed(device_name):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import modules
 import train
 from dataset import ImageDataset, ShuffledBatches, BalancedBatches, collate_images, load_split, train_transform
 from helpers import TINY
@@ -48,6 +49,24 @@ def test_defaults_are_the_studys(tmp_path):
 def test_bad_flags_are_refused_with_the_flag_named(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.check_args(train.parse_args(["--project", "p", "--data", str(tmp_path), *flags]))
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--epochs", "0", "epochs"), ("--val-batch-size", "0", "val_batch_size"), ("--embed-dim", "0", "embed_dim"),
+    ("--partners-per-class", "1", "partners_per_class"), ("--per-class", "1", "per_class"),
+    ("--backbone-lr-scale", "2.5", "backbone_lr_scale"), ("--k", "0", "k"), ("--batch-size", "1", "batch_size")])
+def test_a_setting_is_refused_by_its_one_rule_naming_the_flag(flag, value, key, tmp_path):
+    """The rule that checks a saved config (modules.CONFIG_RULES) checks the flag too."""
+    with pytest.raises(ValueError) as refused:
+        train.check_args(train.parse_args(["--project", "p", "--data", str(tmp_path), flag, value]))
+    assert str(refused.value) == f"{flag} {value}: must be {modules.CONFIG_RULES[key][1]}"
+
+
+def test_every_setting_comes_from_the_flag_of_its_name(tmp_path):
+    config = train.make_config(train.parse_args(["--project", "p", "--data", str(tmp_path), "--lr", "0.003",
+                                                 "--backbone", "efficientnet_lite0", "--k", "7", "--epochs", "3"]))
+    assert (config.lr, config.backbone, config.k, config.epochs) == (0.003, "efficientnet_lite0", 7, 3)
+    assert set(config.as_dict()) == {setting.name for setting in dataclasses.fields(RunConfig)}
 
 
 @pytest.mark.parametrize("loss", ["bce", "contrastive", "triplet", "ce"])
