@@ -14,6 +14,9 @@ Modes (the training step is train.py's own, embed-once BCE unless said otherwise
                   vs embed every image once and score the pairs from stored embeddings
     gallery       test images/s scored against the gallery: each image with each reference by two
                   backbone passes vs from stored embeddings
+    external      another clinic's images/s evaluated (predict.build_gallery; the test split stands in):
+                  references and validation embedded again from the training data vs from the stored
+                  gallery (gallery.pt), which embeds only the clinic's images
 """
 import dataclasses
 import json
@@ -29,7 +32,8 @@ import torch
 from cli import ArgumentParser
 from dataset import DataError, eval_transform, load_split, make_synthetic, attach_cache
 from modules import BACKBONES, LOSSES, SiameseNetwork, build_model
-from scoring import autocast, embed_images, pick_device, similarity_matrix, to_device
+from predict import build_gallery
+from scoring import autocast, embed_images, embedder, pick_device, similarity_matrix, to_device
 from train import make_config, make_train_loader, parse_args as train_args, training_loss
 
 
@@ -197,6 +201,22 @@ def measure_evaluation(args, device, data):
     stored_seconds = timed(device, stored_gallery, 1, 1) / n
     results["gallery"] = {"naive_images_per_s": 1 / naive_seconds, "stored_images_per_s": 1 / stored_seconds,
                           "gallery_images": len(gallery), **peaks(device)}
+
+    # another clinic's folder: references and validation rebuilt from the training data vs gallery.pt's
+    validation = load_split(data, "validation", 0, 0)
+    embed = embedder(model, size, args.batch_size, device, workers, amp)
+    settings = dict(gallery_size=args.gallery_size, method="gallery", k=10, target_sensitivity=None, seed=0)
+    kept = {}
+
+    def rebuilt():
+        kept["gallery"], _ = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
+                                           **settings)
+    reset_peak(device)
+    rebuilt_seconds = timed(device, rebuilt, 0, 1) / n
+    stored_seconds = timed(device, lambda: build_gallery(model, None, {"validation": None, "evaluated": test}, embed,
+                                                         **settings, stored=kept["gallery"]), 0, 1) / n
+    results["external"] = {"rebuilt_images_per_s": 1 / rebuilt_seconds, "stored_images_per_s": 1 / stored_seconds,
+                           "validation_images": len(validation), **peaks(device)}
     return results
 
 
@@ -241,7 +261,8 @@ def main(argv=None):
             data = Path(tmp) / "data"
             n_train = max(4, (args.warmup + args.steps) * args.batch_size // 2 + args.batch_size)
             n_test = 64 if args.quick else 256
-            make_synthetic(data, size=256, seed=0, counts={"train": (n_train, n_train), "validation": (2, 2),
+            make_synthetic(data, size=256, seed=0, counts={"train": (n_train, n_train),
+                                                           "validation": (n_test // 2, n_test // 2),
                                                            "test": (n_test // 2, n_test // 2)})
         started = time.perf_counter()
         try:
@@ -261,6 +282,7 @@ def print_report(args, device, results, seconds):
         "embed_once_over_two_pass": results["embed_once"]["pairs_per_s"] / results["two_pass"]["pairs_per_s"],
         "eval_pairs_speedup": results["eval_pairs"]["stored_pairs_per_s"] / results["eval_pairs"]["loop_pairs_per_s"],
         "gallery_speedup": results["gallery"]["stored_images_per_s"] / results["gallery"]["naive_images_per_s"],
+        "external_speedup": results["external"]["stored_images_per_s"] / results["external"]["rebuilt_images_per_s"],
     }
     machine = (torch.cuda.get_device_name(device) if gpu else f"{os.cpu_count()} CPU cores") + \
         f", torch {torch.__version__}, {args.backbone}, {args.image_size} px, batch {args.batch_size}, " \

@@ -1,6 +1,7 @@
 """Evaluate a trained checkpoint, or predict single images.
 
     python predict.py --project runs/exp1 --data DATA              # test metrics and figures
+    python predict.py --project runs/exp1 --data CLINIC --out X    # another clinic's D/0, D/1, from gallery.pt
     python predict.py --checkpoint runs/exp1/outputs/best.pth --image x.jpg [--image y.jpg ...]
     python predict.py --checkpoint runs/exp1/outputs/best.pth --pair a.jpg b.jpg
 
@@ -85,15 +86,48 @@ def check_finite(features, checkpoint):
                            f"diverged, use an earlier checkpoint or train again with a lower --lr")
 
 
-def build_gallery(model, train, splits, embed, *, gallery_size, method, k, target_sensitivity, seed, tta=False):
+def build_gallery(model, train, splits, embed, *, gallery_size, method, k, target_sensitivity, seed, tta=False,
+                  stored=None):
     """References from the training split and the threshold chosen on splits["validation"]
-    (embed_and_score; `splits` may hold more splits to score with the same references).
-    Returns (gallery, {name: ScoredSplit})."""
-    references, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed)
-    threshold = choose_threshold(splits["validation"].labels, scored["validation"].scores, target_sensitivity)
-    gallery = {**references, "score": method, "k": k, "target_sensitivity": target_sensitivity, "tta": tta,
-               "threshold": threshold}
+    (embed_and_score; `splits` may hold more splits to score with the same references). A
+    `stored` gallery (stored_gallery) gives the references and the validation features instead,
+    scored and thresholded the same way, so only the other splits are embedded; the gallery keeps
+    the validation features and labels for that. Returns (gallery, {name: ScoredSplit})."""
+    references = None
+    if stored is not None:
+        device = next(model.parameters()).device
+        references = {"features": stored["features"].to(device), "labels": stored["labels"].to(device),
+                      "paths": stored.get("paths")}
+        splits = {**splits, "validation": (stored["validation_features"].to(device),
+                                           stored["validation_labels"].numpy())}
+    references, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed, references)
+    validation = splits["validation"]
+    val_labels = validation[1] if isinstance(validation, tuple) else validation.labels
+    threshold = choose_threshold(val_labels, scored["validation"].scores, target_sensitivity)
+    gallery = {**references, "gallery_size": gallery_size, "score": method, "k": k,
+               "target_sensitivity": target_sensitivity, "tta": tta, "threshold": threshold,
+               "validation_features": scored["validation"].features, "validation_labels": torch.as_tensor(val_labels)}
     return gallery, scored
+
+
+def stored_gallery(checkpoint, width, gallery_size, tta):
+    """gallery.pt when it can stand in for the training data in an evaluation of other images:
+    valid for this checkpoint (gallery_problem) and embedded as this evaluation embeds (its
+    --gallery-size and --tta; the score, k and threshold are computed again from its validation
+    features). Otherwise None, and one line says that the training data is read instead, and why."""
+    path = Path(checkpoint).with_name("gallery.pt")
+    gallery = load_gallery(path, checkpoint)
+    problem = ("missing, unreadable or made for another checkpoint" if gallery is None
+               else gallery_problem(gallery, width, evaluation=True))
+    flag = {True: "--tta", False: "--no-tta"}
+    if not problem and (gallery["gallery_size"], gallery["tta"]) != (gallery_size, tta):
+        problem = (f"made with --gallery-size {gallery['gallery_size']} {flag[gallery['tta']]}, this evaluation "
+                   f"asks for --gallery-size {gallery_size} {flag[tta]}")
+    if problem:
+        print(f"{path}: {problem}; rebuilding the references and threshold from the training data")
+        return None
+    print(f"references and validation features from {path}; the training and validation images are not read")
+    return gallery
 
 
 def prepare_results(results, aside=None):
@@ -132,20 +166,23 @@ def write_scores(split, scores, path):
     write_atomic(path, write)
 
 
-def load_evaluation_splits(data, config, workers, cache=None):
+def load_evaluation_splits(data, config, workers, cache=None, stored=False):
     """{train, validation, evaluated}: the split layout's test split is evaluated, or its
     validation split when it has none; a plain labelled folder (DATA/0, DATA/1: another
     clinic's images) is evaluated against the references and threshold of the project's own
-    training data."""
+    training data, or, when `stored` (stored_gallery), of its gallery.pt: then that folder is
+    the only one read ({evaluated})."""
     seed, limits = config.seed, dict(zip(("train", "validation", "test"), config.benign_limit))
-    home = data
-    if is_labelled_folder(data):
-        home = config.data
-        if not has_split(home, "train"):
-            raise DataError(f"{home}: the model's training data is not there any more; its references and "
-                            f"threshold come from it, so restore it or evaluate a split folder (--data)")
-    splits = {name: load_split(home, name, limits[name], seed, max(1, workers)) for name in ("train", "validation")}
-    if is_labelled_folder(data):
+    external = is_labelled_folder(data)
+    home = config.data if external else data
+    splits = {}
+    if not stored:
+        if external and not has_split(home, "train"):
+            raise DataError(f"{home}: the model's training data is not there any more and outputs/gallery.pt "
+                            f"cannot stand in for it (the line above says why); restore the data, or evaluate "
+                            f"the project on its own data again where the data is, to write gallery.pt")
+        splits = {name: load_split(home, name, limits[name], seed, max(1, workers)) for name in ("train", "validation")}
+    if external:
         splits["evaluated"] = load_split(data, None, 0, seed, max(1, workers))
     elif has_split(data, "test"):
         splits["evaluated"] = load_split(data, "test", limits["test"], seed, max(1, workers))
@@ -233,16 +270,20 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
     gallery_size = config.gallery_size if gallery_size is None else gallery_size
     k = config.k if k is None else k
     seed, size = config.seed, config.image_size
-    splits = splits or load_evaluation_splits(data, config, workers, cache)
-    train, validation, test = splits["train"], splits["validation"], splits["evaluated"]
-    read = list({id(split): split for split in (train, validation, test)}.values())  # test may be validation
+    stored = None
+    if splits is None and is_labelled_folder(data):  # another clinic's images: gallery.pt, where it fits
+        stored = stored_gallery(checkpoint, feature_width(model, config, device), gallery_size, tta)
+    splits = splits or load_evaluation_splits(data, config, workers, cache, stored is not None)
+    train, validation, test = splits.get("train"), splits.get("validation"), splits["evaluated"]
+    read = list({id(split): split for split in splits.values()}.values())  # test may be validation
     prefix = "test" if test.name == "test" else "val" if test is validation else "external"
     with fresh_results(results) as results:  # put back as it was if a signal stops the evaluation
         embed = embedder(model, size, batch_size, device, workers, amp, tta=tta)
         gallery, scored = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
                                         gallery_size=gallery_size, method=method, k=k,
-                                        target_sensitivity=target_sensitivity, seed=seed, tta=tta)
+                                        target_sensitivity=target_sensitivity, seed=seed, tta=tta, stored=stored)
         val, evaluated = scored["validation"], scored["evaluated"]
+        val_labels = gallery["validation_labels"].numpy()
         image = image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed)
 
         metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
@@ -250,11 +291,11 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                    "evaluated_split": prefix, "data": str(data), "tta": tta,
                    f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                    "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
-                   "val_auc": auc_or_nan(validation.labels, val.scores),
+                   "val_auc": auc_or_nan(val_labels, val.scores),
                    "n_excluded_images": sum(len(split.excluded) for split in read)}
         metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
         metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
-        labels = {"validation": validation.labels, "evaluated": test.labels}
+        labels = {"validation": val_labels, "evaluated": test.labels}
         others = {  # the same embeddings scored other ways, each thresholded on validation
             name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed)
             for name in dict.fromkeys(methods[1:]) if name != method}
@@ -263,7 +304,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                      results / "scores.csv")
         write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
-        curves = {"validation": (validation.labels, val.scores)}
+        curves = {"validation": (val_labels, val.scores)}
         if test is not validation:
             curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
         save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
@@ -402,15 +443,19 @@ class Prediction:
 
 
 @torch.no_grad()
+def feature_width(model, config, device):
+    """The width of the model's features, from one blank image: what a stored gallery is checked against."""
+    return model.embed(torch.zeros(1, 3, config.image_size, config.image_size, device=device)).shape[1]
+
+
+@torch.no_grad()
 def load_predictor(checkpoint, data=None, device="auto"):
     """(model, config, gallery, device): what single-image prediction needs, loaded once, so that
-    app.py can keep them between requests. The gallery is checked against the model's feature
-    width, found from one blank image."""
+    app.py can keep them between requests. The gallery is checked against the model's feature width."""
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    blank = torch.zeros(1, 3, config.image_size, config.image_size, device=device)
-    gallery = reference_gallery(model, config, checkpoint, data, device, model.embed(blank).shape[1])
+    gallery = reference_gallery(model, config, checkpoint, data, device, feature_width(model, config, device))
     return model, config, gallery, device
 
 
@@ -468,6 +513,10 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
              for p, path in zip(predictions, images)]
     if out is None:
         return lines
+    missing = sorted({path for p in predictions for path, _, _ in p.references if path and not Path(path).is_file()})
+    if missing:  # the training images moved or deleted since gallery.pt was written
+        lines.append(f"{len(missing)} nearest reference image(s) not found (such as {missing[0]}): the figures "
+                     f"show their names instead")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stems = [Path(path).stem for path in images]
@@ -499,8 +548,11 @@ def predict_pair(checkpoint, first, second, device="auto"):
     return f"similarity {similarity:.4f} -> {verdict}  {first}  {second}"
 
 
-def gallery_problem(gallery, width):
-    """What makes a loaded gallery unusable with a model whose features are `width` wide, or None."""
+def gallery_problem(gallery, width, evaluation=False):
+    """What makes a loaded gallery unusable with a model whose features are `width` wide, or None.
+    Its validation features and labels and gallery size are checked where present; `evaluation`
+    (of other images without the training data, stored_gallery) needs them: an older gallery.pt
+    without them still serves single images, and evaluations rebuild from the training data."""
     features, labels, threshold = gallery.get("features"), gallery.get("labels"), gallery.get("threshold")
     if not (torch.is_tensor(features) and features.is_floating_point() and features.ndim == 2):
         return "its features are not a table of numbers"
@@ -517,6 +569,28 @@ def gallery_problem(gallery, width):
     k = gallery.get("k")
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
         return f"its k {k!r} is not a count"
+    paths = gallery.get("paths")
+    if paths is not None and not (isinstance(paths, list) and len(paths) == len(features)
+                                  and all(isinstance(path, str) for path in paths)):
+        return "its paths are not one file name per feature row"
+    kept = ("validation_features", "validation_labels", "gallery_size")  # what evaluating other images needs
+    if not evaluation and not any(key in gallery for key in kept):
+        return None  # an older gallery.pt: enough for single images
+    if any(key not in gallery for key in (*kept, "tta")):
+        return "it was written before galleries kept the validation features that evaluating other images needs"
+    val_features, val_labels, gallery_size, tta = (gallery[key] for key in (*kept, "tta"))
+    if not (torch.is_tensor(val_features) and val_features.is_floating_point() and val_features.ndim == 2
+            and val_features.shape[1] == width):
+        return f"its validation features are not a table of numbers {width} wide, as the checkpoint's"
+    if not torch.isfinite(val_features).all():
+        return "its validation features are not finite (NaN or inf)"
+    if not (torch.is_tensor(val_labels) and val_labels.dtype == torch.int64 and val_labels.shape == (len(val_features),)
+            and set(val_labels.tolist()) == {0, 1}):
+        return "its validation labels are not one 0 or 1 per validation row, with both classes"
+    if not (isinstance(gallery_size, int) and not isinstance(gallery_size, bool) and gallery_size >= 0):
+        return f"its gallery size {gallery_size!r} is not a count"
+    if not isinstance(tta, bool):
+        return f"its tta {tta!r} is not true or false"
     return None
 
 

@@ -215,23 +215,27 @@ def score_split(model, features, labels, references, reference_labels, method, k
 
 
 @torch.no_grad()
-def embed_and_score(model, train, splits, per_class, method, k, seed, embed):
+def embed_and_score(model, train, splits, per_class, method, k, seed, embed, references=None):
     """The evaluation core, shared by validation during training and by evaluate: embed a
     seeded, class-balanced sample of the training split as references (per_class 0: all of it)
     and every split of {name: split} once, then score each split against the references.
-    `embed(split, indices, desc)` returns feature rows. Returns (references {features, labels,
-    paths}, {name: ScoredSplit})."""
-    picks = choose_gallery(train.labels, per_class, seed)
-    features = embed(train, picks, "embedding references")
-    references = {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
-                  "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
+    `embed(split, indices, desc)` returns feature rows. `references` already embedded (a stored
+    gallery's {features, labels, paths}) stand in for the training split, and a split given as
+    (features, labels) is scored unembedded: other images are then evaluated without the
+    training or validation images. Returns (references {features, labels, paths}, {name: ScoredSplit})."""
+    if references is None:
+        picks = choose_gallery(train.labels, per_class, seed)
+        features = embed(train, picks, "embedding references")
+        references = {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
+                      "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
     scored = {}
     for name, split in splits.items():
-        split_features = embed(split, None, f"embedding {split.name}")
+        split_features, labels = split if isinstance(split, tuple) else (embed(split, None, f"embedding {split.name}"),
+                                                                          split.labels)
         if not torch.isfinite(split_features).all():
             raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
                              "--no-amp")
-        scored[name] = score_split(model, split_features, split.labels, references["features"],
+        scored[name] = score_split(model, split_features, labels, references["features"],
                                    references["labels"], method, k, seed)
     return references, scored
 

@@ -15,8 +15,7 @@ import torch
 
 import predict
 import train
-from dataset import make_synthetic
-from helpers import ROOT, run_script, tiny
+from helpers import ROOT, make_clinic, run_script, tiny
 
 SHARED = ROOT.parent / "shared" / "data"
 METRIC_KEYS = ["test_pair_accuracy", "test_pair_loss", "n_test_pairs", "test_auc", "test_auc_ci_low",
@@ -206,9 +205,7 @@ def test_evaluation_on_another_clinics_folder_writes_only_to_out(trained_project
     """predict.py --data D --out X with D a plain labelled folder (0/ and 1/): scored against the
     project's own references and threshold; the project's files stay byte-identical."""
     project, _ = trained_project
-    clinic = tmp_path / "clinic"
-    make_synthetic(tmp_path / "other", size=40, seed=7, counts={"test": (5, 4)})
-    (tmp_path / "other" / "test_data").rename(clinic)  # clinic/0/*.jpg, clinic/1/*.jpg
+    clinic = make_clinic(tmp_path)  # clinic/0/*.jpg, clinic/1/*.jpg
     before = project_files(project)
     predict.main(["--project", str(project), "--data", str(clinic), "--out", str(tmp_path / "X"),
                   "--gallery-size", "4"])

@@ -1,11 +1,20 @@
-"""Tests of predict.py's command line: its error messages."""
+"""Tests of predict.py: its command line's error messages, and another clinic's images, single
+images and pairs evaluated from the project alone (gallery.pt), without its training data."""
+import contextlib
+import functools
+import json
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import SUBPROCESS_ENV
+import metrics
+import predict
+from helpers import SUBPROCESS_ENV, make_clinic, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -59,3 +68,127 @@ def test_cli_image_that_does_not_exist_fails_with_a_clear_message(cli_errors):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in stderr
     assert str(folder / "missing.jpg") in lines[0] and "no such file" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Another clinic's images from the project alone (gallery.pt), without the training data
+
+
+@pytest.fixture(scope="module")
+def movable_project(tiny_data_dir, tmp_path_factory):
+    """(project, data, clinic): a tiny project trained in-process on its own copy of tiny_data_dir
+    (a test may take that copy away, in moved_away), and another clinic's labelled folder."""
+    import train
+
+    folder = tmp_path_factory.mktemp("movable")
+    data, project = folder / "data", folder / "exp"
+    shutil.copytree(tiny_data_dir, data)
+    with pytest.MonkeyPatch.context() as patch:  # quick_bootstrap, for the module
+        patch.setattr(predict, "image_metrics", functools.partial(metrics.image_metrics, n_bootstrap=50))
+        train.main(["--project", str(project), "--data", str(data), *tiny(1)])
+    return project, data, make_clinic(folder)
+
+
+@contextlib.contextmanager
+def moved_away(folder):
+    """The folder is not there inside, as on a machine that has the project but not its data."""
+    aside = folder.with_name(folder.name + ".away")
+    folder.rename(aside)
+    try:
+        yield
+    finally:
+        aside.rename(folder)
+
+
+def evaluate_clinic(project, clinic, out, *flags):
+    """metrics.json and scores.csv of predict.py --project P --data CLINIC --out OUT, in-process.
+    --batch-size 8 is train.py's --val-batch-size in TINY: the features in gallery.pt were embedded
+    in batches of 8, so a rebuild embeds the same batches."""
+    predict.main(["--project", str(project), "--data", str(clinic), "--out", str(out), "--batch-size", "8", *flags])
+    return json.loads((out / "metrics.json").read_text()), (out / "scores.csv").read_text()
+
+
+SCORED = ["--score", "gallery", "head-knn", "knn", "prototype", "--k", "3"]  # other_scores need validation too
+
+
+def test_another_clinic_is_evaluated_from_gallery_pt_as_from_the_training_data(movable_project, tmp_path,
+                                                                               quick_bootstrap, capsys):
+    project, data, clinic = movable_project
+    gallery = project / "outputs" / "gallery.pt"
+    with moved_away(data):  # no training or validation image: references and validation from gallery.pt
+        stored, stored_scores = evaluate_clinic(project, clinic, tmp_path / "stored", *SCORED)
+    assert f"references and validation features from {gallery}" in capsys.readouterr().out
+    with moved_away(gallery):  # the same evaluation rebuilt from the training data
+        rebuilt, rebuilt_scores = evaluate_clinic(project, clinic, tmp_path / "rebuilt", *SCORED)
+    assert f"{gallery}: missing, unreadable or made for another checkpoint; rebuilding" in capsys.readouterr().out
+    assert stored == rebuilt and stored_scores == rebuilt_scores  # one scoring path: the same numbers, exactly
+    assert set(stored["other_scores"]) == {"head-knn", "knn", "prototype"} and math.isfinite(stored["val_auc"])
+    assert stored["external_n_benign"] + stored["external_n_malignant"] == 9
+
+
+def test_another_clinic_without_gallery_or_training_data_is_one_line(movable_project, tmp_path, quick_bootstrap,
+                                                                     capsys):
+    project, data, clinic = movable_project
+    with moved_away(data), moved_away(project / "outputs" / "gallery.pt"), pytest.raises(SystemExit) as stop:
+        evaluate_clinic(project, clinic, tmp_path / "X")
+    message = str(stop.value.code)
+    assert message.startswith(f"predict.py: error: {data}: the model's training data is not there any more")
+    assert "gallery.pt" in message and "\n" not in message
+    assert "rebuilding the references and threshold from the training data" in capsys.readouterr().out
+
+
+def test_other_settings_than_gallery_pt_was_made_with_rebuild_in_one_line(movable_project, tmp_path,
+                                                                          quick_bootstrap, capsys):
+    project, _, clinic = movable_project
+    found, _ = evaluate_clinic(project, clinic, tmp_path / "X", "--gallery-size", "2")
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "rebuilding the references" in line]
+    assert len(lines) == 1 and "made with --gallery-size 4" in lines[0] and "--gallery-size 2" in lines[0]
+    assert "references and validation features from" not in out and found["gallery_size"] == 2
+
+
+@pytest.mark.parametrize("damage", ["older", "labels", "width", "length", "non-finite"])
+def test_a_gallery_pt_without_usable_validation_fields_is_rebuilt_not_a_crash(damage, movable_project, tmp_path,
+                                                                              quick_bootstrap, capsys):
+    """An older gallery.pt (no validation fields) or a damaged one (stamp still right) means a
+    rebuild from the training data with one line saying why; single images still use an older one."""
+    trained, _, clinic = movable_project
+    project = tmp_path / "exp"
+    shutil.copytree(trained / "outputs", project / "outputs")
+    path = project / "outputs" / "gallery.pt"
+    gallery = torch.load(path, weights_only=True)
+    features = gallery["validation_features"]
+    if damage == "older":
+        for key in ("validation_features", "validation_labels", "gallery_size"):
+            del gallery[key]
+    else:
+        gallery.update({"labels": {"validation_labels": gallery["validation_labels"] * 2},
+                        "width": {"validation_features": features[:, :-1]},
+                        "length": {"validation_labels": gallery["validation_labels"][:-1]},
+                        "non-finite": {"validation_features": features * float("nan")}}[damage])
+    torch.save(gallery, path)
+    width = features.shape[1]
+    problem = predict.gallery_problem(gallery, width, evaluation=True)
+    assert problem and (predict.gallery_problem(gallery, width) is None) == (damage == "older")
+    found, _ = evaluate_clinic(project, clinic, tmp_path / "X")
+    assert f"{path}: {problem}; rebuilding the references and threshold from the training data" in \
+        capsys.readouterr().out
+    assert found["evaluated_split"] == "external"
+
+
+def test_single_images_and_pairs_need_no_training_data(movable_project, tmp_path, capsys):
+    """--image and --pair use gallery.pt only; the figures name the references whose files are gone,
+    and one line says so."""
+    project, data, clinic = movable_project
+    images = [str(path) for path in sorted((clinic / "1").glob("*.jpg"))[:2]]
+    with moved_away(data):
+        predict.main(["--project", str(project), "--image", images[0], "--image", images[1],
+                      "--out", str(tmp_path / "figures")])
+        predict.main(["--project", str(project), "--pair", *images])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.endswith(image) for line, image in zip(lines[0:4:2], images)] == [True, True]
+    notes = [line for line in lines if "nearest reference image(s) not found" in line]
+    assert len(notes) == 1 and str(data.resolve()) in notes[0] and notes[0].endswith("the figures show their names instead")
+    assert lines[-1].startswith("similarity ")
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(Path(i).stem + "_prediction.png"
+                                                                             for i in images)
