@@ -9,7 +9,7 @@ Every model has the same two calls that evaluation needs:
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -284,6 +284,15 @@ def active_fraction(embeddings, labels, name, margin):
 # other file asks this table; adding a loss adds a row here.
 
 
+class BatchResult(NamedTuple):
+    """What one training batch gives: its loss, how many pairs (or images) the model got right
+    of how many, and a metric loss's fraction of active pairs or triplets (nan for the others)."""
+    loss: torch.Tensor
+    correct: torch.Tensor | int
+    count: int
+    active: float = math.nan
+
+
 def pair_bce(logits, targets):
     """(the design's pair BCE, correct pairs): similarity above 0.5 means "same class"."""
     return F.binary_cross_entropy_with_logits(logits.float(), targets), ((logits > 0) == (targets > 0.5)).sum()
@@ -291,46 +300,52 @@ def pair_bce(logits, targets):
 
 def siamese_batch_loss(model, images, labels, pairs, config, criterion, pos_weight):
     """The design's pair BCE over the batch's pairs, plus --aux-weight times a class BCE of each
-    image on the same features. Returns (loss, correct pairs, pairs, active fraction: nan)."""
+    image on the same features. Returns a BatchResult over the pairs."""
     anchors, partners, targets = pairs
     if config.aux_weight == 0:
-        loss, correct = pair_bce(model(images, pairs=(anchors, partners)), targets)
-        return loss, correct, len(targets), math.nan
+        return BatchResult(*pair_bce(model(images, pairs=(anchors, partners)), targets), len(targets))
     logits, class_logits = model(images, pairs=(anchors, partners), with_class_logits=True)
     loss, correct = pair_bce(logits, targets)
     class_loss = F.binary_cross_entropy_with_logits(class_logits.float(), labels.float(), pos_weight=pos_weight)
-    return loss + config.aux_weight * class_loss, correct, len(targets), math.nan
+    return BatchResult(loss + config.aux_weight * class_loss, correct, len(targets))
+
+
+def two_pass_batch_loss(model, first, second, targets):
+    """--pairing two-pass, the study's pair dataset: each pair's two images pass the backbone
+    separately, then the design's pair BCE. Returns a BatchResult over the pairs."""
+    return BatchResult(*pair_bce(model(first, second), targets), len(targets))
 
 
 def metric_batch_loss(model, images, labels, pairs, config, criterion, pos_weight):
     """pytorch-metric-learning's loss (and miner) on the batch's embeddings; the pairs only
-    measure accuracy (cosine > 0 means "same class"). Returns (loss, correct, pairs, active)."""
+    measure accuracy (cosine > 0 means "same class"). Returns a BatchResult over the pairs."""
     anchors, partners, targets = pairs
     embeddings = model(images).float()
     loss_function, miner = criterion
     loss = loss_function(embeddings, labels, miner(embeddings, labels) if miner else None)
     agree = (embeddings[anchors] * embeddings[partners]).sum(1) > 0  # similarity (1 + cos) / 2 > 0.5
     active = active_fraction(embeddings.detach(), labels, config.loss, config.margin)
-    return loss, (agree == (targets > 0.5)).sum(), len(targets), active
+    return BatchResult(loss, (agree == (targets > 0.5)).sum(), len(targets), active)
 
 
 def classifier_batch_loss(model, images, labels, pairs, config, criterion, pos_weight):
-    """Class-weighted BCE of each image's malignant logit. Returns (loss, correct, images, nan)."""
+    """Class-weighted BCE of each image's malignant logit. Returns a BatchResult over the images."""
     logits = model(images).float()
     loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=pos_weight)
-    return loss, ((logits > 0) == (labels == 1)).sum(), len(labels), math.nan
+    return BatchResult(loss, ((logits > 0) == (labels == 1)).sum(), len(labels))
 
 
 @dataclass(frozen=True)
 class Loss:
     """What one --loss means, everywhere it matters."""
     network: Callable        # (config, weights) -> the nn.Module to train
-    batch_loss: Callable     # (model, images, labels, pairs, config, criterion, pos_weight) -> (loss, correct, count, active)
+    batch_loss: Callable     # (model, images, labels, pairs, config, criterion, pos_weight) -> BatchResult
     default_score: str       # how an image's P(malignant) is computed unless --score says otherwise
     sampler: str | None = None   # the batch sampler it always uses, or None: --sampler chooses
     margin: float | None = None  # default --margin
     miner: str = "all"       # default --miner
     siamese_head: bool = False  # the design's pair head: --pairing, --aux-weight and head-knn apply
+    two_pass_loss: Callable | None = None  # --pairing two-pass: (model, first, second, targets) -> BatchResult
     classifier: bool = False    # outputs P(malignant) itself ("direct"); its pair similarity only
                                 # compares two predictions, so neighbours are found by cosine
     metric: bool = False        # a pytorch-metric-learning loss on an L2-normalised embedding
@@ -343,7 +358,7 @@ class Loss:
 LOSSES = {
     "bce": Loss(lambda config, weights: SiameseNetwork(weights, config.aux_weight > 0, config.backbone,
                                                        config.features),
-                siamese_batch_loss, default_score="gallery", siamese_head=True),
+                siamese_batch_loss, default_score="gallery", siamese_head=True, two_pass_loss=two_pass_batch_loss),
     "contrastive": Loss(lambda config, weights: EmbeddingNetwork(weights, config.embed_dim, config.backbone,
                                                                  config.features),
                         metric_batch_loss, default_score="gallery", sampler="balanced", margin=0.5, metric=True),

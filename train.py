@@ -39,7 +39,7 @@ from files import overlaps, write_atomic
 from metrics import auc_or_nan
 from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS,
                      SAMPLERS, SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights,
-                     load_state, pair_bce, save_atomic)
+                     load_state, save_atomic)
 from plots import plot_history
 from predict import Interrupted, evaluate, interrupt_handler
 from scoring import (SCORES, applicable_scores, autocast, embed_and_score, embedder, pick_device, resolve_score,
@@ -283,12 +283,31 @@ def setup_distributed(device_name):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def reduce_sum(values, device, world_size):
-    """Sum a list of floats over all processes."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+@dataclass
+class RunContext:
+    """This process's place in the run: its rank of world_size (1 without torchrun), its device,
+    the project's outputs folder and its DataLoader workers. Rank 0 writes the files and prints."""
+    rank: int
+    world_size: int
+    device: torch.device
+    outputs: Path
+    workers: int
+
+    def say(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+    def sum(self, values):
+        """A list of floats summed over all processes."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+def run_context(args, rank, world_size, device):
+    workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
+    return RunContext(rank, world_size, device, Path(args.project) / "outputs", workers)
 
 
 def make_train_loader(train, config, rank, world_size, workers, device):
@@ -311,14 +330,12 @@ def make_train_loader(train, config, rank, world_size, workers, device):
 
 
 def training_loss(model, batch, config, device, generator, criterion, pos_weight):
-    """(loss, correct pairs or images, count, active fraction or nan) of one batch: the loss's
-    batch_loss (modules.LOSSES) on the design's pairs drawn inside the batch, or the study's
-    two-pass pairs."""
-    if config.pairing == "two-pass":  # PairDataset: two backbone passes per pair
+    """The BatchResult of one batch (modules.LOSSES): the loss's batch_loss on the design's pairs
+    drawn inside the batch, or, with --pairing two-pass, its two_pass_loss on the study's pairs."""
+    if config.pairing == "two-pass":  # PairDataset batches: (first images, second images, targets)
         first, second, targets = batch
-        targets = targets.to(device).float()
-        loss, correct = pair_bce(model(to_device(first, device), to_device(second, device)), targets)
-        return loss, correct, len(targets), math.nan
+        return LOSSES[config.loss].two_pass_loss(model, to_device(first, device), to_device(second, device),
+                                                 targets.to(device).float())
     images, labels, is_anchor = batch
     pairs = tuple(t.to(device) for t in batch_pairs(labels, is_anchor, generator))
     return LOSSES[config.loss].batch_loss(model, to_device(images, device), labels.to(device), pairs, config,
@@ -326,10 +343,11 @@ def training_loss(model, batch, config, device, generator, criterion, pos_weight
 
 
 @torch.no_grad()
-def validate(model, train, validation, config, device, workers, amp, rank, world_size):
+def validate(model, train, validation, config, ctx, amp):
     """Validation pair loss and accuracy (the design's fixed pairs) and image-level AUC, from
     scoring.embed_and_score: the same code that evaluates the test split."""
-    embed = embedder(model, config.image_size, config.val_batch_size, device, workers, amp, rank, world_size)
+    embed = embedder(model, config.image_size, config.val_batch_size, ctx.device, ctx.workers, amp, ctx.rank,
+                     ctx.world_size)
     per_class = min(config.gallery_size or VALIDATION_GALLERY_CAP, VALIDATION_GALLERY_CAP)
     _, scored = embed_and_score(model, train, {"validation": validation}, per_class, config.score, config.k,
                                 config.seed, embed)
@@ -411,12 +429,12 @@ def saved_so_far(outputs):
     return "; ".join(kept) if kept else f"no checkpoint was saved yet in {outputs}"
 
 
-def lock_project(project, rank, world_size, device):
+def lock_project(project, ctx):
     """One run owns a project at a time: rank 0 holds an advisory lock on PROJECT/.lock for the
     whole run (the OS releases it when the process ends, even after kill -9), and a second run on
     the same project stops at once, naming the first one's pid. Returns the open lock file."""
     path, file, holder = Path(project) / ".lock", None, None
-    if rank == 0 and fcntl is not None:
+    if ctx.rank == 0 and fcntl is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         file = open(path, "a+")
         try:
@@ -428,7 +446,7 @@ def lock_project(project, rank, world_size, device):
             file.seek(0)
             holder = file.read().strip() or "unknown"
             file.close()
-    if reduce_sum([holder is not None], device, world_size)[0]:
+    if ctx.sum([holder is not None])[0]:
         raise ValueError(f"{path}: another train.py run (pid {holder or 'on rank 0'}) is using --project "
                          f"{project}; wait for it to end, or choose another --project")
     return file
@@ -507,9 +525,33 @@ class RunState:
     """Where a run stands; last.pth saves it beside the weights, optimizer and config."""
     epoch: int = 0          # complete epochs
     step: int = 0           # steps done of the next epoch (a run stopped inside it)
-    partial: list = None    # that epoch's sums so far (loss, correct, count, active, steps), over all ranks
+    partial: list = None    # that epoch's EpochTotals so far, over all ranks, as a list
     best: list = None       # selection_score of the model in best.pth
     history: list = field(default_factory=list)
+
+
+@dataclass
+class EpochTotals:
+    """An epoch's running training totals, summed over its steps (pytorch/examples'
+    AverageMeter, for the five numbers its history row is made of); last.pth keeps them as a list."""
+    loss: float = 0.0     # batch loss x batch count
+    correct: float = 0.0  # pairs (or images) the model got right
+    count: float = 0.0    # pairs (or images)
+    active: float = 0.0   # a metric loss's fraction of active pairs or triplets, per step
+    steps: float = 0.0
+
+    def update(self, loss_value, result):
+        self.loss += loss_value * result.count
+        self.correct += float(result.correct)
+        self.count += result.count
+        self.active += 0.0 if math.isnan(result.active) else result.active
+        self.steps += 1
+
+    def as_list(self):
+        return [self.loss, self.correct, self.count, self.active, self.steps]
+
+    def summed_over_processes(self, ctx):
+        return EpochTotals(*ctx.sum(self.as_list()))
 
 
 @dataclass
@@ -532,7 +574,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
-        rank, world_size, device = setup_distributed(args.device)
+        ctx = run_context(args, *setup_distributed(args.device))
     except ValueError as error:
         sys.exit(f"train.py: error: {error}")
     stop = {"signal": None}
@@ -543,11 +585,10 @@ def main(argv=None):
     new_lock = not lock_path.exists()
     try:
         check_outputs(Path(args.project) / "outputs", args)  # before the lock: a refused run creates nothing
-        lock = lock_project(args.project, rank, world_size, device)
-        run(args, rank, world_size, device, stop)
+        lock = lock_project(args.project, ctx)
+        run(args, ctx, stop)
     except StopForResume as stopped:
-        if rank == 0:
-            print(stopped)
+        ctx.say(stopped)
         sys.exit(128 + stopped.signum)
     except Interrupted as stopped:  # during the final evaluation, on rank 0
         print(f"train.py: stopped by {signal.Signals(stopped.signum).name} during the evaluation; "
@@ -556,9 +597,9 @@ def main(argv=None):
               file=sys.stderr)
         sys.exit(128 + stopped.signum)
     except WeightsError as error:  # e.g. no network for --weights imagenet: leave no empty project behind
-        if rank == 0 and created is not None and not any(created.rglob("*.pth")):
+        if ctx.rank == 0 and created is not None and not any(created.rglob("*.pth")):
             shutil.rmtree(created, ignore_errors=True)
-        if rank == 0 and new_lock and lock is not None:  # in a folder that existed, the lock file is ours
+        if ctx.rank == 0 and new_lock and lock is not None:  # in a folder that existed, the lock file is ours
             lock_path.unlink(missing_ok=True)
         sys.exit(f"train.py: error: {error}")
     except (ValueError, DataError) as error:
@@ -586,44 +627,39 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def run(args, rank, world_size, device, stop):
+def run(args, ctx, stop):
     """Set up, train epoch by epoch (validating and saving after each), then evaluate best.pth."""
     started = time.time()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    outputs = Path(args.project) / "outputs"
-    to_delete = check_outputs(outputs, args)  # on every rank, so a refusal stops all of them
-    config, resume = run_config(args, outputs, say)
+    to_delete = check_outputs(ctx.outputs, args)  # on every rank, so a refusal stops all of them
+    config, resume = run_config(args, ctx)
     torch.manual_seed(config.seed)
-    workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
-    splits = load_data(args, config, rank, world_size, workers, say)
+    splits = load_data(args, config, ctx)
     # the weights (--weights PATH or imagenet) load before --force deletes anything: a typo costs nothing
-    raw_model = build_model(config, weights="none" if resume else None).to(device)  # resume: weights from last.pth
-    prepare_outputs(outputs, to_delete, splits, rank, world_size, say)
-    training, state = build_training(args, config, raw_model, splits["train"], resume, rank, world_size, device,
-                                     workers)
+    raw_model = build_model(config, weights="none" if resume else None).to(ctx.device)  # resume: from last.pth
+    prepare_outputs(to_delete, splits, ctx)
+    training, state = build_training(args, config, raw_model, splits["train"], resume, ctx)
     if resume:
-        say(f"resuming {outputs / 'last.pth'} at epoch {state.epoch + 1}, step {state.step}")
+        ctx.say(f"resuming {ctx.outputs / 'last.pth'} at epoch {state.epoch + 1}, step {state.step}")
 
     for epoch in range(state.epoch, config.epochs):
         epoch_started = time.time()
-        sums, stopped_at = train_one_epoch(training, config, epoch, state, stop, rank, world_size, device, outputs)
+        totals, stopped_at = train_one_epoch(training, config, epoch, state, stop, ctx)
         if stopped_at is not None:
-            save_last(training, config, RunState(epoch, stopped_at, sums, state.best, state.history), outputs, rank)
-            raise StopForResume(stop["signal"] or signal.SIGINT, resume_message(args, outputs, epoch, stopped_at))
-        validate_and_save(training, config, epoch, sums, epoch_started, state, splits, outputs, workers, rank,
-                          world_size, device)
-        if reduce_sum([stop["signal"] is not None], device, world_size)[0]:  # any rank signalled: all stop
-            raise StopForResume(stop["signal"] or signal.SIGINT, resume_message(args, outputs, epoch + 1, 0))
+            save_last(training, config, RunState(epoch, stopped_at, totals.as_list(), state.best, state.history), ctx)
+            raise StopForResume(stop["signal"] or signal.SIGINT, resume_message(args, ctx.outputs, epoch, stopped_at))
+        validate_and_save(training, config, epoch, totals, epoch_started, state, splits, ctx)
+        if ctx.sum([stop["signal"] is not None])[0]:  # any rank signalled: all stop
+            raise StopForResume(stop["signal"] or signal.SIGINT, resume_message(args, ctx.outputs, epoch + 1, 0))
 
     # training is complete: a signal now stops the evaluation as it stops predict.py's, putting
     # back what it moved aside
     stop_evaluation = interrupt_handler()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop_evaluation)
-    if world_size > 1:
+    if ctx.world_size > 1:
         dist.barrier()
-    if rank == 0:
-        evaluate_best(args, config, splits, state.history, outputs, device, workers, training.amp, started)
+    if ctx.rank == 0:
+        evaluate_best(args, config, splits, state.history, ctx, training.amp, started)
 
 
 def restore_signal_handlers(previous):
@@ -638,53 +674,54 @@ def resume_message(args, outputs, epochs_done, steps_done):
             f"--resume")
 
 
-def run_config(args, outputs, say):
+def run_config(args, ctx):
     """(config, last.pth's state or None): a new run's config from the flags, or the resumed run's."""
     if not args.resume:
         return make_config(args), None
-    resume = load_state(outputs / "last.pth", "--resume")
-    config = check_resume(resume, outputs / "last.pth")  # a setting added since the run began: the study's
+    resume = load_state(ctx.outputs / "last.pth", "--resume")
+    config = check_resume(resume, ctx.outputs / "last.pth")  # a setting added since the run began: the study's
     config.data = str(Path(args.data).resolve())  # the data may have moved since the run began
-    apply_resume_flags(args, config, resume["epoch"], say)
+    apply_resume_flags(args, config, resume["epoch"], ctx.say)
     return config, resume
 
 
-def load_data(args, config, rank, world_size, workers, say):
+def load_data(args, config, ctx):
     """{train, validation[, test]} with their benign limits, cached when --cache is given."""
-    splits = {name: load_split(args.data, name, limit, config.seed, max(workers, 4))
+    splits = {name: load_split(args.data, name, limit, config.seed, max(ctx.workers, 4))
               for name, limit in zip(("train", "validation", "test"), config.benign_limit)
               if name != "test" or has_split(args.data, "test")}
     if "test" not in splits:
-        say(f"{args.data}: no test_data folder; the final evaluation reports the validation split instead")
+        ctx.say(f"{args.data}: no test_data folder; the final evaluation reports the validation split instead")
     if args.cache:  # rank 0 builds the cache (once); the other ranks wait for it, then map it
-        if rank > 0:
+        if ctx.rank > 0:
             dist.barrier()
         for split in splits.values():
-            attach_cache(split, args.cache, config.image_size, workers)
-        if rank == 0 and world_size > 1:
+            attach_cache(split, args.cache, config.image_size, ctx.workers)
+        if ctx.rank == 0 and ctx.world_size > 1:
             dist.barrier()
     return splits
 
 
-def prepare_outputs(outputs, to_delete, splits, rank, world_size, say):
+def prepare_outputs(to_delete, splits, ctx):
     """--force deletes the earlier run now that the data are known to be usable; then the list
     of excluded images and the counts."""
-    if rank == 0:
+    if ctx.rank == 0:
         for name in to_delete:
-            (outputs / name).unlink()
-        outputs.mkdir(parents=True, exist_ok=True)
-    if world_size > 1:
+            (ctx.outputs / name).unlink()
+        ctx.outputs.mkdir(parents=True, exist_ok=True)
+    if ctx.world_size > 1:
         dist.barrier()
-    excluded = write_excluded(splits.values(), outputs / "excluded_images.txt") if rank == 0 else 0
+    excluded = write_excluded(splits.values(), ctx.outputs / "excluded_images.txt") if ctx.rank == 0 else 0
     if excluded:
-        say(f"excluded {excluded} unusable image file(s); the list is in {outputs / 'excluded_images.txt'}")
+        ctx.say(f"excluded {excluded} unusable image file(s); the list is in {ctx.outputs / 'excluded_images.txt'}")
     for name, split in splits.items():
         benign, malignant = split.counts()
-        say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
+        ctx.say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
 
 
-def build_training(args, config, raw_model, train, resume, rank, world_size, device, workers):
+def build_training(args, config, raw_model, train, resume, ctx):
     """(Training, RunState): the model's optimizer, scaler and batches, fresh or from last.pth."""
+    device, world_size = ctx.device, ctx.world_size
     if device.type == "cuda":
         raw_model = raw_model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
@@ -696,7 +733,7 @@ def build_training(args, config, raw_model, train, resume, rank, world_size, dev
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     state = RunState()
     if resume:
-        restore(resume, raw_model, optimizer, scaler if use_scaler else None, config, Path(args.project) / "outputs")
+        restore(resume, raw_model, optimizer, scaler if use_scaler else None, config, ctx.outputs)
         state = RunState(resume["epoch"], resume["step"], resume["partial"], resume["best"], resume["history"])
     model = raw_model
     if world_size > 1:
@@ -710,7 +747,7 @@ def build_training(args, config, raw_model, train, resume, rank, world_size, dev
     benign, malignant = train.counts()
     # ce and the auxiliary loss: malignant errors weigh as much as benign ones (balanced batches already do that)
     pos_weight = torch.tensor(1.0 if config.sampler == "balanced" else benign / malignant, device=device)
-    sampler, loader = make_train_loader(train, config, rank, world_size, workers, device)
+    sampler, loader = make_train_loader(train, config, ctx.rank, world_size, ctx.workers, device)
     if len(sampler) == 0:
         raise ValueError(f"--batch-size {config.batch_size} on {world_size} process(es) leaves no training batch "
                          f"for {len(train)} training images; lower --batch-size")
@@ -750,114 +787,111 @@ def restore(resume, raw_model, optimizer, scaler, config, outputs):
     set_rng_state(resume["rng"])
 
 
-def save_last(training, config, state, outputs, rank):
+def save_last(training, config, state, ctx):
     """last.pth: everything --resume needs to continue exactly where the run is (rank 0 writes)."""
-    if rank == 0:
+    if ctx.rank == 0:
         save_atomic({"model": training.raw_model.state_dict(), "optimizer": training.optimizer.state_dict(),
                      "scaler": training.scaler.state_dict(), "config": config.as_dict(), "epoch": state.epoch,
                      "step": state.step, "partial": state.partial, "best": state.best,
-                     "history": state.history, "rng": rng_state()}, outputs / "last.pth")
+                     "history": state.history, "rng": rng_state()}, ctx.outputs / "last.pth")
 
 
-def train_one_epoch(training, config, epoch, state, stop, rank, world_size, device, outputs):
-    """One epoch (or the rest of a resumed one). Returns (sums over all ranks: loss, correct,
-    count, active, steps; the step a signal stopped it at, or None)."""
+def train_one_epoch(training, config, epoch, state, stop, ctx):
+    """One epoch (or the rest of a resumed one). Returns (its EpochTotals over all ranks, the step
+    a signal stopped it at or None)."""
     steps_per_epoch = training.steps_per_epoch
     first_step = state.step if epoch == state.epoch else 0
-    # a resumed epoch's saved sums are already totals over ranks: rank 0 alone starts from them
-    resumed = epoch == state.epoch and state.partial and rank == 0
-    sums = list(state.partial) if resumed else [0.0] * 5
+    # a resumed epoch's saved totals are already sums over ranks: rank 0 alone starts from them
+    resumed = epoch == state.epoch and state.partial and ctx.rank == 0
+    totals = EpochTotals(*state.partial) if resumed else EpochTotals()
     training.sampler.set_epoch(epoch, first_step)
     training.model.train()
     if config.backbone_lr_scale == 0:  # frozen: its BatchNorm statistics stay the pretrained ones
         training.raw_model.backbone.eval()
-    bar = progress(training.loader, f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
-                       initial=first_step, total=first_step + len(training.sampler), leave=False)
+    bar = progress(training.loader, f"epoch {epoch + 1}/{config.epochs}", disable=ctx.rank != 0,
+                   initial=first_step, total=first_step + len(training.sampler), leave=False)
     metric = LOSSES[config.loss].metric
     for step, batch in enumerate(bar, start=first_step + 1):
         for group in training.optimizer.param_groups:
             group["lr"] = group["lr_scale"] * learning_rate(epoch * steps_per_epoch + step - 1,
                                                             config.epochs * steps_per_epoch, config)
         generator = torch.Generator().manual_seed(sample_seed(config.seed + 1, epoch, step))
-        with autocast(device, training.amp):
-            loss, correct, count, active = training_loss(training.model, batch, config, device, generator,
-                                                         training.criterion, training.pos_weight)
+        with autocast(ctx.device, training.amp):
+            result = training_loss(training.model, batch, config, ctx.device, generator, training.criterion,
+                                   training.pos_weight)
         # pytorch-metric-learning's DDP wrapper scales the loss by the world size (see metric_loss)
-        loss_value = loss.item() / (world_size if metric else 1)
+        loss_value = result.loss.item() / (ctx.world_size if metric else 1)
         # Checked before the update (so no NaN reaches the weights) and agreed by every process,
         # so all of them stop together instead of some waiting in DDP's gradient all-reduce.
-        bad, stopping = reduce_sum([not math.isfinite(loss_value), stop["signal"] is not None], device, world_size)
+        bad, stopping = ctx.sum([not math.isfinite(loss_value), stop["signal"] is not None])
         if bad:
             raise ValueError(f"the training loss became non-finite ({loss_value} on this process) at epoch "
-                             f"{epoch + 1}, step {step}; lower --lr or try --no-amp. {saved_so_far(outputs)}")
+                             f"{epoch + 1}, step {step}; lower --lr or try --no-amp. {saved_so_far(ctx.outputs)}")
         training.optimizer.zero_grad(set_to_none=True)
-        training.scaler.scale(loss).backward()
+        training.scaler.scale(result.loss).backward()
         training.scaler.step(training.optimizer)
         training.scaler.update()
-        sums = [sums[0] + loss_value * count, sums[1] + float(correct), sums[2] + count,
-                sums[3] + (0.0 if math.isnan(active) else active), sums[4] + 1]
+        totals.update(loss_value, result)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{totals.loss / totals.count:.4f}", acc=f"{totals.correct / totals.count:.3f}",
+                            refresh=False)
         if stopping:
-            return reduce_sum(sums, device, world_size), step
+            return totals.summed_over_processes(ctx), step
     bar.close()
-    return reduce_sum(sums, device, world_size), None
+    return totals.summed_over_processes(ctx), None
 
 
-def validate_and_save(training, config, epoch, sums, started, state, splits, outputs, workers, rank, world_size,
-                      device):
-    """The epoch's row of history.csv (training sums, validation), best.pth when it improved,
+def validate_and_save(training, config, epoch, totals, started, state, splits, ctx):
+    """The epoch's row of history.csv (training totals, validation), best.pth when it improved,
     then last.pth, history.csv and the curves. Updates `state`."""
-    say = print if rank == 0 else (lambda *a, **k: None)
-    loss_sum, correct, count, active_sum, steps = sums
     metric = LOSSES[config.loss].metric
-    row = {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_acc": correct / count,
-           "active_fraction": active_sum / steps if metric else math.nan,
+    row = {"epoch": epoch + 1, "train_loss": totals.loss / totals.count, "train_acc": totals.correct / totals.count,
+           "active_fraction": totals.active / totals.steps if metric else math.nan,
            "lr": training.optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's may be scaled)
-    if world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
+    if ctx.world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
         for buffer in training.raw_model.buffers():
             dist.broadcast(buffer, 0)
     try:
-        row.update(validate(training.raw_model, splits["train"], splits["validation"], config, device, workers,
-                            training.amp, rank, world_size))
+        row.update(validate(training.raw_model, splits["train"], splits["validation"], config, ctx, training.amp))
     except ValueError as error:  # diverged: say what is on disk
-        raise ValueError(f"{error}. {saved_so_far(outputs)}") from None
+        raise ValueError(f"{error}. {saved_so_far(ctx.outputs)}") from None
     row["seconds"] = time.time() - started
     state.history.append(row)
-    say(f"epoch {epoch + 1:>3}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
-        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} AUC {row['val_auc']:.3f}  ({row['seconds']:.0f}s)")
+    ctx.say(f"epoch {epoch + 1:>3}/{config.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f} AUC {row['val_auc']:.3f}  "
+            f"({row['seconds']:.0f}s)")
     if metric and collapse_warning(row):
-        say(collapse_warning(row))
+        ctx.say(collapse_warning(row))
     score = selection_score(row, config.select)
+    best = ctx.outputs / "best.pth"
     if state.best is None or score > state.best:
         state.best = score
-        if rank == 0:
+        if ctx.rank == 0:
             save_atomic({"model": training.raw_model.state_dict(), "config": config.as_dict(), "epoch": epoch + 1,
-                         "select": config.select, "score": score[0]}, outputs / "best.pth")
-        say(f"  best {config.select} so far ({score[0]:.4f}): saved {outputs / 'best.pth'}")
+                         "select": config.select, "score": score[0]}, best)
+        ctx.say(f"  best {config.select} so far ({score[0]:.4f}): saved {best}")
     state.epoch, state.step, state.partial = epoch + 1, 0, None
-    save_last(training, config, state, outputs, rank)  # first: a history.csv listing epoch k means last.pth holds it
-    if rank == 0:
-        write_history(state.history, outputs / "history.csv")
-        plot_history(state.history, outputs / "training_validation_metrics.png",
+    save_last(training, config, state, ctx)  # first: a history.csv listing epoch k means last.pth holds it
+    if ctx.rank == 0:
+        write_history(state.history, ctx.outputs / "history.csv")
+        plot_history(state.history, ctx.outputs / "training_validation_metrics.png",
                      selected_epoch(state.history, config.select))
 
 
-def evaluate_best(args, config, splits, history, outputs, device, workers, amp, started):
+def evaluate_best(args, config, splits, history, ctx, amp, started):
     """predict.evaluate of best.pth on the test split (or validation) into PROJECT/results."""
     evaluated = splits.get("test", splits["validation"])
-    print(f"\nevaluating {outputs / 'best.pth'} on the {evaluated.name} split")
+    print(f"\nevaluating {ctx.outputs / 'best.pth'} on the {evaluated.name} split")
     best_row = next(row for row in history if row["epoch"] == selected_epoch(history, config.select))
-    evaluate(outputs / "best.pth", config.data, Path(args.project) / "results", gallery_size=config.gallery_size,
+    evaluate(ctx.outputs / "best.pth", config.data, Path(args.project) / "results", gallery_size=config.gallery_size,
              score=[config.score, *applicable_scores(config)], k=config.k,
              target_sensitivity=args.target_sensitivity, save_every=args.save_every,
-             batch_size=config.val_batch_size, device=device, workers=workers,
+             batch_size=config.val_batch_size, device=ctx.device, workers=ctx.workers,
              splits={"train": splits["train"], "validation": splits["validation"], "evaluated": evaluated}, amp=amp,
              started=started, summary_rows=[
                  ("best epoch", f"{best_row['epoch']} of {config.epochs} ({config.select} "
                                 f"{best_row[config.select]:.4f})"),
-                 ("training curves", str(outputs / "training_validation_metrics.png"))])
-
+                 ("training curves", str(ctx.outputs / "training_validation_metrics.png"))])
 
 if __name__ == "__main__":
     main()

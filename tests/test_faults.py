@@ -56,6 +56,7 @@ from modules import WeightsError  # noqa: E402
 
 COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CPU_CONTEXT = train.RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
 # The broken files of the module's data set (data_dir); each must be excluded at start-up.
 EXCLUDED = {"zero_bytes.jpg", "truncated.jpg", "not_a_jpeg.jpg", "notes.txt", "huge.jpg", "zero_val.jpg"}
 
@@ -607,9 +608,9 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_best(data_dir, tmp_path,
     real_loss, calls = train.training_loss, []
 
     def nan_in_epoch_2(*args, **kwargs):  # one step per epoch: the second call is epoch 2
-        loss, *rest = real_loss(*args, **kwargs)
+        result = real_loss(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan") if len(calls) == 2 else loss, *rest)
+        return result._replace(loss=result.loss * float("nan")) if len(calls) == 2 else result
 
     monkeypatch.setattr(train, "training_loss", nan_in_epoch_2)
     project = tmp_path / "project"
@@ -724,7 +725,8 @@ def test_divergence_in_the_first_epoch_does_not_claim_a_saved_checkpoint(where, 
     if where == "training_loss":
         real_loss = train.training_loss
         monkeypatch.setattr(train, "training_loss",
-                            lambda *a, **k: (lambda loss, *rest: (loss * float("nan"), *rest))(*real_loss(*a, **k)))
+                            lambda *a, **k: (lambda result: result._replace(loss=result.loss * float("nan")))(
+                                real_loss(*a, **k)))
     else:  # the weights took a finite but exploding step: the validation features overflow
         real_embed = scoring.embed_images
         monkeypatch.setattr(scoring, "embed_images", lambda *a, **k: real_embed(*a, **k) * float("inf"))
@@ -740,7 +742,7 @@ def test_divergence_in_the_first_epoch_does_not_claim_a_saved_checkpoint(where, 
 @pytest.mark.skipif(os.name != "posix", reason="advisory file locks (fcntl) are POSIX")
 def test_second_run_on_a_project_in_use_stops_at_once_naming_the_lock_and_pid(data_dir, tmp_path, no_test_eval):
     project = tmp_path / "project"
-    first = train.lock_project(project, 0, 1, torch.device("cpu"))  # what the first run holds while it runs
+    first = train.lock_project(project, CPU_CONTEXT)  # what the first run holds while it runs
     try:
         status, message = call_main(train.main, tiny(project, data_dir, 1))
     finally:
@@ -753,7 +755,7 @@ def test_second_run_on_a_project_in_use_stops_at_once_naming_the_lock_and_pid(da
 
 @pytest.mark.skipif(os.name != "posix", reason="advisory file locks (fcntl) are POSIX")
 def test_a_finished_run_releases_its_project(run_a):
-    train.lock_project(run_a.project, 0, 1, torch.device("cpu")).close()
+    train.lock_project(run_a.project, CPU_CONTEXT).close()
 
 
 @pytest.fixture

@@ -372,6 +372,7 @@ def test_active_fraction_on_collapsed_embeddings():
 def test_validation_embedding_spread_is_zero_for_collapsed_embeddings(tiny_data_dir):
     train_module = pytest.importorskip("train")
     from dataset import load_split
+    cpu = train_module.RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
 
     torch.manual_seed(0)
     model = EmbeddingNetwork("none", embed_dim=8)
@@ -380,11 +381,11 @@ def test_validation_embedding_spread_is_zero_for_collapsed_embeddings(tiny_data_
         model.projection.bias.fill_(1.0)
     train, validation = load_split(tiny_data_dir, "train"), load_split(tiny_data_dir, "validation")
     config = RunConfig(image_size=SIZE, val_batch_size=8, seed=0, gallery_size=3, score="knn", k=3)
-    row = train_module.validate(model, train, validation, config, torch.device("cpu"), 0, False, 0, 1)
+    row = train_module.validate(model, train, validation, config, cpu, amp=False)
     assert row["embedding_spread"] == pytest.approx(0.0, abs=1e-6)
     # and the same model with a working projection has a clearly non-zero spread
     model.projection.reset_parameters()
-    row = train_module.validate(model, train, validation, config, torch.device("cpu"), 0, False, 0, 1)
+    row = train_module.validate(model, train, validation, config, cpu, amp=False)
     assert row["embedding_spread"] > 1e-3
 
 

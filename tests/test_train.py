@@ -2,6 +2,7 @@
 and the best-checkpoint rule."""
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,7 +209,8 @@ def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
     config = config_of("--weights", "none", "--image-size", "32", "--gallery-size", "4", data=str(tiny_data_dir))
     model = build_model(config).eval()
     train_split, validation = load_split(tiny_data_dir, "train"), load_split(tiny_data_dir, "validation")
-    row = train.validate(model, train_split, validation, config, torch.device("cpu"), 0, False, 0, 1)
+    cpu = train.RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
+    row = train.validate(model, train_split, validation, config, cpu, amp=False)
     embed = scoring.embedder(model, 32, config.val_batch_size, torch.device("cpu"), amp=False)
     gallery, scored = predict.build_gallery(model, train_split, {"validation": validation}, embed, gallery_size=4,
                                             method=config.score, k=config.k, target_sensitivity=None, seed=0)
