@@ -377,14 +377,15 @@ def learning_rate(step, total_steps, config):
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def selection_score(row, select):
-    """Larger is better. val_auc ties (a small validation set reaches 1.0 early) go to the lower loss."""
+def selection_key(row, select):
+    """How --select ranks an epoch (the selection metric, not an image-level --score): larger is
+    better. val_auc ties (a small validation set reaches 1.0 early) go to the lower loss."""
     return [row["val_auc"], -row["val_loss"]] if select == "val_auc" else [-row["val_loss"]]
 
 
 def selected_epoch(history, select):
-    """The epoch best.pth holds: the first with the highest selection score, as the loop keeps it."""
-    return max(history, key=lambda row: selection_score(row, select))["epoch"]
+    """The epoch best.pth holds: the first ranked highest by selection_key, as the loop keeps it."""
+    return max(history, key=lambda row: selection_key(row, select))["epoch"]
 
 
 def write_history(history, path):
@@ -526,7 +527,7 @@ class RunState:
     epoch: int = 0          # complete epochs
     step: int = 0           # steps done of the next epoch (a run stopped inside it)
     partial: list = None    # that epoch's EpochTotals so far, over all ranks, as a list
-    best: list = None       # selection_score of the model in best.pth
+    best: list = None       # selection_key of the model in best.pth
     history: list = field(default_factory=list)
 
 
@@ -862,14 +863,14 @@ def validate_and_save(training, config, epoch, totals, started, state, splits, c
             f"({row['seconds']:.0f}s)")
     if metric and collapse_warning(row):
         ctx.say(collapse_warning(row))
-    score = selection_score(row, config.select)
+    key = selection_key(row, config.select)
     best = ctx.outputs / "best.pth"
-    if state.best is None or score > state.best:
-        state.best = score
+    if state.best is None or key > state.best:
+        state.best = key
         if ctx.rank == 0:
             save_atomic({"model": training.raw_model.state_dict(), "config": config.as_dict(), "epoch": epoch + 1,
-                         "select": config.select, "score": score[0]}, best)
-        ctx.say(f"  best {config.select} so far ({score[0]:.4f}): saved {best}")
+                         "select": config.select, "select_value": row[config.select]}, best)
+        ctx.say(f"  best {config.select} so far ({row[config.select]:.4f}): saved {best}")
     state.epoch, state.step, state.partial = epoch + 1, 0, None
     save_last(training, config, state, ctx)  # first: a history.csv listing epoch k means last.pth holds it
     if ctx.rank == 0:

@@ -109,10 +109,10 @@ def test_collapse_warning_fires_on_constant_embeddings():
 
 def test_selection_prefers_higher_auc_then_lower_loss():
     rows = [{"val_auc": 0.9, "val_loss": 0.3}, {"val_auc": 1.0, "val_loss": 0.5}, {"val_auc": 1.0, "val_loss": 0.2}]
-    scores = [train.selection_score(r, "val_auc") for r in rows]
-    assert max(range(3), key=lambda i: scores[i]) == 2
-    assert max(range(3), key=lambda i: train.selection_score(rows[i], "val_loss")) == 2
-    assert train.selection_score(rows[0], "val_loss") > train.selection_score(rows[1], "val_loss")
+    keys = [train.selection_key(r, "val_auc") for r in rows]
+    assert max(range(3), key=lambda i: keys[i]) == 2
+    assert max(range(3), key=lambda i: train.selection_key(rows[i], "val_loss")) == 2
+    assert train.selection_key(rows[0], "val_loss") > train.selection_key(rows[1], "val_loss")
 
 
 # ---------------------------------------------------------------------------------------------
