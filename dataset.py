@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from cli import ArgumentParser
-from files import write_atomic, write_text_atomic
+from files import remove_stale_temporaries, write_atomic, write_text_atomic
 
 SPLITS = {"train": "train_data", "validation": "validation_data", "test": "test_data"}
 CLASSES = ("0", "1")  # folder names: 0 benign, 1 malignant
@@ -241,6 +241,7 @@ def attach_cache(split, cache_dir, image_size, workers=0):
     split.cache = read_cache(array_path, meta_path, shape)
     if split.cache is None:  # missing, or damaged (a killed copy, a full disk): built again
         cache_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(cache_dir)  # half-built caches of killed runs (gigabytes at full size)
 
         def build(tmp):
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)

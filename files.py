@@ -19,6 +19,29 @@ def write_atomic(path, write):
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(folder):
+    """The temporary files write_atomic left in `folder` when its process was killed (kill -9, the
+    OOM killer, a power cut) are removed; those of a process still running are left to it.
+    Returns the names removed."""
+    removed = []
+    for tmp in sorted(Path(folder).glob(".*.tmp-*")):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process is there
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_text_atomic(path, text):
     write_atomic(path, lambda tmp: tmp.write_text(text))
 

@@ -35,7 +35,7 @@ from cli import ArgumentParser, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
                      batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, attach_cache,
                      write_excluded)
-from files import overlaps, write_atomic
+from files import overlaps, remove_stale_temporaries, write_atomic
 from metrics import auc_or_nan
 from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS,
                      SAMPLERS, SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights,
@@ -710,6 +710,9 @@ def prepare_outputs(to_delete, splits, ctx):
         for name in to_delete:
             (ctx.outputs / name).unlink()
         ctx.outputs.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(ctx.outputs)  # the project's lock says no other run writes here
+        if stale:
+            ctx.say(f"removed {len(stale)} temporary file(s) a killed run left in {ctx.outputs}: {', '.join(stale)}")
     if ctx.world_size > 1:
         dist.barrier()
     excluded = write_excluded(splits.values(), ctx.outputs / "excluded_images.txt") if ctx.rank == 0 else 0

@@ -585,6 +585,17 @@ def test_building_the_cache_leaves_the_global_random_stream_alone(tiny_data_dir,
     assert torch.equal(after_building, untouched) and torch.equal(after_reading, untouched)
 
 
+def test_a_half_built_cache_of_a_killed_run_is_removed_when_the_cache_is_built(tiny_data_dir, tmp_path):
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f".test-37px-0123456789abcdef.tmp-{killed.pid}.u8"
+    stale.write_bytes(b"\x93NUMPY half an array")
+    path = attach_cache(load_split(tiny_data_dir, "test"), cache, 32)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+
+
 @pytest.mark.parametrize("damage", ["truncated", "other count in its metadata", "metadata not json"])
 def test_a_damaged_cache_is_built_again(damage, tiny_data_dir, tmp_path):
     path = attach_cache(load_split(tiny_data_dir, "test"), tmp_path / "cache", 32)

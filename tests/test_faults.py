@@ -485,6 +485,20 @@ def test_a_run_killed_after_epoch_1_resumes_to_the_uninterrupted_run(run_a, data
         assert_same_weights(project / "outputs" / name, run_a.outputs / name)
 
 
+def test_temporary_files_of_a_killed_run_do_not_survive_into_the_next(run_a, data_dir, tmp_path, no_test_eval):
+    project = tmp_path / "project"
+    shutil.copytree(run_a.project, project)
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    stale = project / "outputs" / f".last.tmp-{killed.pid}.pth"  # kill -9 during save_atomic
+    stale.write_bytes(b"PK\x03\x04 half a checkpoint")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert call_main(train.main, tiny(project, data_dir, 3, "--resume")) == (0, "")
+    assert not stale.exists()
+    assert f"removed 1 temporary file(s) a killed run left in {project / 'outputs'}: {stale.name}" in stdout.getvalue()
+
+
 def start_training(project, data, epochs, logs):
     out, err = logs / "stdout.txt", logs / "stderr.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:
