@@ -17,6 +17,7 @@ image, and the script says so. Images are hard-linked (no extra disk space) unle
 
 import argparse
 import csv
+import glob
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from cli import ArgumentParser
+from files import process_exists
 
 SPLITS = ("train_data", "validation_data", "test_data")
 CLASS_NAMES = ("benign", "malignant")  # target 0, target 1; also the folder names "0" and "1"
@@ -530,8 +532,11 @@ def write_split(out, rows, assignment, images, copy, info, csv_path):
     then move it into place, so an interrupted run never leaves a half-written split that looks
     complete. Sets info["files"]; returns the Counter of linked and copied images."""
     tmp = out / f".partial-{os.getpid()}" if out.is_dir() else out.parent / f"{out.name}.partial-{os.getpid()}"
-    for leftover in out.glob(".partial-*") if out.is_dir() else ():  # from a run killed with SIGKILL
-        remove(leftover)
+    leftovers = out.glob(".partial-*") if out.is_dir() else out.parent.glob(f"{glob.escape(out.name)}.partial-*")
+    for leftover in leftovers:  # from a run killed with SIGKILL; not one still running
+        pid = leftover.name.rsplit(".partial-", 1)[1]
+        if not (pid.isdigit() and process_exists(int(pid))):
+            remove(leftover)
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         remove(tmp)

@@ -340,6 +340,23 @@ def test_unreadable_source_image_is_named_not_the_output(tmp_path, monkeypatch):
     assert not (tmp_path / "DATA").exists() and not list(tmp_path.glob("DATA.*"))
 
 
+def test_a_partial_split_of_a_killed_run_is_removed_and_one_still_running_kept(tmp_path):
+    csv_path, images = make_data(tmp_path, simple_rows())
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    dead = tmp_path / f"DATA.partial-{killed.pid}"
+    (dead / "train").mkdir(parents=True)  # kill -9 while the split was being built beside --out
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = tmp_path / f"DATA.partial-{running.pid}"
+    alive.mkdir()
+    try:
+        run_main(csv_path, images, tmp_path / "DATA")
+        assert not dead.exists() and alive.is_dir() and (tmp_path / "DATA" / "split.json").is_file()
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_sigterm_removes_the_unfinished_split_and_restores_the_handler(tmp_path, monkeypatch, capsys):
     csv_path, images = make_data(tmp_path, simple_rows())
     real_place, calls = tsd.place, []
