@@ -13,9 +13,8 @@ SYNTHETIC_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --
 
 # The real-data benchmarks (docs/results.md): same budget and seed for every row, CPU-sized.
 # Make data/ham10000 and data/isic2017 first with to_subdirectories.py (README, "Data").
-# Pretrained (the regime users run): ImageNet EfficientNet-Lite0, 128 px, 2 epochs; the tables were
-# measured with the backbone at a tenth of the learning rate, which --recipe transfer no longer uses.
-PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-size 128 --epochs 2 --batch-size 32 --backbone-lr-scale 0.1 --cache cache --workers 1
+# Pretrained (the regime users run): ImageNet EfficientNet-Lite0, 128 px, 2 epochs.
+PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-size 128 --epochs 2 --batch-size 32 --cache cache --workers 1
 # From random weights (the earlier tables): ResNet18, 96 px.
 SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
