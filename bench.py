@@ -192,13 +192,13 @@ def measure_evaluation(args, device, data):
     reset_peak(device)
     naive_seconds = timed(device, lambda: naive(naive_count), 0, 1) / naive_count
 
-    def stored_gallery():
+    def scored_from_embeddings():
         features = embed_images(model, test, size, args.batch_size, device, workers, amp=amp)
         references_features = embed_images(model, train, size, args.batch_size, device, workers,
                                            references.tolist(), amp)
         with autocast(device, amp):
             similarity_matrix(model, features, references_features).mean().item()
-    stored_seconds = timed(device, stored_gallery, 1, 1) / n
+    stored_seconds = timed(device, scored_from_embeddings, 1, 1) / n
     results["gallery"] = {"naive_images_per_s": 1 / naive_seconds, "stored_images_per_s": 1 / stored_seconds,
                           "gallery_images": len(gallery), **peaks(device)}
 

@@ -241,7 +241,9 @@ def attach_cache(split, cache_dir, image_size, workers=0):
     split.cache = read_cache(array_path, meta_path, shape)
     if split.cache is None:  # missing, or damaged (a killed copy, a full disk): built again
         cache_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(cache_dir)  # half-built caches of killed runs (gigabytes at full size)
+        stale = remove_stale_temporaries(cache_dir)  # half-built caches of killed runs (gigabytes at full size)
+        if stale:
+            print(f"removed {len(stale)} half-built cache file(s) a killed run left in {cache_dir}")
 
         def build(tmp):
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)

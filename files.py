@@ -25,11 +25,17 @@ def remove_stale_temporaries(folder):
     Returns the names removed."""
     removed = []
     for tmp in sorted(Path(folder).glob(".*.tmp-*")):
-        pid = tmp.name.rsplit(".tmp-", 1)[1].split(".")[0]
-        if pid.isdigit() and not process_exists(int(pid)):
+        if left_by_an_ended_process(tmp, ".tmp-"):
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed
+
+
+def left_by_an_ended_process(path, marker):
+    """Whether `path`, named `...<marker><pid>[.suffix]` by the process writing it, belongs to a
+    process that has ended. A name without a pid after the marker is not ours: False."""
+    pid = path.name.rsplit(marker, 1)[1].split(".")[0]
+    return pid.isdigit() and not process_exists(int(pid))
 
 
 def process_exists(pid):

@@ -513,7 +513,7 @@ CONFIG_RULES = {
     "seed": (lambda v: _whole(v) and 0 <= v < 2 ** 32, "an integer from 0 to 2**32 - 1"),
     "partners_per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
     "embed_dim": (lambda v: _whole(v) and v >= 1, "an integer of at least 1"),
-    "margin": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0 or None"),
+    "margin": (lambda v: v is None or (_finite(v) and v > 0), "a finite number > 0 (None: the loss's default)"),
     "miner": (lambda v: v in MINERS, f"one of {', '.join(MINERS)}"),
     "per_class": (lambda v: _whole(v) and v >= 2, "an integer of at least 2"),
     "select": (lambda v: v in SELECTIONS, f"one of {', '.join(SELECTIONS)}"),

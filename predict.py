@@ -166,17 +166,17 @@ def write_scores(split, scores, path):
     write_atomic(path, write)
 
 
-def load_evaluation_splits(data, config, workers, cache=None, stored=False):
+def load_evaluation_splits(data, config, workers, cache=None, from_gallery=False):
     """{train, validation, evaluated}: the split layout's test split is evaluated, or its
     validation split when it has none; a plain labelled folder (DATA/0, DATA/1: another
     clinic's images) is evaluated against the references and threshold of the project's own
-    training data, or, when `stored` (stored_gallery), of its gallery.pt: then that folder is
+    training data, or, when `from_gallery` (stored_gallery), of its gallery.pt: then that folder is
     the only one read ({evaluated})."""
     seed, limits = config.seed, dict(zip(("train", "validation", "test"), config.benign_limit))
     external = is_labelled_folder(data)
     home = config.data if external else data
     splits = {}
-    if not stored:
+    if not from_gallery:
         if external and not has_split(home, "train"):
             raise DataError(f"{home}: the model's training data is not there any more and outputs/gallery.pt "
                             f"cannot stand in for it (the line above says why); restore the data, or evaluate "
@@ -239,7 +239,7 @@ def fresh_results(results):
     existed = results.is_dir()
     try:
         yield prepare_results(results, aside)
-    except KeyboardInterrupt as stopped:  # Interrupted, or Ctrl-C under train.py
+    except KeyboardInterrupt as stopped:  # Interrupted (predict.py, train.py's final evaluation) or Ctrl-C
         stopped.note = put_back(results, aside.get("moved"), existed)
         raise
 
@@ -273,7 +273,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
     stored = None
     if splits is None and is_labelled_folder(data):  # another clinic's images: gallery.pt, where it fits
         stored = stored_gallery(checkpoint, feature_width(model, config, device), gallery_size, tta)
-    splits = splits or load_evaluation_splits(data, config, workers, cache, stored is not None)
+    splits = splits or load_evaluation_splits(data, config, workers, cache, from_gallery=stored is not None)
     train, validation, test = splits.get("train"), splits.get("validation"), splits["evaluated"]
     read = list({id(split): split for split in splits.values()}.values())  # test may be validation
     prefix = "test" if test.name == "test" else "val" if test is validation else "external"

@@ -31,7 +31,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from cli import ArgumentParser
-from files import process_exists
+from files import left_by_an_ended_process
 
 SPLITS = ("train_data", "validation_data", "test_data")
 CLASS_NAMES = ("benign", "malignant")  # target 0, target 1; also the folder names "0" and "1"
@@ -534,8 +534,7 @@ def write_split(out, rows, assignment, images, copy, info, csv_path):
     tmp = out / f".partial-{os.getpid()}" if out.is_dir() else out.parent / f"{out.name}.partial-{os.getpid()}"
     leftovers = out.glob(".partial-*") if out.is_dir() else out.parent.glob(f"{glob.escape(out.name)}.partial-*")
     for leftover in leftovers:  # from a run killed with SIGKILL; not one still running
-        pid = leftover.name.rsplit(".partial-", 1)[1]
-        if not (pid.isdigit() and process_exists(int(pid))):
+        if left_by_an_ended_process(leftover, ".partial-"):
             remove(leftover)
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:

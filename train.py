@@ -216,7 +216,7 @@ def check_args(args):
         raise ValueError(f"--workers {args.workers}: must be 0 or more")
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
-    if len(args.benign_limit) not in (1, 3):
+    if len(args.benign_limit) not in (1, 3) or min(args.benign_limit) < 0:
         raise ValueError("--benign-limit takes one value or three (train validation test), each 0 or more")
     if args.aux_weight > 0 and (not LOSSES[args.loss].siamese_head or args.pairing != "embed-once"):
         raise ValueError("--aux-weight trains a classifier on the Siamese features: it needs --loss bce "
