@@ -101,12 +101,11 @@ def build_gallery(model, train, splits, embed, *, gallery_size, method, k, targe
         splits = {**splits, "validation": (stored["validation_features"].to(device),
                                            stored["validation_labels"].numpy())}
     references, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed, references)
-    validation = splits["validation"]
-    val_labels = validation[1] if isinstance(validation, tuple) else validation.labels
-    threshold = choose_threshold(val_labels, scored["validation"].scores, target_sensitivity)
+    validation = scored["validation"]
+    threshold = choose_threshold(validation.labels, validation.scores, target_sensitivity)
     gallery = {**references, "gallery_size": gallery_size, "score": method, "k": k,
                "target_sensitivity": target_sensitivity, "tta": tta, "threshold": threshold,
-               "validation_features": scored["validation"].features, "validation_labels": torch.as_tensor(val_labels)}
+               "validation_features": validation.features, "validation_labels": torch.as_tensor(validation.labels)}
     return gallery, scored
 
 
@@ -283,7 +282,6 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                                         gallery_size=gallery_size, method=method, k=k,
                                         target_sensitivity=target_sensitivity, seed=seed, tta=tta, stored=stored)
         val, evaluated = scored["validation"], scored["evaluated"]
-        val_labels = gallery["validation_labels"].numpy()
         image = image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed)
 
         metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
@@ -291,11 +289,11 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                    "evaluated_split": prefix, "data": str(data), "tta": tta,
                    f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                    "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
-                   "val_auc": auc_or_nan(val_labels, val.scores),
+                   "val_auc": auc_or_nan(val.labels, val.scores),
                    "n_excluded_images": sum(len(split.excluded) for split in read)}
         metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
         metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
-        labels = {"validation": val_labels, "evaluated": test.labels}
+        labels = {"validation": val.labels, "evaluated": test.labels}
         others = {  # the same embeddings scored other ways, each thresholded on validation
             name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed)
             for name in dict.fromkeys(methods[1:]) if name != method}
@@ -304,7 +302,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                      results / "scores.csv")
         write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
-        curves = {"validation": (val_labels, val.scores)}
+        curves = {"validation": (val.labels, val.scores)}
         if test is not validation:
             curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
         save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)

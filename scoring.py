@@ -195,9 +195,10 @@ def choose_gallery(labels, per_class, seed):
 
 @dataclass
 class ScoredSplit:
-    """One split embedded and scored against the references: its features, P(malignant) per
-    image, and the design's fixed pairs (make_pairs) with their metrics."""
+    """One split embedded and scored against the references: its features and labels,
+    P(malignant) per image, and the design's fixed pairs (make_pairs) with their metrics."""
     features: torch.Tensor
+    labels: np.ndarray
     scores: np.ndarray
     pair_summary: dict
     pairs: tuple  # (partner per image, target per pair, similarity per pair)
@@ -211,7 +212,8 @@ def score_split(model, features, labels, references, reference_labels, method, k
     partners, targets = make_pairs(labels, seed)
     similarity = model.pair_similarity(features, features[torch.as_tensor(partners, device=features.device)])
     similarity = similarity.float().cpu().numpy()
-    return ScoredSplit(features, scores.cpu().numpy(), pair_metrics(similarity, targets), (partners, targets, similarity))
+    return ScoredSplit(features, np.asarray(labels), scores.cpu().numpy(), pair_metrics(similarity, targets),
+                       (partners, targets, similarity))
 
 
 @torch.no_grad()
