@@ -4,12 +4,12 @@
     python app.py --checkpoint runs/exp1/outputs/best.pth --port 8000
 
 One image in: P(malignant), the verdict at the model's saved threshold, the Grad-CAM heat map and
-the five nearest training references with their class and similarity. Two images in: their
+its five nearest gallery images with their class and similarity. Two images in: their
 similarity and whether the model puts them in the same class. The numbers come from predict.py's
 own functions (load_predictor, predict_files, compare_pair), so the page shows what
 `predict.py --image` and `--pair` print.
 
-The model and the references are loaded once, at start. Uploads and the images the page shows
+The model and its gallery are loaded once, at start. Uploads and the images the page shows
 live in a temporary folder that is removed when the page stops; nothing is written into the
 project. Gradio's analytics, version check and run history are off, so the page works offline.
 Needs gradio: pip install -r requirements-app.txt (or make app).
@@ -32,7 +32,7 @@ from PIL import Image
 from cli import ArgumentParser
 from dataset import CLASS_NAMES, DataError, check_image
 from modules import WeightsError
-from plots import heat_overlay, reference_thumbnail
+from plots import gallery_thumbnail, heat_overlay
 from predict import compare_pair, load_predictor, predict_files
 
 MIN_SIDE = 32  # the smallest --image-size train.py takes: a smaller upload is an icon, not a lesion photo
@@ -83,7 +83,7 @@ def refusal(path, reason):
 
 
 class LesionChecker:
-    """The loaded model, references and threshold, and the page's two requests. Requests take
+    """The loaded model, gallery and threshold, and the page's two requests. Requests take
     turns (one lock): Grad-CAM hooks into the model, so two at once would mix."""
 
     def __init__(self, checkpoint, data=None, device="auto"):
@@ -96,7 +96,7 @@ class LesionChecker:
         rule = threshold_rule(self.gallery)
         threshold = f"threshold **{self.gallery['threshold']:.4f}**" + (f", chosen by {rule}" if rule else "")
         return (f"Model `{self.checkpoint}` ({self.config.loss}, {self.config.image_size} px), "
-                f"{len(self.gallery['labels'])} training references, {threshold}. {NOT_A_DIAGNOSIS}")
+                f"a gallery of {len(self.gallery['labels'])} training images, {threshold}. {NOT_A_DIAGNOSIS}")
 
     def check_one(self, path):
         """(result text, image as the network sees it, Grad-CAM overlay, [(thumbnail, caption)])
@@ -116,7 +116,7 @@ class LesionChecker:
         image = (prediction.image * 255).round().astype(np.uint8)
         overlay = heat_overlay(prediction.image, prediction.heat)
         return (text, enlarged(image), enlarged(overlay),
-                [reference_card(*reference) for reference in prediction.references])
+                [gallery_card(*nearest) for nearest in prediction.nearest])
 
     def check_pair(self, first, second):
         """The result text for two uploaded files: their similarity and the model's verdict."""
@@ -149,14 +149,14 @@ def enlarged(image):
     return image.repeat(factor, 0).repeat(factor, 1)
 
 
-def reference_card(path, label, similarity):
-    """A nearest reference as the page's gallery shows it: its image (grey where the file has
+def gallery_card(path, label, similarity):
+    """A nearest gallery image as the page shows it: its image (grey where the file has
     moved since training) and a caption with its class and similarity."""
     name = Path(path).name if path else "(path not stored)"
     thumbnail = np.full((96, 96, 3), 200, np.uint8)
     if path and Path(path).is_file():
         with contextlib.suppress(DataError):  # a damaged file: grey too
-            thumbnail = reference_thumbnail(path)
+            thumbnail = gallery_thumbnail(path)
     return thumbnail, f"{CLASS_NAMES[label]} {similarity:.3f} · {name}"
 
 
@@ -185,12 +185,11 @@ def build_page(gr, checker):
                                 height=256, elem_id="seen")
                 overlay = gr.Image(label="Grad-CAM: where the score came from (red = most)", type="numpy",
                                    interactive=False, height=256, elem_id="heat")
-            references = gr.Gallery(label="nearest training references: class and similarity", columns=5,
-                                    height=240,
-                                    object_fit="contain", elem_id="references")
-            upload.upload(checker.check_one, upload, [result, seen, overlay, references])
+            nearest = gr.Gallery(label="nearest gallery images: class and similarity", columns=5, height=240,
+                                 object_fit="contain", elem_id="nearest")
+            upload.upload(checker.check_one, upload, [result, seen, overlay, nearest])
             upload.clear(lambda: ("Upload a dermoscopic image.", None, None, []), None,
-                         [result, seen, overlay, references])
+                         [result, seen, overlay, nearest])
         with gr.Tab("Two lesions"):
             with gr.Row():
                 first = gr.File(label="first image", type="filepath", elem_id="first")
@@ -217,9 +216,9 @@ def parse_args(argv=None):
     parser = ArgumentParser("app.py", description=__doc__)
     parser.add_argument("--project", help="project folder written by train.py (serves PROJECT/outputs/best.pth)")
     parser.add_argument("--checkpoint", help="checkpoint to serve (default PROJECT/outputs/best.pth); its "
-                                             "gallery.pt beside it holds the references and the threshold")
-    parser.add_argument("--data", help="split folder to rebuild the references and threshold from when "
-                                       "gallery.pt is missing or made for another checkpoint (as predict.py --data)")
+                                             "gallery.pt beside it holds the gallery and the threshold")
+    parser.add_argument("--data", help="split folder to rebuild the gallery and threshold from when "
+                                       "gallery.pt is missing or unusable (as predict.py --data)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
@@ -246,7 +245,7 @@ def main(argv=None):
             raise ValueError("gradio is not installed; pip install -r requirements-app.txt (or make app)") from None
         started = time.time()
         checker = LesionChecker(checkpoint, args.data, args.device)
-        print(f"loaded {checkpoint} and {len(checker.gallery['labels'])} references in {time.time() - started:.1f} s")
+        print(f"loaded {checkpoint} and a gallery of {len(checker.gallery['labels'])} images in {time.time() - started:.1f} s")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl+C: temp files go
         build_page(gr, checker).launch(server_name=args.host, server_port=args.port, share=False,
                                        run_history=False, footer_links=[], max_file_size="100mb")

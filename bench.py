@@ -12,10 +12,10 @@ Modes (the training step is train.py's own, embed-once BCE unless said otherwise
     embed_once    training pairs/s of embed-once pairing (random tensors)
     eval_pairs    test pairs/s: per-pair loop (batch of one pair, two backbone passes, the study)
                   vs embed every image once and score the pairs from stored embeddings
-    gallery       test images/s scored against the gallery: each image with each reference by two
+    gallery       test images/s scored against the gallery: each image with each gallery image by two
                   backbone passes vs from stored embeddings
     external      another clinic's images/s evaluated (predict.build_gallery; the test split stands in):
-                  references and validation embedded again from the training data vs from the stored
+                  the gallery and validation embedded again from the training data vs from the stored
                   gallery (gallery.pt), which embeds only the clinic's images
 """
 import dataclasses
@@ -34,7 +34,7 @@ from dataset import DataError, eval_transform, load_split, make_synthetic, attac
 from modules import BACKBONES, LOSSES, SiameseNetwork, build_model
 from predict import build_gallery
 from scoring import autocast, embed_images, embedder, pick_device, similarity_matrix, to_device
-from train import make_config, make_train_loader, parse_args as train_args, training_loss
+from train import RunContext, make_config, make_train_loader, parse_args as train_args, training_loss
 
 
 def peak_rss_mb():
@@ -121,7 +121,7 @@ def measure_training(args, device, data):
         train = load_split(data, "train", 0, 0, args.workers or 1)
         if mode == "cached_e2e":
             attach_cache(train, Path(args.tmp) / "cache", args.image_size, args.workers)
-        sampler, loader = make_train_loader(train, config, 0, 1, args.workers, device)
+        sampler, loader = make_train_loader(train, config, RunContext(0, 1, device, Path(args.tmp), args.workers))
         batches, n_images = iter_forever(sampler, loader), []
 
         def step():
@@ -161,7 +161,7 @@ def measure_evaluation(args, device, data):
     workers = 0  # predict.py's default: evaluation decodes each image once, no worker start-up to pay
     test = load_split(data, "test", 0, 0)
     train = load_split(data, "train", 0, 0)
-    n, references = len(test), torch.arange(min(len(train), 2 * args.gallery_size))
+    n, gallery_indices = len(test), torch.arange(min(len(train), 2 * args.gallery_size))
 
     # test pairs: the study's loop, one pair per batch and two backbone passes
     def per_pair_loop(count):
@@ -180,8 +180,8 @@ def measure_evaluation(args, device, data):
     stored_seconds = timed(device, stored_pairs, 1, 1) / n
     results["eval_pairs"] = {"loop_pairs_per_s": 1 / loop_seconds, "stored_pairs_per_s": 1 / stored_seconds, **peaks(device)}
 
-    # gallery scoring: every test image against every reference
-    gallery = to_device(test_batch(train, references.tolist(), size), device)
+    # gallery scoring: every test image against every gallery image
+    gallery = to_device(test_batch(train, gallery_indices.tolist(), size), device)
 
     def naive(count):
         for i in range(count):
@@ -194,15 +194,15 @@ def measure_evaluation(args, device, data):
 
     def scored_from_embeddings():
         features = embed_images(model, test, size, args.batch_size, device, workers, amp=amp)
-        references_features = embed_images(model, train, size, args.batch_size, device, workers,
-                                           references.tolist(), amp)
+        gallery_features = embed_images(model, train, size, args.batch_size, device, workers,
+                                        gallery_indices.tolist(), amp)
         with autocast(device, amp):
-            similarity_matrix(model, features, references_features).mean().item()
+            similarity_matrix(model, features, gallery_features).mean().item()
     stored_seconds = timed(device, scored_from_embeddings, 1, 1) / n
     results["gallery"] = {"naive_images_per_s": 1 / naive_seconds, "stored_images_per_s": 1 / stored_seconds,
                           "gallery_images": len(gallery), **peaks(device)}
 
-    # another clinic's folder: references and validation rebuilt from the training data vs gallery.pt's
+    # another clinic's folder: gallery and validation rebuilt from the training data vs gallery.pt's
     validation = load_split(data, "validation", 0, 0)
     embed = embedder(model, size, args.batch_size, device, workers, amp)
     settings = dict(gallery_size=args.gallery_size, method="gallery", k=10, target_sensitivity=None, seed=0)
@@ -236,7 +236,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per mode (default 8, quick 4)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.py's rule)")
-    parser.add_argument("--gallery-size", type=int, default=64, help="references per class (default 64)")
+    parser.add_argument("--gallery-size", type=int, default=64, help="gallery images per class (default 64)")
     parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA")
     parser.add_argument("--quick", action="store_true", help="fewer steps and images: under 2 minutes on 2 CPU cores")
     args = parser.parse_args(argv)

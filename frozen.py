@@ -1,4 +1,4 @@
-"""Reference rows with no fine-tuning: a backbone's frozen ImageNet features, scored by
+"""Baseline rows with no fine-tuning: a backbone's frozen ImageNet features, scored by
 scikit-learn's logistic regression and by k-NN, both fitted on the training split with their one
 setting (C, k) chosen on validation. A fine-tuned model has to beat these to be worth its time.
 
@@ -37,7 +37,7 @@ def knn(k):
     return KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
 
 
-REFERENCES = {"logistic regression": (logistic_regression, "C", LOGISTIC_C), "k-NN": (knn, "k", KNN_K)}
+BASELINES = {"logistic regression": (logistic_regression, "C", LOGISTIC_C), "k-NN": (knn, "k", KNN_K)}
 
 
 def fit_on_validation(make, settings, train, validation):
@@ -90,7 +90,7 @@ def main(argv=None):
     results = {"data": str(Path(args.data).resolve()), "backbone": args.backbone, "features": args.features,
                "weights": args.weights, "image_size": args.image_size, "benign_limit": args.benign_limit, "rows": {}}
     print(f"\nfrozen {args.backbone} ({args.weights} weights, {args.features} features, {args.image_size} px)")
-    for reference, (make, setting, values) in REFERENCES.items():
+    for baseline, (make, setting, values) in BASELINES.items():
         fitted, chosen = fit_on_validation(make, values, features["train"], features["validation"])
         row = {setting: chosen}
         for name in names[1:]:
@@ -98,10 +98,10 @@ def main(argv=None):
             scores = fitted.predict_proba(x)[:, 1]
             low, high = bootstrap_auc(y, scores)
             row[name] = {"auc": auc_or_nan(y, scores), "auc_ci_low": low, "auc_ci_high": high}
-        results["rows"][reference] = row
+        results["rows"][baseline] = row
         shown = "  ".join(f"{name} AUC {row[name]['auc']:.3f} ({row[name]['auc_ci_low']:.3f}-"
                           f"{row[name]['auc_ci_high']:.3f})" for name in names[1:])
-        print(f"  {reference:<20} {setting} = {chosen:<6} {shown}")
+        print(f"  {baseline:<20} {setting} = {chosen:<6} {shown}")
     if args.out:
         write_text_atomic(args.out, json.dumps(results, indent=2) + "\n")
         print(f"results: {args.out}")

@@ -158,22 +158,23 @@ class SiameseNetwork(nn.Module):
     def pair_similarity(self, f1, f2):
         return torch.sigmoid(self.pair_logits(f1, f2))
 
-    def similarity_matrix(self, features, references):
-        """(N, M) pair_similarity of every row with every reference, without building the N * M
+    def similarity_matrix(self, features, gallery_features):
+        """(N, M) pair_similarity of every row with every gallery row, without building the N * M
         concatenated inputs: Linear(concat(f1, f2, f1 * f2)) = W1 f1 + W2 f2 + (W3 * f1) f2."""
         linear, norm, activation, _, output = self.head  # AlphaDropout is the identity in eval mode
         w1, w2, w3 = linear.weight.split(features.shape[1], dim=1)
-        own, other = features @ w1.T + linear.bias, references @ w2.T  # (N, 64), (M, 64)
-        product = torch.einsum("nd,jd,md->nmj", features, w3, references)  # (N, M, 64)
+        own, other = features @ w1.T + linear.bias, gallery_features @ w2.T  # (N, 64), (M, 64)
+        product = torch.einsum("nd,jd,md->nmj", features, w3, gallery_features)  # (N, M, 64)
         hidden = activation(norm((own[:, None] + other[None] + product).flatten(0, 1)))
-        return torch.sigmoid(output(hidden)).view(len(features), len(references))
+        return torch.sigmoid(output(hidden)).view(len(features), len(gallery_features))
 
     def malignant_probability(self, features):
         return torch.sigmoid(self.classifier(features).squeeze(1))
 
-    def image_logit(self, features, malignant_reference):
-        """The image-level score Grad-CAM explains: the head's similarity logit to a malignant reference."""
-        return self.pair_logits(features, malignant_reference.expand(len(features), -1))
+    def image_logit(self, features, malignant_mean):
+        """The image-level score Grad-CAM explains: the head's similarity logit to the mean malignant
+        gallery embedding."""
+        return self.pair_logits(features, malignant_mean.expand(len(features), -1))
 
     def forward(self, images, partner_images=None, pairs=None, with_class_logits=False):
         """Similarity logits. Two-pass (the study): forward(x1, x2). Embed-once: forward(x,
@@ -205,9 +206,9 @@ class EmbeddingNetwork(nn.Module):
     def pair_similarity(self, e1, e2):
         return (1 + (e1 * e2).sum(1)) / 2  # cosine similarity mapped to [0, 1]
 
-    def image_logit(self, features, malignant_reference):
-        """The image-level score Grad-CAM explains: cosine similarity to a malignant reference."""
-        return features @ F.normalize(malignant_reference, dim=0)
+    def image_logit(self, features, malignant_mean):
+        """The image-level score Grad-CAM explains: cosine similarity to the mean malignant gallery embedding."""
+        return features @ F.normalize(malignant_mean, dim=0)
 
     def forward(self, images):
         return self.embed(images)
@@ -232,7 +233,7 @@ class ImageClassifier(nn.Module):
         p1, p2 = self.malignant_probability(f1), self.malignant_probability(f2)
         return p1 * p2 + (1 - p1) * (1 - p2)  # P(same class) if the two predictions are independent
 
-    def image_logit(self, features, malignant_reference=None):
+    def image_logit(self, features, malignant_mean=None):
         """The image-level score Grad-CAM explains: the classifier's logit."""
         return self.classifier(features).squeeze(1)
 

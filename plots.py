@@ -167,15 +167,15 @@ def heat_overlay(image, heat):
     return show_cam_on_image(image.astype(np.float32), heat, use_rgb=True)
 
 
-def reference_thumbnail(path, side=96):
-    """A training reference's image as a (side, side, 3) uint8 array, for the figure and app.py."""
+def gallery_thumbnail(path, side=96):
+    """A gallery image's file as a (side, side, 3) uint8 array, for the figure and app.py."""
     return v2.functional.resize(read_rgb(path), [side, side], antialias=True).permute(1, 2, 0).numpy()
 
 
-def plot_prediction(image, heat, title, references, path):
+def plot_prediction(image, heat, title, nearest, path):
     """One figure a reader can check: the image as the network saw it, the Grad-CAM heat map over
-    it, and the nearest training references (path, class, similarity) with their images."""
-    fig = plt.figure(figsize=(max(8.0, 2.0 * len(references)), 7.5), layout="constrained")
+    it, and its nearest gallery images (path, class, similarity) with their pictures."""
+    fig = plt.figure(figsize=(max(8.0, 2.0 * len(nearest)), 7.5), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.6, 1])
     left, right = top.subplots(1, 2)
     left.imshow(image)
@@ -185,15 +185,15 @@ def plot_prediction(image, heat, title, references, path):
     for ax in (left, right):
         ax.axis("off")
     top.suptitle(title)
-    for ax, (reference, label, similarity) in zip(bottom.subplots(1, max(1, len(references)), squeeze=False)[0],
-                                                 references):
-        name = Path(reference).name if reference else "(path not stored)"
-        if reference and Path(reference).is_file():
-            ax.imshow(reference_thumbnail(reference))
+    for ax, (gallery_path, label, similarity) in zip(bottom.subplots(1, max(1, len(nearest)), squeeze=False)[0],
+                                                    nearest):
+        name = Path(gallery_path).name if gallery_path else "(path not stored)"
+        if gallery_path and Path(gallery_path).is_file():
+            ax.imshow(gallery_thumbnail(gallery_path))
         else:  # moved or deleted since training, or a gallery saved without paths: the name only
             ax.text(0.5, 0.5, name, ha="center", va="center", fontsize=7, wrap=True)
         ax.set_title(f"{name}\n{CLASS_NAMES[label]}, similarity {similarity:.3f}", fontsize=7,
                      color="tab:red" if label == 1 else "tab:blue")
         ax.axis("off")
-    bottom.suptitle("nearest training references", fontsize=10)
+    bottom.suptitle("nearest gallery images", fontsize=10)
     save_figure(fig, path, dpi=100)

@@ -7,19 +7,19 @@
 
 --image prints P(malignant) and the verdict at the threshold chosen on validation, and writes one
 figure per image to --out (default PROJECT/predictions/): the image, a Grad-CAM heat map of what
-drove its score, and the nearest training references with their classes and similarities.
+drove its score, and its nearest gallery images with their classes and similarities.
 
 Every image is embedded once; pairs and gallery comparisons are scored from the stored
 embeddings by the model's head. P(malignant) of an image (--score):
-    gallery    (mean similarity to the malignant references + mean dissimilarity to the benign
-                references) / 2, similarities through the trained head, or the embedding's (1 + cos) / 2
+    gallery    (mean similarity to the malignant gallery images + mean dissimilarity to the benign
+                ones) / 2, similarities through the trained head, or the embedding's (1 + cos) / 2
                 (the default of bce, contrastive and triplet)
-    head-knn   the k references most similar through the trained head, weighted by similarity:
+    head-knn   the k gallery images most similar through the trained head, weighted by similarity:
                 sum(s_i * y_i) / sum(s_i)
-    knn        fraction of malignant among the k nearest references by cosine similarity
+    knn        fraction of malignant among the k nearest gallery images by cosine similarity
     prototype  d_benign / (d_benign + d_malignant), distances to the two class centroids
     direct     the classifier's own output (--loss ce, or bce with --aux-weight)
-The references are a seeded, class-balanced sample of the training split (--gallery-size per
+The gallery is a seeded, class-balanced sample of the training split (--gallery-size per
 class; 0 = every training image). --tta averages each image's features over its four flips.
 """
 import argparse
@@ -74,7 +74,7 @@ def writes_gallery(checkpoint, data, results, config):
     results folder. Evaluation on other data, or into --out, never writes to the project."""
     checkpoint = Path(checkpoint).resolve()
     same_data = bool(config.data) and Path(data).resolve() == Path(config.data).resolve()
-    # best.pth only: evaluating last.pth must not replace the references best.pth predicts with
+    # best.pth only: evaluating last.pth must not replace the gallery best.pth predicts with
     own_results = Path(results).resolve() == checkpoint.parent.parent / "results"
     return checkpoint.name == "best.pth" and own_results and same_data
 
@@ -88,22 +88,22 @@ def check_finite(features, checkpoint):
 
 def build_gallery(model, train, splits, embed, *, gallery_size, method, k, target_sensitivity, seed, tta=False,
                   stored=None):
-    """References from the training split and the threshold chosen on splits["validation"]
-    (embed_and_score; `splits` may hold more splits to score with the same references). A
-    `stored` gallery (stored_gallery) gives the references and the validation features instead,
-    scored and thresholded the same way, so only the other splits are embedded; the gallery keeps
-    the validation features and labels for that. Returns (gallery, {name: ScoredSplit})."""
-    references = None
+    """A gallery from the training split and the threshold chosen on splits["validation"]
+    (embed_and_score; `splits` may hold more splits to score with the same gallery). A `stored`
+    gallery (stored_gallery) gives the gallery and the validation features instead, scored and
+    thresholded the same way, so only the other splits are embedded; the gallery keeps the
+    validation features and labels for that. Returns (gallery, {name: ScoredSplit})."""
+    embedded = None
     if stored is not None:
         device = next(model.parameters()).device
-        references = {"features": stored["features"].to(device), "labels": stored["labels"].to(device),
-                      "paths": stored.get("paths")}
+        embedded = {"features": stored["features"].to(device), "labels": stored["labels"].to(device),
+                    "paths": stored.get("paths")}
         splits = {**splits, "validation": (stored["validation_features"].to(device),
                                            stored["validation_labels"].numpy())}
-    references, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed, references)
+    embedded, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed, embedded)
     validation = scored["validation"]
     threshold = choose_threshold(validation.labels, validation.scores, target_sensitivity)
-    gallery = {**references, "gallery_size": gallery_size, "score": method, "k": k,
+    gallery = {**embedded, "gallery_size": gallery_size, "score": method, "k": k,
                "target_sensitivity": target_sensitivity, "tta": tta, "threshold": threshold,
                "validation_features": validation.features, "validation_labels": torch.as_tensor(validation.labels)}
     return gallery, scored
@@ -115,17 +115,16 @@ def stored_gallery(checkpoint, width, gallery_size, tta):
     --gallery-size and --tta; the score, k and threshold are computed again from its validation
     features). Otherwise None, and one line says that the training data is read instead, and why."""
     path = Path(checkpoint).with_name("gallery.pt")
-    gallery = load_gallery(path, checkpoint)
-    problem = ("missing, unreadable or made for another checkpoint" if gallery is None
-               else gallery_problem(gallery, width, evaluation=True))
+    gallery, problem = load_gallery(path, checkpoint)
+    problem = problem or gallery_problem(gallery, width, evaluation=True)
     flag = {True: "--tta", False: "--no-tta"}
     if not problem and (gallery["gallery_size"], gallery["tta"]) != (gallery_size, tta):
         problem = (f"made with --gallery-size {gallery['gallery_size']} {flag[gallery['tta']]}, this evaluation "
                    f"asks for --gallery-size {gallery_size} {flag[tta]}")
     if problem:
-        print(f"{path}: {problem}; rebuilding the references and threshold from the training data")
+        print(f"{path}: {problem}; rebuilding the gallery and threshold from the training data")
         return None
-    print(f"references and validation features from {path}; the training and validation images are not read")
+    print(f"gallery and validation features from {path}; the training and validation images are not read")
     return gallery
 
 
@@ -168,7 +167,7 @@ def write_scores(split, scores, path):
 def load_evaluation_splits(data, config, workers, cache=None, from_gallery=False):
     """{train, validation, evaluated}: the split layout's test split is evaluated, or its
     validation split when it has none; a plain labelled folder (DATA/0, DATA/1: another
-    clinic's images) is evaluated against the references and threshold of the project's own
+    clinic's images) is evaluated against the gallery and threshold of the project's own
     training data, or, when `from_gallery` (stored_gallery), of its gallery.pt: then that folder is
     the only one read ({evaluated})."""
     seed, limits = config.seed, dict(zip(("train", "validation", "test"), config.benign_limit))
@@ -379,22 +378,17 @@ def print_summary(metrics, results, device, seconds, rows=()):
 # Single images and pairs
 
 
-def reference_gallery(model, config, checkpoint, data, device, width):
-    """The gallery saved next to the checkpoint, or, when it is missing or stale, one rebuilt in
-    memory from --data with the default settings. `width`: the model's feature width."""
+def prediction_gallery(model, config, checkpoint, data, device, width):
+    """The gallery saved next to the checkpoint, or, when it is missing or unusable, one rebuilt in
+    memory from --data with the run's settings. `width`: the model's feature width."""
     gallery_path = Path(checkpoint).with_name("gallery.pt")
-    gallery = load_gallery(gallery_path, checkpoint)
-    problem = gallery_problem(gallery, width) if gallery is not None else None
+    gallery, problem = load_gallery(gallery_path, checkpoint)
+    problem = problem or gallery_problem(gallery, width)
     if problem:
         if data is None:
             raise DataError(f"{gallery_path}: {problem}; pass --data DATA to rebuild it from the training and "
                             f"validation splits (or evaluate the project again)")
-        print(f"ignoring {gallery_path}: {problem}; rebuilding it from --data {data}")
-        gallery = None
-    if gallery is None:
-        if data is None:
-            raise DataError(f"{gallery_path}: missing or made for another checkpoint; pass --data DATA to "
-                            f"rebuild it from the training and validation splits")
+        print(f"{gallery_path}: {problem}; rebuilding the gallery from --data {data}")
         seed = config.seed
         train, validation = (load_split(data, name, limit, seed) for name, limit in
                              zip(("train", "validation"), config.benign_limit))
@@ -408,7 +402,7 @@ def reference_gallery(model, config, checkpoint, data, device, width):
 def grad_cam(model, image, malignant_mean):
     """Grad-CAM heat map (H, W) in [0, 1] on the backbone's last stage (modules.last_stage) for the
     model's image-level score (its image_logit: the head's similarity to the mean malignant
-    reference, the classifier's logit, or the cosine similarity to the mean malignant embedding)."""
+    gallery embedding, the classifier's logit, or the cosine similarity to the mean malignant embedding)."""
 
     class ImageScore(torch.nn.Module):
         def __init__(self):
@@ -437,7 +431,7 @@ class Prediction:
     verdict: str                   # malignant or benign, at the gallery's threshold
     image: np.ndarray | None = None  # (H, W, 3) in [0, 1], the image as the network sees it
     heat: np.ndarray | None = None   # Grad-CAM heat map (H, W) in [0, 1]
-    references: list = field(default_factory=list)  # nearest first: (path or None, class, similarity)
+    nearest: list = field(default_factory=list)  # nearest gallery images first: (path or None, class, similarity)
 
 
 @torch.no_grad()
@@ -453,38 +447,38 @@ def load_predictor(checkpoint, data=None, device="auto"):
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    gallery = reference_gallery(model, config, checkpoint, data, device, feature_width(model, config, device))
+    gallery = prediction_gallery(model, config, checkpoint, data, device, feature_width(model, config, device))
     return model, config, gallery, device
 
 
 @torch.no_grad()
-def predict_files(model, config, gallery, images, device, checkpoint, n_references=5, explain=True):
+def predict_files(model, config, gallery, images, device, checkpoint, n_nearest=5, explain=True):
     """A Prediction per image file (already passed check_image) against the loaded gallery; with
-    `explain` also its Grad-CAM heat map and nearest references. The one implementation behind
+    `explain` also its Grad-CAM heat map and nearest gallery images. The one implementation behind
     predict_images (--image) and app.py."""
     batch = to_device(torch.stack([eval_transform(config.image_size)(read_rgb(path)) for path in images]), device)
     features = model.embed(batch).float()
-    if gallery.get("tta"):  # embedded as the references were: the mean over the four flips
+    if gallery.get("tta"):  # embedded as the gallery was: the mean over the four flips
         features = torch.stack([features] + [model.embed(view).float() for view in flip_views(batch)[1:]]).mean(0)
     check_finite(features, checkpoint)
-    references, labels = gallery["features"].to(device), gallery["labels"].to(device)
+    gallery_features, labels = gallery["features"].to(device), gallery["labels"].to(device)
     threshold = gallery["threshold"]
-    scores = score_images(model, features, references, labels, gallery["score"], gallery["k"]).tolist()
+    scores = score_images(model, features, gallery_features, labels, gallery["score"], gallery["k"]).tolist()
     predictions = [Prediction(p, "malignant" if p >= threshold else "benign") for p in scores]
     if not explain:
         return predictions
-    # Nearest references by the model's own pair similarity; the classifier has none, so cosine there.
+    # Nearest gallery images by the model's own pair similarity; the classifier has none, so cosine there.
     if LOSSES[config.loss].classifier:
-        similarity = F.normalize(features, dim=1) @ F.normalize(references.float(), dim=1).T
+        similarity = F.normalize(features, dim=1) @ F.normalize(gallery_features.float(), dim=1).T
     else:
-        similarity = similarity_matrix(model, features, references)
-    nearest = similarity.topk(min(n_references, len(references)), dim=1)
-    malignant_mean = references[labels == 1].float().mean(0)
-    paths = gallery.get("paths") or [None] * len(references)
+        similarity = similarity_matrix(model, features, gallery_features)
+    nearest = similarity.topk(min(n_nearest, len(gallery_features)), dim=1)
+    malignant_mean = gallery_features[labels == 1].float().mean(0)
+    paths = gallery.get("paths") or [None] * len(gallery_features)
     for i, prediction in enumerate(predictions):
         prediction.image = denormalize(batch[i])
         prediction.heat = grad_cam(model, batch[i], malignant_mean)
-        prediction.references = [(paths[j], int(labels[j]), s)
+        prediction.nearest = [(paths[j], int(labels[j]), s)
                                  for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
     return predictions
 
@@ -499,21 +493,21 @@ def check_inputs(paths, flag):
 
 
 @torch.no_grad()
-def predict_images(checkpoint, images, data=None, device="auto", out=None, n_references=5):
+def predict_images(checkpoint, images, data=None, device="auto", out=None, n_nearest=5):
     """P(malignant) of each image and the verdict at the threshold saved with the gallery. With
     `out`, also one figure per image there (see plot_prediction). Returns the printed lines."""
     check_inputs(images, "--image")
     model, config, gallery, device = load_predictor(checkpoint, data, device)
-    predictions = predict_files(model, config, gallery, images, device, checkpoint, n_references,
+    predictions = predict_files(model, config, gallery, images, device, checkpoint, n_nearest,
                                 explain=out is not None)
     threshold = gallery["threshold"]
     lines = [f"P(malignant) {p.probability:.4f}  {p.verdict}  (threshold {threshold:.4f})  {path}"
              for p, path in zip(predictions, images)]
     if out is None:
         return lines
-    missing = sorted({path for p in predictions for path, _, _ in p.references if path and not Path(path).is_file()})
+    missing = sorted({path for p in predictions for path, _, _ in p.nearest if path and not Path(path).is_file()})
     if missing:  # the training images moved or deleted since gallery.pt was written
-        lines.append(f"{len(missing)} nearest reference image(s) not found (such as {missing[0]}): the figures "
+        lines.append(f"{len(missing)} nearest gallery image(s) not found (such as {missing[0]}): the figures "
                      f"show their names instead")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -521,7 +515,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_ref
     for i, (path, p) in enumerate(zip(images, predictions)):
         name = f"{stems[i]}_prediction.png" if stems.count(stems[i]) == 1 else f"{stems[i]}_{i + 1}_prediction.png"
         title = f"{Path(path).name}: P(malignant) {p.probability:.2f} -> {p.verdict} (threshold {threshold:.2f})"
-        plot_prediction(p.image, p.heat, title, p.references, out / name)
+        plot_prediction(p.image, p.heat, title, p.nearest, out / name)
         lines[i] += f"\n  figure: {out / name}"
     return lines
 
@@ -593,17 +587,17 @@ def gallery_problem(gallery, width, evaluation=False):
 
 
 def load_gallery(path, checkpoint):
-    """The saved gallery, or None when it is missing, unreadable or made for another checkpoint."""
+    """(the saved gallery, None), or (None, why there is none to use: missing, unreadable or made
+    for another checkpoint); the caller says so in one line."""
     if not path.exists():
-        return None
+        return None, "missing"
     try:
         gallery = load_state(path, "gallery")
     except WeightsError as error:
-        print(f"ignoring {error}")
-        return None
+        return None, str(error).removeprefix(f"gallery {path}: ")
     if not isinstance(gallery, dict) or gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
-        return None
-    return gallery
+        return None, "made for another checkpoint"
+    return gallery, None
 
 
 def parse_args(argv=None):
@@ -620,7 +614,7 @@ def parse_args(argv=None):
     images.add_argument("--pair", nargs=2, metavar=("A", "B"),
                         help="the model's similarity of two images: same class or not")
     parser.add_argument("--gallery-size", type=int, default=None,
-                        help="training references per class for image-level scores; 0 = every training "
+                        help="gallery images per class for image-level scores; 0 = every training "
                              "image (default: as trained, train.py --gallery-size)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                         help="average each image's features over its four flips (default: as the model "

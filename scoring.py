@@ -1,7 +1,7 @@
 """Devices and precision, embedding, and image-level scores: the embed-and-score core that
 validation during training (train.py) and evaluation (predict.py) share.
 
-    embed_and_score   references from the training split, every split embedded once and scored
+    embed_and_score   a gallery from the training split, every split embedded once and scored
     score_images      P(malignant) per image by each --score method (formulas: predict.py's docstring)
     embed_images      features of a split's images (--tta: the mean over the four flips; DDP-aware)
     pick_device       --device: CUDA, then Apple MPS, then CPU
@@ -117,20 +117,20 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
 
 
 @torch.no_grad()
-def similarity_matrix(model, features, references, chunk=1 << 24):
-    """(N, G) P(same class) of every image with every reference, from stored features, in row
+def similarity_matrix(model, features, gallery_features, chunk=1 << 24):
+    """(N, G) P(same class) of every image with every gallery image, from stored features, in row
     blocks of about `chunk` hidden values."""
     model.eval()
-    out = torch.empty(len(features), len(references), device=features.device)
-    rows = max(1, chunk // (64 * max(1, len(references))))
+    out = torch.empty(len(features), len(gallery_features), device=features.device)
+    rows = max(1, chunk // (64 * max(1, len(gallery_features))))
     for start in range(0, len(features), rows):
         block = features[start:start + rows]
         if hasattr(model, "similarity_matrix"):  # the Siamese head, without the N * G inputs
-            out[start:start + rows] = model.similarity_matrix(block, references).float()
+            out[start:start + rows] = model.similarity_matrix(block, gallery_features).float()
         else:
-            f1 = block.repeat_interleave(len(references), 0)
-            f2 = references.repeat(len(block), 1)
-            out[start:start + rows] = model.pair_similarity(f1, f2).float().view(len(block), len(references))
+            f1 = block.repeat_interleave(len(gallery_features), 0)
+            f2 = gallery_features.repeat(len(block), 1)
+            out[start:start + rows] = model.pair_similarity(f1, f2).float().view(len(block), len(gallery_features))
     return out
 
 
@@ -195,7 +195,7 @@ def choose_gallery(labels, per_class, seed):
 
 @dataclass
 class ScoredSplit:
-    """One split embedded and scored against the references: its features and labels,
+    """One split embedded and scored against the gallery: its features and labels,
     P(malignant) per image, and the design's fixed pairs (make_pairs) with their metrics."""
     features: torch.Tensor
     labels: np.ndarray
@@ -205,10 +205,10 @@ class ScoredSplit:
 
 
 @torch.no_grad()
-def score_split(model, features, labels, references, reference_labels, method, k, seed):
-    """A split's stored features scored: P(malignant) per image against the references, and the
-    design's pair metrics on the split's fixed pairs."""
-    scores = score_images(model, features, references, reference_labels, method, k)
+def score_split(model, features, labels, gallery, method, k, seed):
+    """A split's stored features scored: P(malignant) per image against the gallery
+    ({features, labels}), and the design's pair metrics on the split's fixed pairs."""
+    scores = score_images(model, features, gallery["features"], gallery["labels"], method, k)
     partners, targets = make_pairs(labels, seed)
     similarity = model.pair_similarity(features, features[torch.as_tensor(partners, device=features.device)])
     similarity = similarity.float().cpu().numpy()
@@ -217,19 +217,19 @@ def score_split(model, features, labels, references, reference_labels, method, k
 
 
 @torch.no_grad()
-def embed_and_score(model, train, splits, per_class, method, k, seed, embed, references=None):
+def embed_and_score(model, train, splits, per_class, method, k, seed, embed, gallery=None):
     """The evaluation core, shared by validation during training and by evaluate: embed a
-    seeded, class-balanced sample of the training split as references (per_class 0: all of it)
-    and every split of {name: split} once, then score each split against the references.
-    `embed(split, indices, desc)` returns feature rows. `references` already embedded (a stored
-    gallery's {features, labels, paths}) stand in for the training split, and a split given as
+    seeded, class-balanced sample of the training split as the gallery (per_class 0: all of it)
+    and every split of {name: split} once, then score each split against the gallery.
+    `embed(split, indices, desc)` returns feature rows. A `gallery` already embedded (a stored
+    gallery's {features, labels, paths}) stands in for the training split, and a split given as
     (features, labels) is scored unembedded: other images are then evaluated without the
-    training or validation images. Returns (references {features, labels, paths}, {name: ScoredSplit})."""
-    if references is None:
+    training or validation images. Returns (gallery {features, labels, paths}, {name: ScoredSplit})."""
+    if gallery is None:
         picks = choose_gallery(train.labels, per_class, seed)
-        features = embed(train, picks, "embedding references")
-        references = {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
-                      "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
+        features = embed(train, picks, "embedding the gallery")
+        gallery = {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
+                   "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
     scored = {}
     for name, split in splits.items():
         split_features, labels = split if isinstance(split, tuple) else (embed(split, None, f"embedding {split.name}"),
@@ -237,9 +237,8 @@ def embed_and_score(model, train, splits, per_class, method, k, seed, embed, ref
         if not torch.isfinite(split_features).all():
             raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
                              "--no-amp")
-        scored[name] = score_split(model, split_features, labels, references["features"],
-                                   references["labels"], method, k, seed)
-    return references, scored
+        scored[name] = score_split(model, split_features, labels, gallery, method, k, seed)
+    return gallery, scored
 
 
 def embedder(model, image_size, batch_size, device, workers=0, amp=True, rank=0, world_size=1, tta=False):

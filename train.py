@@ -47,7 +47,7 @@ from scoring import (SCORES, applicable_scores, autocast, embed_and_score, embed
 
 STUDY = RunConfig()  # the study's settings: every default below comes from modules.RunConfig
 DISTRIBUTED_TIMEOUT = datetime.timedelta(seconds=60)  # peers that never come: one line, not a hang
-VALIDATION_GALLERY_CAP = 256  # references per class when validating each epoch (0 = all would cost an epoch's time)
+VALIDATION_GALLERY_CAP = 256  # gallery images per class when validating each epoch (0 = all would cost an epoch's time)
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
                    "active_fraction", "embedding_spread", "lr", "seconds"]
 OUTPUT_FILES = ("best.pth", "last.pth", "history.csv", "training_validation_metrics.png", "gallery.pt",
@@ -127,7 +127,7 @@ def add_evaluation_flags(p):
                        help="what best.pth keeps: the highest validation AUC, or the lowest validation "
                             "pair loss (the study's rule)")
     group.add_argument("--gallery-size", type=int, default=None,
-                       help=f"training references per class for image-level scores; 0 = every training image "
+                       help=f"gallery images per class for image-level scores; 0 = every training image "
                             f"({by_recipe('gallery_size')}). Validation during training uses at most "
                             f"{VALIDATION_GALLERY_CAP} per class")
     group.add_argument("--score", "--classify", choices=SCORES, default="auto",
@@ -310,9 +310,10 @@ def run_context(args, rank, world_size, device):
     return RunContext(rank, world_size, device, Path(args.project) / "outputs", workers)
 
 
-def make_train_loader(train, config, rank, world_size, workers, device):
-    """The training batches: the study's pair dataset (two-pass) or single images (the rest)."""
-    seed = config.seed
+def make_train_loader(train, config, ctx):
+    """The training batches of this process (ctx: its rank, world size, workers and device): the
+    study's pair dataset (two-pass) or single images (the rest)."""
+    seed, rank, world_size, workers = config.seed, ctx.rank, ctx.world_size, ctx.workers
     dataset_class = PairDataset if config.pairing == "two-pass" else ImageDataset
     dataset = dataset_class(train, train_transform(config.image_size, config.augment), seed, augment=True)
     if config.sampler == "balanced":
@@ -324,7 +325,7 @@ def make_train_loader(train, config, rank, world_size, workers, device):
     # Its own generator: starting an epoch must not draw from the global RNG that dropout uses,
     # or a resumed run would drift from an uninterrupted one. Augmentation is seeded per image.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))
     return sampler, loader
 
@@ -751,7 +752,7 @@ def build_training(args, config, raw_model, train, resume, ctx):
     benign, malignant = train.counts()
     # ce and the auxiliary loss: malignant errors weigh as much as benign ones (balanced batches already do that)
     pos_weight = torch.tensor(1.0 if config.sampler == "balanced" else benign / malignant, device=device)
-    sampler, loader = make_train_loader(train, config, ctx.rank, world_size, ctx.workers, device)
+    sampler, loader = make_train_loader(train, config, ctx)
     if len(sampler) == 0:
         raise ValueError(f"--batch-size {config.batch_size} on {world_size} process(es) leaves no training batch "
                          f"for {len(train)} training images; lower --batch-size")

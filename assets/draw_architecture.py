@@ -119,7 +119,7 @@ arrow(ax, top(sim), bottom(bce))
 
 # notes: image-level probability and the alternative heads
 note(ax, (0.15, 0.1), 5.0, 1.22, "Image-level P(malignant)", [
-    "compare an image with a gallery of training references",
+    "compare an image with a gallery of training images",
     "(benign and malignant) through the head",
 ])
 note(ax, (5.45, 0.1), 6.45, 1.22, "Alternative heads (train.py --loss)", [

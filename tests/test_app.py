@@ -92,7 +92,7 @@ def write_upload(folder, name, content):
 
 
 def test_one_image_shows_what_predict_computes(checker, checkpoint, lesion):
-    text, seen, overlay, references = checker.check_one(str(lesion))
+    text, seen, overlay, nearest = checker.check_one(str(lesion))
     printed = predict.predict_images(checkpoint, [lesion], device="cpu")[0]
     probability, verdict = re.match(r"P\(malignant\) (\d\.\d{4})  (benign|malignant)", printed).groups()
     assert f"P(malignant) {probability}: {verdict}" in text
@@ -101,17 +101,17 @@ def test_one_image_shows_what_predict_computes(checker, checkpoint, lesion):
                                       checkpoint)
     assert seen.shape == overlay.shape == (256, 256, 3) and overlay.dtype == np.uint8  # 32 px, 8 times
     assert np.array_equal(overlay, app.enlarged(plots.heat_overlay(expected.image, expected.heat)))
-    assert len(references) == 5
-    for (thumbnail, caption), (path, label, similarity) in zip(references, expected.references):
+    assert len(nearest) == 5
+    for (thumbnail, caption), (path, label, similarity) in zip(nearest, expected.nearest):
         assert thumbnail.shape == (96, 96, 3)
         assert caption == f"{('benign', 'malignant')[label]} {similarity:.3f} · {Path(path).name}"
 
 
-def test_a_reference_moved_since_training_is_grey_with_its_name(tmp_path):
-    thumbnail, caption = app.reference_card(str(tmp_path / "gone.jpg"), 1, 0.8123)
+def test_a_gallery_image_moved_since_training_is_grey_with_its_name(tmp_path):
+    thumbnail, caption = app.gallery_card(str(tmp_path / "gone.jpg"), 1, 0.8123)
     assert thumbnail.shape == (96, 96, 3) and (thumbnail == 200).all()
     assert caption == "malignant 0.812 · gone.jpg"
-    assert app.reference_card(None, 0, 0.5)[1] == "benign 0.500 · (path not stored)"
+    assert app.gallery_card(None, 0, 0.5)[1] == "benign 0.500 · (path not stored)"
 
 
 def test_the_page_names_the_threshold_and_its_rule(checker):
@@ -125,18 +125,18 @@ def test_the_page_names_the_threshold_and_its_rule(checker):
 @pytest.mark.parametrize("name", BAD_UPLOADS)
 def test_bad_upload_is_one_line_on_the_page(checker, tmp_path, name):
     content, what = BAD_UPLOADS[name]
-    text, seen, overlay, references = checker.check_one(write_upload(tmp_path, name, content))
+    text, seen, overlay, nearest = checker.check_one(write_upload(tmp_path, name, content))
     assert text.startswith(f"**Cannot check {name}:** ") and what.lower() in text.lower(), text
     assert "\n" not in text and "Traceback" not in text
-    assert (seen, overlay, references) == (None, None, [])
+    assert (seen, overlay, nearest) == (None, None, [])
 
 
 @pytest.mark.parametrize("name", CONVERTED_UPLOADS)
 def test_unusual_image_modes_are_checked_and_say_what_was_converted(checker, tmp_path, name):
     content, note = CONVERTED_UPLOADS[name]
-    text, seen, overlay, references = checker.check_one(write_upload(tmp_path, name, content))
+    text, seen, overlay, nearest = checker.check_one(write_upload(tmp_path, name, content))
     assert text.startswith("### P(malignant) 0.") and note in text, text
-    assert seen.shape == (256, 256, 3) and len(references) == 5
+    assert seen.shape == (256, 256, 3) and len(nearest) == 5
 
 
 def test_no_upload_and_an_unexpected_error_are_one_line(checker, lesion, monkeypatch, capsys):
@@ -161,7 +161,7 @@ def test_requests_load_nothing_again(checker, lesion, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("loaded per request")
 
-    for name in ("load_checkpoint", "load_gallery", "reference_gallery", "load_predictor"):
+    for name in ("load_checkpoint", "load_gallery", "prediction_gallery", "load_predictor"):
         monkeypatch.setattr(predict, name, no_loading)
     assert checker.check_one(str(lesion))[0].startswith("### P(malignant)")
     assert checker.check_pair(str(lesion), str(lesion)).startswith("### similarity")
@@ -261,8 +261,8 @@ def test_the_page_in_chromium_shows_predicts_numbers_offline(checkpoint, lesion,
         result = page_tools.check_image(page, url, lesion)
         assert f"P(malignant) {probability}" in result
         assert page.locator("#heat img").get_attribute("src")
-        page.locator("#references img").nth(4).wait_for()  # the five nearest references, with captions
-        assert page.locator("#references").get_by_text(re.compile(r"^(benign|malignant) 0\.\d{3} · ")).count() == 5
+        page.locator("#nearest img").nth(4).wait_for()  # the five nearest gallery images, with captions
+        assert page.locator("#nearest").get_by_text(re.compile(r"^(benign|malignant) 0\.\d{3} · ")).count() == 5
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         assert list(temp.glob(f"lesion-app-*/**/{lesion.name}")), "the upload is not in app.py's temporary folder"
         page.locator("#upload").get_by_label("Clear").click()

@@ -185,7 +185,7 @@ def test_image_prints_the_verdict_and_writes_a_figure_with_grad_cam(trained, tin
     assert image.parent.joinpath(figure.name).exists() is False  # never written into the user's image folder
 
 
-def test_gallery_stores_the_reference_paths_as_plain_strings(trained, tiny_data_dir):
+def test_gallery_stores_its_image_paths_as_plain_strings(trained, tiny_data_dir):
     project, _ = trained
     gallery = load_state(project / "outputs" / "gallery.pt")  # weights_only=True
     assert len(gallery["paths"]) == len(gallery["labels"]) == 8
@@ -212,15 +212,15 @@ def test_pair_prints_the_models_similarity(trained, tiny_data_dir, capsys):
 
 def test_grad_cam_explains_the_siamese_score_against_the_malignant_mean():
     """The library's map equals Grad-CAM computed by hand for the head's similarity logit to the
-    malignant reference: ReLU(sum_c mean(dS/dA_c) A_c) on layer4, min-max scaled, resized."""
+    mean malignant gallery embedding: ReLU(sum_c mean(dS/dA_c) A_c) on layer4, min-max scaled, resized."""
     torch.manual_seed(0)
     model = SiameseNetwork("none").eval()
-    image, reference = torch.randn(3, 96, 96), torch.randn(1000)
-    heat = predict.grad_cam(model, image, reference)
+    image, malignant_mean = torch.randn(3, 96, 96), torch.randn(1000)
+    heat = predict.grad_cam(model, image, malignant_mean)
 
     kept = {}
     hook = model.backbone.layer4[-1].register_forward_hook(lambda m, i, out: kept.update(a=out))
-    score = model.pair_logits(model.embed(image[None]), reference[None])
+    score = model.pair_logits(model.embed(image[None]), malignant_mean[None])
     hook.remove()
     grads, = torch.autograd.grad(score.sum(), kept["a"])
     cam = torch.relu((grads.mean((2, 3), keepdim=True) * kept["a"]).sum(1))[0].detach().numpy()
@@ -229,5 +229,5 @@ def test_grad_cam_explains_the_siamese_score_against_the_malignant_mean():
     expected = (expected - expected.min()) / (1e-7 + (expected - expected.min()).max())
     assert heat.shape == (96, 96)
     assert np.allclose(heat, expected, atol=1e-4)
-    other = predict.grad_cam(model, image, -reference)  # another reference: another explanation
+    other = predict.grad_cam(model, image, -malignant_mean)  # another target: another explanation
     assert not np.allclose(heat, other, atol=1e-3)

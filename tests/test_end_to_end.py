@@ -203,7 +203,7 @@ def project_files(project):
 def test_evaluation_on_another_clinics_folder_writes_only_to_out(trained_project, tmp_path, quick_bootstrap,
                                                                   capsys):
     """predict.py --data D --out X with D a plain labelled folder (0/ and 1/): scored against the
-    project's own references and threshold; the project's files stay byte-identical."""
+    project's own gallery and threshold; the project's files stay byte-identical."""
     project, _ = trained_project
     clinic = make_clinic(tmp_path)  # clinic/0/*.jpg, clinic/1/*.jpg
     before = project_files(project)

@@ -1,4 +1,4 @@
-"""frozen.py run for real on the tiny synthetic split: both reference rows fitted on train, their
+"""frozen.py run for real on the tiny synthetic split: both baseline rows fitted on train, their
 setting chosen on validation, scored on validation and test, written to --out."""
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import frozen
 
 
-def test_frozen_features_give_both_reference_rows(tiny_data_dir, tmp_path, capsys):
+def test_frozen_features_give_both_baseline_rows(tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "frozen.json"
     frozen.main(["--data", str(tiny_data_dir), "--weights", "none", "--image-size", "32", "--workers", "0",
                  "--benign-limit", "6", "--out", str(out)])

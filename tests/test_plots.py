@@ -83,11 +83,11 @@ def test_pair_grid_colours_right_and_wrong_pairs(kept_figures, tiny_data_dir, tm
     assert sorted(int(re.match(r"pair (\d+)", t).group(1)) for t in mistakes) == [1, 4, 7]
 
 
-def test_prediction_figure_shows_references_that_exist_and_names_the_rest(kept_figures, tiny_data_dir, tmp_path):
+def test_prediction_figure_shows_gallery_images_that_exist_and_names_the_rest(kept_figures, tiny_data_dir, tmp_path):
     present = str(sorted((tiny_data_dir / "train_data" / "1").glob("*.jpg"))[0])
-    references = [(present, 1, 0.93), (str(tmp_path / "moved" / "ISIC_0000001.jpg"), 0, 0.41), (None, 0, 0.40)]
+    nearest = [(present, 1, 0.93), (str(tmp_path / "moved" / "ISIC_0000001.jpg"), 0, 0.41), (None, 0, 0.40)]
     image, heat = np.full((32, 32, 3), 0.5), np.linspace(0, 1, 32 * 32).reshape(32, 32)
-    plots.plot_prediction(image, heat, "x.jpg: P(malignant) 0.80 -> malignant", references, tmp_path / "x.png")
+    plots.plot_prediction(image, heat, "x.jpg: P(malignant) 0.80 -> malignant", nearest, tmp_path / "x.png")
     figure = kept_figures["x.png"]
     cells = [ax for ax in figure.axes if ax.get_title().count("\n") == 1 and "similarity" in ax.get_title()]
     assert [ax.get_title() for ax in cells] == [f"{Path(present).name}\nmalignant, similarity 0.930",

@@ -115,12 +115,12 @@ def test_another_clinic_is_evaluated_from_gallery_pt_as_from_the_training_data(m
                                                                                quick_bootstrap, capsys):
     project, data, clinic = movable_project
     gallery = project / "outputs" / "gallery.pt"
-    with moved_away(data):  # no training or validation image: references and validation from gallery.pt
+    with moved_away(data):  # no training or validation image: gallery and validation from gallery.pt
         stored, stored_scores = evaluate_clinic(project, clinic, tmp_path / "stored", *SCORED)
-    assert f"references and validation features from {gallery}" in capsys.readouterr().out
+    assert f"gallery and validation features from {gallery}" in capsys.readouterr().out
     with moved_away(gallery):  # the same evaluation rebuilt from the training data
         rebuilt, rebuilt_scores = evaluate_clinic(project, clinic, tmp_path / "rebuilt", *SCORED)
-    assert f"{gallery}: missing, unreadable or made for another checkpoint; rebuilding" in capsys.readouterr().out
+    assert f"{gallery}: missing; rebuilding the gallery" in capsys.readouterr().out
     assert stored == rebuilt and stored_scores == rebuilt_scores  # one scoring path: the same numbers, exactly
     assert set(stored["other_scores"]) == {"head-knn", "knn", "prototype"} and math.isfinite(stored["val_auc"])
     assert stored["external_n_benign"] + stored["external_n_malignant"] == 9
@@ -134,7 +134,7 @@ def test_another_clinic_without_gallery_or_training_data_is_one_line(movable_pro
     message = str(stop.value.code)
     assert message.startswith(f"predict.py: error: {data}: the model's training data is not there any more")
     assert "gallery.pt" in message and "\n" not in message
-    assert "rebuilding the references and threshold from the training data" in capsys.readouterr().out
+    assert "rebuilding the gallery and threshold from the training data" in capsys.readouterr().out
 
 
 def test_other_settings_than_gallery_pt_was_made_with_rebuild_in_one_line(movable_project, tmp_path,
@@ -142,9 +142,9 @@ def test_other_settings_than_gallery_pt_was_made_with_rebuild_in_one_line(movabl
     project, _, clinic = movable_project
     found, _ = evaluate_clinic(project, clinic, tmp_path / "X", "--gallery-size", "2")
     out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if "rebuilding the references" in line]
+    lines = [line for line in out.splitlines() if "rebuilding the gallery" in line]
     assert len(lines) == 1 and "made with --gallery-size 4" in lines[0] and "--gallery-size 2" in lines[0]
-    assert "references and validation features from" not in out and found["gallery_size"] == 2
+    assert "gallery and validation features from" not in out and found["gallery_size"] == 2
 
 
 @pytest.mark.parametrize("damage", ["older", "labels", "width", "length", "non-finite"])
@@ -171,13 +171,34 @@ def test_a_gallery_pt_without_usable_validation_fields_is_rebuilt_not_a_crash(da
     problem = predict.gallery_problem(gallery, width, evaluation=True)
     assert problem and (predict.gallery_problem(gallery, width) is None) == (damage == "older")
     found, _ = evaluate_clinic(project, clinic, tmp_path / "X")
-    assert f"{path}: {problem}; rebuilding the references and threshold from the training data" in \
+    assert f"{path}: {problem}; rebuilding the gallery and threshold from the training data" in \
         capsys.readouterr().out
     assert found["evaluated_split"] == "external"
 
 
+def test_an_unreadable_gallery_pt_is_one_line_each_time(movable_project, tmp_path, quick_bootstrap, capsys):
+    """A truncated gallery.pt: the evaluation rebuilds with one line saying why, and --image without
+    --data stops with one line naming the file and the fix."""
+    trained, _, clinic = movable_project
+    project = tmp_path / "exp"
+    shutil.copytree(trained / "outputs", project / "outputs")
+    path = project / "outputs" / "gallery.pt"
+    path.write_bytes(path.read_bytes()[:100])  # as a full disk or an interrupted copy leaves it
+    evaluate_clinic(project, clinic, tmp_path / "X")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"{path}:")]
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: not a readable checkpoint (")
+    assert lines[0].endswith("; rebuilding the gallery and threshold from the training data")
+    image = str(sorted((clinic / "1").glob("*.jpg"))[0])
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--project", str(project), "--image", image])
+    message = str(stop.value.code)
+    assert message.startswith(f"predict.py: error: {path}: not a readable checkpoint (") and "\n" not in message
+    assert message.endswith("pass --data DATA to rebuild it from the training and validation splits "
+                            "(or evaluate the project again)")
+    assert capsys.readouterr().out == ""
+
 def test_single_images_and_pairs_need_no_training_data(movable_project, tmp_path, capsys):
-    """--image and --pair use gallery.pt only; the figures name the references whose files are gone,
+    """--image and --pair use gallery.pt only; the figures name the gallery images whose files are gone,
     and one line says so."""
     project, data, clinic = movable_project
     images = [str(path) for path in sorted((clinic / "1").glob("*.jpg"))[:2]]
@@ -187,7 +208,7 @@ def test_single_images_and_pairs_need_no_training_data(movable_project, tmp_path
         predict.main(["--project", str(project), "--pair", *images])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.endswith(image) for line, image in zip(lines[0:4:2], images)] == [True, True]
-    notes = [line for line in lines if "nearest reference image(s) not found" in line]
+    notes = [line for line in lines if "nearest gallery image(s) not found" in line]
     assert len(notes) == 1 and str(data.resolve()) in notes[0] and notes[0].endswith("the figures show their names instead")
     assert lines[-1].startswith("similarity ")
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(Path(i).stem + "_prediction.png"

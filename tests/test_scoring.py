@@ -1,4 +1,4 @@
-"""Tests of scoring.py: the gallery of references, P(malignant) by each classifier against
+"""Tests of scoring.py: the gallery, P(malignant) by each classifier against
 direct computations, the similarity matrix, embedding and the device choice."""
 import numpy as np
 import pytest
@@ -91,7 +91,7 @@ def test_prototype_probability_is_distance_ratio_to_normalised_centroids():
     assert ((result >= 0) & (result <= 1)).all()
 
 
-def test_prototype_probability_is_high_near_the_malignant_references():
+def test_prototype_probability_is_high_near_the_malignant_gallery_images():
     gallery = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     labels = torch.tensor([1, 1, 0, 0])
     result = score_images(None, torch.tensor([[1.0, 0.05], [0.05, 1.0]]), gallery, labels, "prototype")
@@ -132,10 +132,10 @@ def test_unknown_classifier_raises_value_error():
 
 @pytest.mark.parametrize("chunk", [65536, 7, 1])
 def test_similarity_matrix_equals_looping_pair_similarity(siamese, chunk):
-    features, references, _ = toy(5, 3, 1000, seed=3)
-    result = similarity_matrix(siamese, features, references, chunk=chunk)
+    features, gallery, _ = toy(5, 3, 1000, seed=3)
+    result = similarity_matrix(siamese, features, gallery, chunk=chunk)
     with torch.no_grad():
-        expected = torch.tensor([[siamese.pair_similarity(f[None], r[None]).item() for r in references]
+        expected = torch.tensor([[siamese.pair_similarity(f[None], g[None]).item() for g in gallery]
                                  for f in features])
     assert result.shape == (5, 3)
     assert torch.allclose(result, expected, atol=1e-6)
@@ -144,16 +144,17 @@ def test_similarity_matrix_equals_looping_pair_similarity(siamese, chunk):
 def test_similarity_matrix_puts_the_model_in_eval_mode():
     torch.manual_seed(0)
     model = SiameseNetwork("none").train()  # AlphaDropout and batch statistics would make rows random
-    features, references, _ = toy(4, 3, 1000, seed=4)
-    first = similarity_matrix(model, features, references)
+    features, gallery, _ = toy(4, 3, 1000, seed=4)
+    first = similarity_matrix(model, features, gallery)
     assert not model.training
-    assert torch.equal(first, similarity_matrix(model, features, references))
+    assert torch.equal(first, similarity_matrix(model, features, gallery))
 
 
 def test_score_split_scores_the_fixed_pairs_of_make_pairs(siamese):
     features, gallery, gallery_labels = toy(10, 4, 1000, seed=5)
     labels = np.array([0] * 6 + [1] * 4)
-    scored = scoring.score_split(siamese, features, labels, gallery, gallery_labels, "knn", 3, seed=9)
+    scored = scoring.score_split(siamese, features, labels, {"features": gallery, "labels": gallery_labels}, "knn",
+                                 3, seed=9)
     scores, summary, (partners, targets, similarity) = scored.scores, scored.pair_summary, scored.pairs
     expected_partners, expected_targets = make_pairs(labels, 9)
     assert np.array_equal(partners, expected_partners) and np.array_equal(targets, expected_targets)
@@ -242,7 +243,7 @@ def test_pick_device_unknown_name_raises_value_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring levers: head-knn, every training image as a reference, flip TTA
+# Scoring levers: head-knn, every training image in the gallery, flip TTA
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])

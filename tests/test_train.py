@@ -200,7 +200,7 @@ def test_dermoscopy_augmentation_flips_and_rotates():
 
 def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
     """train.validate and predict.build_gallery (what evaluate scores with) go through one core,
-    scoring.embed_and_score: with the same references they give the same validation AUC."""
+    scoring.embed_and_score: with the same gallery they give the same validation AUC."""
     import predict
     import scoring
     from metrics import auc_or_nan
@@ -214,7 +214,7 @@ def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
     embed = scoring.embedder(model, 32, config.val_batch_size, torch.device("cpu"), amp=False)
     gallery, scored = predict.build_gallery(model, train_split, {"validation": validation}, embed, gallery_size=4,
                                             method=config.score, k=config.k, target_sensitivity=None, seed=0)
-    assert len(gallery["labels"]) == 8  # 4 references per class
+    assert len(gallery["labels"]) == 8  # 4 gallery images per class
     assert row["val_auc"] == auc_or_nan(validation.labels, scored["validation"].scores)
     assert row["val_acc"] == scored["validation"].pair_summary["pair_accuracy"]
 
