@@ -35,7 +35,7 @@ demo: install
 	$(PY) train.py --project runs/demo --data $(DEMO_DATA) $(DEMO_FLAGS) --force
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 $(VENV)/app-installed: requirements-app.txt requirements.txt | install
 	$(PY) -m pip install -r requirements-app.txt

@@ -1,7 +1,9 @@
-"""Image-level and pair metrics, computed by scikit-learn: the numbers the ISIC challenge and a
-dermatology reader look at (ROC AUC with a bootstrap interval, balanced accuracy, sensitivity,
-specificity at a threshold chosen on validation), next to the study's pair accuracy and loss."""
+"""Image-level and pair metrics, computed by scikit-learn (the bootstrap's resampled AUCs from
+scipy's ranks): the numbers the ISIC challenge and a dermatology reader look at (ROC AUC with a
+bootstrap interval, balanced accuracy, sensitivity, specificity at a threshold chosen on
+validation), next to the study's pair accuracy and loss."""
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import (average_precision_score, balanced_accuracy_score, confusion_matrix,
                              log_loss, roc_auc_score, roc_curve)
 
@@ -17,16 +19,24 @@ def auc_or_nan(labels, scores):
     return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else float("nan")
 
 
-def bootstrap_auc(labels, scores, n=1000, seed=0, level=0.95):
-    """Percentile interval of the AUC over n resamples of the images (with replacement)."""
-    labels, scores = np.asarray(labels), np.asarray(scores)
+def bootstrap_auc(labels, scores, n=1000, seed=0, level=0.95, block=4_000_000):
+    """Percentile interval of the AUC over n resamples of the images (with replacement). All
+    resamples at once, about `block` values at a time: each resample's AUC is the Mann-Whitney
+    statistic of its ranks (scipy's rankdata, ties averaged), which is what roc_auc_score gives;
+    a thousand roc_auc_score calls took 3 s per score on 600 images."""
+    labels, scores = np.asarray(labels) == 1, np.asarray(scores, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(n):
-        sample = rng.integers(0, len(labels), len(labels))
-        if labels[sample].min() != labels[sample].max():  # a resample needs both classes
-            aucs.append(roc_auc_score(labels[sample], scores[sample]))
-    if not aucs:
+    aucs, rows = [], max(1, block // max(1, len(labels)))
+    for start in range(0, n, rows):
+        samples = rng.integers(0, len(labels), (min(rows, n - start), len(labels)))
+        malignant = labels[samples]
+        n_malignant = malignant.sum(1)
+        n_benign = len(labels) - n_malignant
+        rank_sum = (rankdata(scores[samples], axis=1) * malignant).sum(1)
+        usable = (n_malignant > 0) & (n_benign > 0)  # a resample needs both classes
+        aucs.append((rank_sum - n_malignant * (n_malignant + 1) / 2)[usable] / (n_malignant * n_benign)[usable])
+    aucs = np.concatenate(aucs)
+    if not len(aucs):
         return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
     return float(np.percentile(aucs, tail)), float(np.percentile(aucs, 100 - tail))
