@@ -245,7 +245,8 @@ def main(argv=None):
             raise ValueError("gradio is not installed; pip install -r requirements-app.txt (or make app)") from None
         started = time.time()
         checker = LesionChecker(checkpoint, args.data, args.device)
-        print(f"loaded {checkpoint} and a gallery of {len(checker.gallery['labels'])} images in {time.time() - started:.1f} s")
+        print(f"loaded {checkpoint} and a gallery of {len(checker.gallery['labels'])} images "
+              f"in {time.time() - started:.1f} s")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl+C: temp files go
         build_page(gr, checker).launch(server_name=args.host, server_port=args.port, share=False,
                                        run_history=False, footer_links=[], max_file_size="100mb")
