@@ -1,9 +1,10 @@
 """Draw the Siamese network's architecture figure.
 
-    python assets/draw_architecture.py
+    python assets/draw_architecture.py [--out PATH]
 
 regenerates assets/architecture.png (matplotlib only, no network).
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from matplotlib.patches import FancyBboxPatch
 OUT = Path(__file__).resolve().parent / "architecture.png"
 sys.path.insert(0, str(OUT.parents[1]))  # the repository root, for files.py
 from files import write_atomic  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--out", type=Path, default=OUT, help="the PNG to write (default assets/architecture.png)")
+args = parser.parse_args()
 
 # muted palette
 INPUT = "#dbe7f0"
@@ -128,5 +133,5 @@ note(ax, (5.45, 0.1), 6.45, 1.22, "Alternative heads (train.py --loss)", [
     "--loss ce: Linear(1000, 1) on single images (baseline)",
 ])
 
-write_atomic(OUT, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight", facecolor="white"))
-print(f"wrote {OUT}")
+write_atomic(args.out, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight", facecolor="white"))
+print(f"wrote {args.out}")

@@ -1,6 +1,6 @@
 """Make the demo's real lesions: a seeded subset of the ISIC 2017 challenge (CC-0) at 128 px.
 
-    python assets/make_demo_data.py --source ../shared/data/isic2017
+    python assets/make_demo_data.py --source ../shared/data/isic2017 [--out FOLDER]
 
 writes assets/isic2017_demo/{train,validation,test}_data/{0,1}/<isic_id>.jpg (the challenge's own
 split: training images from its train split, and so on) beside its LICENSE.md. `make demo`
@@ -8,6 +8,8 @@ trains on it; the folder is committed, so nobody needs to run this.
 """
 import argparse
 import csv
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,32 +48,62 @@ International Skin Imaging Collaboration (ISIC)". ISBI 2018, pp. 168-172. arXiv:
 """
 
 
+def demo_rows(source):
+    """The labels.csv rows ({isic_id, split, target}) sorted by id; a file that cannot serve ends in one line."""
+    path = source / "labels.csv"
+    if not path.is_file():
+        sys.exit(f"make_demo_data.py: error: --source {source}: no labels.csv there")
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        missing = {"isic_id", "split", "target"} - set(reader.fieldnames or ())
+        if missing:
+            sys.exit(f"make_demo_data.py: error: {path}: no {', '.join(sorted(missing))} column; "
+                     f"it needs isic_id, split and target")
+        rows = sorted(reader, key=lambda row: row["isic_id"])
+    for split, counts in COUNTS.items():
+        for target, count in enumerate(counts):
+            found = sum(row["split"] == split and row["target"] == str(target) for row in rows)
+            if found < count:
+                sys.exit(f"make_demo_data.py: error: {path}: {found} images of split {split}, target {target}; "
+                         f"the demo draws {count}")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, help="the ISIC 2017 folder: labels.csv and images/<isic_id>.jpg")
+    p.add_argument("--out", type=Path, default=OUT, help="the folder to make (default assets/isic2017_demo)")
     args = p.parse_args(argv)
-    source = Path(args.source)
-    if not (source / "labels.csv").is_file():
-        sys.exit(f"make_demo_data.py: error: --source {source}: no labels.csv there")
-    if OUT.exists():
-        sys.exit(f"make_demo_data.py: error: {OUT} exists; remove it first to make it again")
-    with open(source / "labels.csv", newline="") as file:
-        rows = sorted(csv.DictReader(file), key=lambda row: row["isic_id"])
+    source, out = Path(args.source), args.out
+    if out.exists():
+        sys.exit(f"make_demo_data.py: error: {out} exists; remove it first to make it again")
+    rows = demo_rows(source)
     rng = np.random.default_rng(0)
     table = []
-    for split, counts in COUNTS.items():
-        for target, count in enumerate(counts):
-            names = [row["isic_id"] for row in rows if row["split"] == split and int(row["target"]) == target]
-            folder = OUT / FOLDERS[split] / str(target)
-            folder.mkdir(parents=True)
-            for name in rng.choice(names, count, replace=False):
-                with Image.open(source / "images" / f"{name}.jpg") as image:
-                    image.convert("RGB").resize((SIDE, SIDE), Image.LANCZOS).save(folder / f"{name}.jpg",
-                                                                                   quality=QUALITY)
-        table.append(f"| {FOLDERS[split]} | {counts[0]} | {counts[1]} | {split} split |")
-    total = sum(sum(c) for c in COUNTS.values())
-    (OUT / "LICENSE.md").write_text(LICENSE.format(total=total, side=SIDE, quality=QUALITY, rows="\n".join(table)))
-    print(f"wrote {total} images to {OUT}")
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")  # renamed to out once complete
+    try:
+        for split, counts in COUNTS.items():
+            for target, count in enumerate(counts):
+                names = [row["isic_id"] for row in rows if row["split"] == split and row["target"] == str(target)]
+                folder = partial / FOLDERS[split] / str(target)
+                folder.mkdir(parents=True)
+                for name in rng.choice(names, count, replace=False):
+                    path = source / "images" / f"{name}.jpg"
+                    try:
+                        with Image.open(path) as image:
+                            image.convert("RGB").resize((SIDE, SIDE), Image.LANCZOS).save(folder / f"{name}.jpg",
+                                                                                           quality=QUALITY)
+                    except OSError as error:  # missing, truncated or not an image
+                        sys.exit(f"make_demo_data.py: error: {path}: cannot be read ({error.__class__.__name__}); "
+                                 f"re-download the ISIC 2017 images")
+            table.append(f"| {FOLDERS[split]} | {counts[0]} | {counts[1]} | {split} split |")
+        total = sum(sum(c) for c in COUNTS.values())
+        (partial / "LICENSE.md").write_text(LICENSE.format(total=total, side=SIDE, quality=QUALITY,
+                                                           rows="\n".join(table)))
+        partial.rename(out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    print(f"wrote {total} images to {out}")
 
 
 if __name__ == "__main__":
