@@ -17,7 +17,7 @@ Modes (the training step is train.py's own, embed-once BCE unless said otherwise
     external      another clinic's images/s evaluated (predict.build_gallery; the test split stands in):
                   the gallery and validation embedded again from the training data vs from the stored
                   gallery (gallery.pt), which embeds only the clinic's images
-    bootstrap     AUC intervals/s of one score on 600 images (ISIC 2017's test split): one
+    bootstrap     AUC intervals/s of one score on 600 images (as many as ISIC 2017's test split): one
                   roc_auc_score call per resample vs metrics.bootstrap_auc, every resample at once
 """
 import dataclasses

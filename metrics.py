@@ -20,7 +20,8 @@ def auc_or_nan(labels, scores):
 
 
 def bootstrap_auc(labels, scores, n=1000, seed=0, level=0.95, block=4_000_000):
-    """Percentile interval of the AUC over n resamples of the images (with replacement). All
+    """Percentile interval of the AUC over n resamples of the images (with replacement); labels
+    are 0 (benign) and 1 (malignant). All
     resamples at once, about `block` values at a time: each resample's AUC is the Mann-Whitney
     statistic of its ranks (scipy's rankdata, ties averaged), which is what roc_auc_score gives,
     without its seconds of per-call checks per score (bench.py's bootstrap mode)."""
@@ -35,7 +36,7 @@ def bootstrap_auc(labels, scores, n=1000, seed=0, level=0.95, block=4_000_000):
         rank_sum = (rankdata(scores[samples], axis=1) * malignant).sum(1)
         usable = (n_malignant > 0) & (n_benign > 0)  # a resample needs both classes
         aucs.append((rank_sum - n_malignant * (n_malignant + 1) / 2)[usable] / (n_malignant * n_benign)[usable])
-    aucs = np.concatenate(aucs)
+    aucs = np.concatenate([np.empty(0), *aucs])
     if not len(aucs):
         return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100

@@ -479,7 +479,7 @@ def predict_files(model, config, gallery, images, device, checkpoint, n_nearest=
         prediction.image = denormalize(batch[i])
         prediction.heat = grad_cam(model, batch[i], malignant_mean)
         prediction.nearest = [(paths[j], int(labels[j]), s)
-                                 for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
+                              for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
     return predictions
 
 
@@ -593,9 +593,11 @@ def load_gallery(path, checkpoint):
         return None, "missing"
     try:
         gallery = load_state(path, "gallery")
-    except WeightsError as error:
-        return None, str(error).removeprefix(f"gallery {path}: ")
-    if not isinstance(gallery, dict) or gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
+    except WeightsError:
+        return None, "unreadable (truncated, corrupt or not written by this repository)"
+    if not isinstance(gallery, dict):
+        return None, "not a gallery file"
+    if gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
         return None, "made for another checkpoint"
     return gallery, None
 

@@ -64,8 +64,8 @@ def demo_rows(source):
         for target, count in enumerate(counts):
             found = sum(row["split"] == split and row["target"] == str(target) for row in rows)
             if found < count:
-                sys.exit(f"make_demo_data.py: error: {path}: {found} images of split {split}, target {target}; "
-                         f"the demo draws {count}")
+                sys.exit(f"make_demo_data.py: error: {path}: only {found} of split {split}, target {target} "
+                         f"(the demo draws {count})")
     return rows
 
 

@@ -135,7 +135,6 @@ def test_bootstrap_interval_is_the_percentile_interval_of_the_resampled_aucs_and
     assert bootstrap_auc(labels, scores, n=100, seed=5) != (low, high)
 
 
-
 @pytest.mark.parametrize("block", [4_000_000, 7 * 60, 1])  # every resample at once, 7 at a time, one at a time
 def test_bootstrap_counts_ties_as_one_half_whatever_the_block(block):
     labels, scores = toy_scores(60, 2)
@@ -145,6 +144,7 @@ def test_bootstrap_counts_ties_as_one_half_whatever_the_block(block):
             for sample in (rng.integers(0, 60, 60) for _ in range(50)) if 0 < labels[sample].sum() < 60]
     expected = (np.percentile(aucs, 2.5), np.percentile(aucs, 97.5))
     assert bootstrap_auc(labels, scores, n=50, seed=0, block=block) == pytest.approx(expected, abs=1e-12)
+
 
 def test_bootstrap_interval_of_a_perfect_and_a_reversed_ranking_is_a_point():
     labels = np.array([0] * 12 + [1] * 8)
@@ -171,6 +171,7 @@ def test_bootstrap_skips_resamples_with_one_class():
     scores = np.linspace(0, 1, 20)
     low, high = bootstrap_auc(labels, scores, n=200, seed=0)
     assert low == high == 1.0  # the malignant image scores highest in every usable resample
+    assert np.isnan(bootstrap_auc(labels, scores, n=0)).all()  # no resample: no interval
 
 
 # ---------------------------------------------------------------------------------------------
