@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 import predict
 import train
 from helpers import ROOT, make_clinic, run_script, tiny
@@ -90,7 +91,7 @@ def test_predict_reevaluates_the_same_numbers_and_keeps_earlier_results(trained_
     assert len(moved) == 1 and json.loads((moved[0] / "metrics.json").read_text()) == before  # moved, not overwritten
 
 
-def test_predict_single_images_and_pairs(trained_project, tiny_data_dir):
+def test_predict_single_images_from_the_command_line(trained_project, tiny_data_dir):
     project, _ = trained_project
     checkpoint = project / "outputs" / "best.pth"
     images = sorted((tiny_data_dir / "test_data" / "1").glob("*.jpg"))[:2]
@@ -102,8 +103,7 @@ def test_predict_single_images_and_pairs(trained_project, tiny_data_dir):
                             rf"{re.escape(str(image))}", verdict), verdict
         assert figure == f"  figure: {project / 'predictions' / (image.stem + '_prediction.png')}"
         assert (project / "predictions" / (image.stem + "_prediction.png")).stat().st_size > 0
-    pair = run_script("predict.py", "--checkpoint", checkpoint, "--pair", images[0], images[1])
-    assert re.match(r"similarity [01]\.\d{4} -> (same class|different classes)", pair)
+    # --pair: tests/test_cli.py::test_pair_prints_the_models_similarity, in-process
 
 
 @pytest.mark.parametrize("flags", [["--loss", "contrastive"], ["--loss", "triplet", "--miner", "hard"],
@@ -146,7 +146,7 @@ def test_synthetic_settings_learn_the_synthetic_lesions(tmp_path, quick_bootstra
     flags = makefile_flags("SYNTHETIC_FLAGS")
     assert (flags[flags.index("--image-size") + 1], flags[flags.index("--epochs") + 1]) == ("64", "10")
     data = tmp_path / "synthetic"
-    run_script("dataset.py", "--synthetic", data)
+    dataset.make_synthetic(data)  # what `dataset.py --synthetic` writes, without starting another interpreter
     # the cache decodes the 96 px files once instead of every epoch; one process, no loader workers
     train.main(["--project", str(tmp_path / "synthetic_run"), "--data", str(data), *flags, "--image-size", "32",
                 "--epochs", "6", "--workers", "0", "--cache", str(tmp_path / "cache")])
