@@ -217,10 +217,11 @@ class Background:
         return SimpleNamespace(returncode=self.process.returncode, stdout=stdout, stderr=stderr)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def cli(one_thread, tmp_path_factory):
-    """The command-line checks of one-line errors, started in the background as the module starts:
-    train.py with --device banana, predict.py with a checkpoint that carries pickled code."""
+    """The command-line checks of one-line errors, both started at once in the background:
+    train.py with --device banana, predict.py with a checkpoint that carries pickled code. Not
+    autouse: under pytest -n each worker that runs a test of this module would start them."""
     root = tmp_path_factory.mktemp("cli")
     marker, checkpoint, image = root / "code_ran", root / "evil.pth", root / "x.jpg"
     torch.save({"model": RunsCode(marker), "config": {"loss": "bce"}}, checkpoint)

@@ -24,9 +24,10 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 # The command line's errors (both commands run at once: each start imports torch)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """Started with the module's first test, so the two interpreters start while the others run."""
+    """The two interpreters, started together. Not autouse: under pytest -n each worker that runs a
+    test of this module would start them, whether or not it runs these two tests."""
     folder = tmp_path_factory.mktemp("cli")
     commands = {
         "no_args": [],
