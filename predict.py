@@ -48,7 +48,7 @@ from dataset import (DataError, attach_cache, check_image, denormalize, eval_tra
                      is_labelled_folder, load_split, read_rgb, write_excluded)
 from files import overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics
-from modules import LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
+from modules import CONFIG_RULES, LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
 from plots import plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, save_pair_figures
 from scoring import (SCORES, describe_device, embed_and_score, embedder, flip_views, pick_device, resolve_score,
                      score_images, similarity_matrix, to_device)
@@ -115,8 +115,7 @@ def stored_gallery(checkpoint, width, gallery_size, tta):
     --gallery-size and --tta; the score, k and threshold are computed again from its validation
     features). Otherwise None, and one line says that the training data is read instead, and why."""
     path = Path(checkpoint).with_name("gallery.pt")
-    gallery, problem = load_gallery(path, checkpoint)
-    problem = problem or gallery_problem(gallery, width, evaluation=True)
+    gallery, problem = load_gallery(path, checkpoint, width, evaluation=True)
     flag = {True: "--tta", False: "--no-tta"}
     if not problem and (gallery["gallery_size"], gallery["tta"]) != (gallery_size, tta):
         problem = (f"made with --gallery-size {gallery['gallery_size']} {flag[gallery['tta']]}, this evaluation "
@@ -382,8 +381,7 @@ def prediction_gallery(model, config, checkpoint, data, device, width):
     """The gallery saved next to the checkpoint, or, when it is missing or unusable, one rebuilt in
     memory from --data with the run's settings. `width`: the model's feature width."""
     gallery_path = Path(checkpoint).with_name("gallery.pt")
-    gallery, problem = load_gallery(gallery_path, checkpoint)
-    problem = problem or gallery_problem(gallery, width)
+    gallery, problem = load_gallery(gallery_path, checkpoint, width)
     if problem:
         if data is None:
             raise DataError(f"{gallery_path}: {problem}; pass --data DATA to rebuild it from the training and "
@@ -540,27 +538,43 @@ def predict_pair(checkpoint, first, second, device="auto"):
     return f"similarity {similarity:.4f} -> {verdict}  {first}  {second}"
 
 
+def table_problem(name, features, labels, width):
+    """What makes stored features and their labels unusable with a model whose features are
+    `width` wide, or None; `name` says whose they are in the message ("" or "validation ")."""
+    if not (torch.is_tensor(features) and features.is_floating_point() and features.ndim == 2):
+        return f"its {name}features are not a table of numbers"
+    if features.shape[1] != width:
+        return f"its {name}features are {features.shape[1]} wide, the checkpoint's are {width}"
+    if not torch.isfinite(features).all():
+        return f"its {name}features are not finite (NaN or inf)"
+    if not (torch.is_tensor(labels) and labels.shape == (len(features),) and set(labels.tolist()) == {0, 1}):
+        return f"its {name}labels are not one 0 or 1 per {name or 'feature '}row, with both classes"
+    return None
+
+
+def setting_problem(gallery, keys):
+    """The first of the gallery's `keys` (settings of the run) that breaks its modules.CONFIG_RULES rule, or None."""
+    for key in keys:
+        valid, what = CONFIG_RULES[key]
+        if not valid(gallery.get(key)):
+            return f"its {key} {gallery.get(key)!r} is not {what}"
+    return None
+
+
 def gallery_problem(gallery, width, evaluation=False):
     """What makes a loaded gallery unusable with a model whose features are `width` wide, or None.
     Its validation features and labels and gallery size are checked where present; `evaluation`
     (of other images without the training data, stored_gallery) needs them: an older gallery.pt
     without them still serves single images, and evaluations rebuild from the training data."""
-    features, labels, threshold = gallery.get("features"), gallery.get("labels"), gallery.get("threshold")
-    if not (torch.is_tensor(features) and features.is_floating_point() and features.ndim == 2):
-        return "its features are not a table of numbers"
-    if features.shape[1] != width:
-        return f"its features are {features.shape[1]} wide, the checkpoint's are {width}"
-    if not torch.isfinite(features).all():
-        return "its features are not finite (NaN or inf)"
-    if not (torch.is_tensor(labels) and labels.shape == (len(features),) and set(labels.tolist()) == {0, 1}):
-        return "its labels are not one 0 or 1 per feature row, with both classes"
+    features, threshold = gallery.get("features"), gallery.get("threshold")
+    problem = table_problem("", features, gallery.get("labels"), width)
+    if problem:
+        return problem
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
         return f"its threshold {threshold!r} is not a number"
-    if gallery.get("score") not in SCORES[1:]:
-        return f"its score method {gallery.get('score')!r} is unknown"
-    k = gallery.get("k")
-    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-        return f"its k {k!r} is not a count"
+    problem = setting_problem(gallery, ("score", "k"))
+    if problem:
+        return problem
     paths = gallery.get("paths")
     if paths is not None and not (isinstance(paths, list) and len(paths) == len(features)
                                   and all(isinstance(path, str) for path in paths)):
@@ -570,25 +584,18 @@ def gallery_problem(gallery, width, evaluation=False):
         return None  # an older gallery.pt: enough for single images
     if any(key not in gallery for key in (*kept, "tta")):
         return "it was written before galleries kept the validation features that evaluating other images needs"
-    val_features, val_labels, gallery_size, tta = (gallery[key] for key in (*kept, "tta"))
-    if not (torch.is_tensor(val_features) and val_features.is_floating_point() and val_features.ndim == 2
-            and val_features.shape[1] == width):
-        return f"its validation features are not a table of numbers {width} wide, as the checkpoint's"
-    if not torch.isfinite(val_features).all():
-        return "its validation features are not finite (NaN or inf)"
-    if not (torch.is_tensor(val_labels) and val_labels.dtype == torch.int64 and val_labels.shape == (len(val_features),)
-            and set(val_labels.tolist()) == {0, 1}):
-        return "its validation labels are not one 0 or 1 per validation row, with both classes"
-    if not (isinstance(gallery_size, int) and not isinstance(gallery_size, bool) and gallery_size >= 0):
-        return f"its gallery size {gallery_size!r} is not a count"
-    if not isinstance(tta, bool):
-        return f"its tta {tta!r} is not true or false"
-    return None
+    val_labels = gallery["validation_labels"]
+    problem = table_problem("validation ", gallery["validation_features"], val_labels, width)
+    if problem:
+        return problem
+    if val_labels.dtype != torch.int64:
+        return f"its validation labels are {val_labels.dtype}, not integers"
+    return setting_problem(gallery, ("gallery_size", "tta"))
 
 
-def load_gallery(path, checkpoint):
-    """(the saved gallery, None), or (None, why there is none to use: missing, unreadable or made
-    for another checkpoint); the caller says so in one line."""
+def load_gallery(path, checkpoint, width, evaluation=False):
+    """(the saved gallery, None), or (None, why there is none to use: missing, unreadable, made
+    for another checkpoint, or what gallery_problem finds); the caller says so in one line."""
     if not path.exists():
         return None, "missing"
     try:
@@ -599,7 +606,8 @@ def load_gallery(path, checkpoint):
         return None, "not a gallery file"
     if gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
         return None, "made for another checkpoint"
-    return gallery, None
+    problem = gallery_problem(gallery, width, evaluation)
+    return (None, problem) if problem else (gallery, None)
 
 
 def parse_args(argv=None):
