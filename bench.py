@@ -39,7 +39,8 @@ from metrics import bootstrap_auc
 from modules import BACKBONES, LOSSES, SiameseNetwork, build_model
 from predict import build_gallery
 from scoring import autocast, embed_images, embedder, pick_device, similarity_matrix, to_device
-from train import RunContext, make_config, make_train_loader, parse_args as train_args, training_loss
+from train import (RunContext, default_workers, make_config, make_train_loader, parse_args as train_args,
+                   training_loss)
 
 
 def peak_rss_mb():
@@ -272,7 +273,7 @@ def main(argv=None):
     args.image_size = args.image_size or (224 if gpu else 128)
     args.batch_size = args.batch_size or (256 if gpu else 32)
     args.steps = args.steps or (4 if args.quick else 8)
-    args.workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) - 1))
+    args.workers = args.workers if args.workers is not None else default_workers()
     args.loop_pairs = 16 if args.quick else 64
     args.naive_images = 2 if args.quick else 4
     args.resamples = 200 if args.quick else 1000  # predict.py's: 1000

@@ -305,8 +305,14 @@ class RunContext:
         return tensor.tolist()
 
 
+def default_workers(world_size=1):
+    """DataLoader workers per process when --workers is not given: the cores left to each process
+    after its own, from 1 to 8."""
+    return min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
+
+
 def run_context(args, rank, world_size, device):
-    workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 2) // world_size - 1))
+    workers = args.workers if args.workers is not None else default_workers(world_size)
     return RunContext(rank, world_size, device, Path(args.project) / "outputs", workers)
 
 
@@ -897,6 +903,7 @@ def evaluate_best(args, config, splits, history, ctx, amp, started):
                  ("best epoch", f"{best_row['epoch']} of {config.epochs} ({config.select} "
                                 f"{best_row[config.select]:.4f})"),
                  ("training curves", str(ctx.outputs / "training_validation_metrics.png"))])
+
 
 if __name__ == "__main__":
     main()
