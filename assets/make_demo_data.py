@@ -48,8 +48,9 @@ International Skin Imaging Collaboration (ISIC)". ISBI 2018, pp. 168-172. arXiv:
 """
 
 
-def demo_rows(source):
-    """The labels.csv rows ({isic_id, split, target}) sorted by id; a file that cannot serve ends in one line."""
+def demo_names(source):
+    """{(split, target): the isic_ids labels.csv puts in that challenge split and class, sorted};
+    a file that cannot serve the demo's COUNTS ends in one line."""
     path = source / "labels.csv"
     if not path.is_file():
         sys.exit(f"make_demo_data.py: error: --source {source}: no labels.csv there")
@@ -60,13 +61,13 @@ def demo_rows(source):
             sys.exit(f"make_demo_data.py: error: {path}: no {', '.join(sorted(missing))} column; "
                      f"it needs isic_id, split and target")
         rows = sorted(reader, key=lambda row: row["isic_id"])
-    for split, counts in COUNTS.items():
-        for target, count in enumerate(counts):
-            found = sum(row["split"] == split and row["target"] == str(target) for row in rows)
-            if found < count:
-                sys.exit(f"make_demo_data.py: error: {path}: only {found} of split {split}, target {target} "
-                         f"(the demo draws {count})")
-    return rows
+    names = {(split, target): [row["isic_id"] for row in rows if row["split"] == split and row["target"] == str(target)]
+             for split in COUNTS for target in (0, 1)}
+    for (split, target), found in names.items():
+        if len(found) < COUNTS[split][target]:
+            sys.exit(f"make_demo_data.py: error: {path}: only {len(found)} of split {split}, target {target} "
+                     f"(the demo draws {COUNTS[split][target]})")
+    return names
 
 
 def main(argv=None):
@@ -77,17 +78,16 @@ def main(argv=None):
     source, out = Path(args.source), args.out
     if out.exists():
         sys.exit(f"make_demo_data.py: error: {out} exists; remove it first to make it again")
-    rows = demo_rows(source)
+    names = demo_names(source)
     rng = np.random.default_rng(0)
     table = []
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")  # renamed to out once complete
     try:
         for split, counts in COUNTS.items():
             for target, count in enumerate(counts):
-                names = [row["isic_id"] for row in rows if row["split"] == split and row["target"] == str(target)]
                 folder = partial / FOLDERS[split] / str(target)
                 folder.mkdir(parents=True)
-                for name in rng.choice(names, count, replace=False):
+                for name in rng.choice(names[split, target], count, replace=False):
                     path = source / "images" / f"{name}.jpg"
                     try:
                         with Image.open(path) as image:
