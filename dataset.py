@@ -25,7 +25,8 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from cli import ArgumentParser
-from files import remove_stale_temporaries, write_atomic, write_text_atomic
+from files import overlaps, remove_stale_temporaries, write_atomic, write_text_atomic
+from near_duplicates import near_copies
 
 SPLITS = {"train": "train_data", "validation": "validation_data", "test": "test_data"}
 CLASSES = ("0", "1")  # folder names: 0 benign, 1 malignant
@@ -159,6 +160,7 @@ class ImageSplit:
     def __init__(self, name, paths, labels, excluded):
         self.name, self.paths, self.labels, self.excluded = name, paths, np.asarray(labels), excluded
         self.cache = None  # a (N, 3, S, S) uint8 memmap once attach_cache() ran
+        self.extra, self.dropped = {}, []  # load_train_split: images per --extra-train folder, near copies left out
 
     def __len__(self):
         return len(self.paths)
@@ -179,14 +181,7 @@ def load_split(data_dir, split, benign_limit=0, seed=0, workers=8):
     bad = {path for path, _ in excluded}
     labels = [label for path, label in zip(paths, labels) if path not in bad]
     paths = [path for path in paths if path not in bad]
-    labels = np.asarray(labels, dtype=np.int64)
-    if benign_limit and (labels == 0).sum() > benign_limit:
-        # A seeded random subset, the same in every run with this seed.
-        rng = np.random.default_rng(seed)
-        benign = np.flatnonzero(labels == 0)
-        keep = np.sort(np.concatenate([rng.choice(benign, benign_limit, replace=False),
-                                       np.flatnonzero(labels == 1)]))
-        paths, labels = [paths[i] for i in keep], labels[keep]
+    paths, labels = cap_benign(paths, np.asarray(labels, dtype=np.int64), benign_limit, seed)
     folder = split_folder(data_dir, split)
     for label, name in enumerate(CLASSES):
         if not (labels == label).any():
@@ -195,6 +190,50 @@ def load_split(data_dir, split, benign_limit=0, seed=0, workers=8):
             raise DataError(f"{folder / name}: no usable {CLASS_NAMES[label]} images{detail}; every split "
                             f"needs both classes (re-run to_subdirectories.py or add images)")
     return ImageSplit(split or Path(data_dir).name, paths, labels, excluded)
+
+
+def cap_benign(paths, labels, benign_limit, seed):
+    """A seeded random subset of benign_limit benign images (0: all) and every malignant one, the
+    same in every run with this seed."""
+    if not benign_limit or (labels == 0).sum() <= benign_limit:
+        return paths, labels
+    rng = np.random.default_rng(seed)
+    benign = np.flatnonzero(labels == 0)
+    keep = np.sort(np.concatenate([rng.choice(benign, benign_limit, replace=False), np.flatnonzero(labels == 1)]))
+    return [paths[i] for i in keep], labels[keep]
+
+
+def load_train_split(data_dir, extra_train=(), benign_limit=0, seed=0, workers=8):
+    """The training split: --data's, plus every image of each --extra-train folder (each of its
+    splits, or its 0/ and 1/) that is not a near copy of an image of --data's validation or test
+    split, so that no evaluated lesion is trained on. The benign cap applies to the whole.
+    `extra` says how many images each folder gave, `dropped` which were left out as near copies."""
+    if not extra_train:
+        return load_split(data_dir, "train", benign_limit, seed, workers)
+    held_out = [path for split in ("validation", "test") if has_split(data_dir, split)
+                for path in list_split(data_dir, split)[0]]
+    parts, extra, dropped = [load_split(data_dir, "train", 0, seed, workers)], {}, []
+    for folder in extra_train:
+        if overlaps(folder, data_dir):
+            raise DataError(f"--extra-train {folder}: overlaps --data {data_dir}; extra training images "
+                            f"come from another folder (its own splits are used whole)")
+        folder_splits = [name for name in SPLITS if has_split(folder, name)] or [None]
+        if folder_splits == [None] and not is_labelled_folder(folder):
+            raise DataError(f"--extra-train {folder}: neither a split folder nor a folder with 0/ and 1/; "
+                            f"make it with to_subdirectories.py")
+        for name in folder_splits:
+            part = load_split(folder, name, 0, seed, workers)
+            copies = near_copies(part.paths, held_out, workers=workers)
+            copied = {path for path, _, _ in copies}
+            keep = [i for i, path in enumerate(part.paths) if path not in copied]
+            parts.append(ImageSplit(part.name, [part.paths[i] for i in keep], part.labels[keep], part.excluded))
+            extra[str(folder)] = extra.get(str(folder), 0) + len(keep)
+            dropped += copies
+    paths = [path for part in parts for path in part.paths]
+    paths, labels = cap_benign(paths, np.concatenate([part.labels for part in parts]), benign_limit, seed)
+    train = ImageSplit("train", paths, labels, [item for part in parts for item in part.excluded])
+    train.extra, train.dropped = extra, dropped
+    return train
 
 
 def write_excluded(splits, path):

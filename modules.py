@@ -455,6 +455,7 @@ class RunConfig:
     backbone: str = "resnet18"
     features: str = "imagenet"      # the backbone's 1000-d ImageNet output, as the study
     backbone_lr_scale: float = 1.0  # the backbone's learning rate as a fraction of --lr
+    extra_train: list = field(default_factory=list)  # more training folders beside data's (--extra-train)
 
     @classmethod
     def from_dict(cls, values, path, required=None):
@@ -536,9 +537,10 @@ CONFIG_RULES = {
     "backbone": (lambda v: v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
     "features": (lambda v: v in FEATURES, f"one of {', '.join(FEATURES)}"),
     "backbone_lr_scale": (lambda v: _finite(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "extra_train": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of folders"),
 }
 LEVER_KEYS = ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta",
-              "backbone", "features", "backbone_lr_scale")
+              "backbone", "features", "backbone_lr_scale", "extra_train")
 MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")  # what evaluation reads
 RUN_KEYS = tuple(key for key in CONFIG_RULES if key not in LEVER_KEYS)  # what every last.pth holds
 

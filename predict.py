@@ -45,7 +45,7 @@ from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 
 from cli import ArgumentParser
 from dataset import (DataError, attach_cache, check_image, denormalize, eval_transform, has_split,
-                     is_labelled_folder, load_split, read_rgb, write_excluded)
+                     is_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
 from files import overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics
 from modules import CONFIG_RULES, LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
@@ -178,7 +178,8 @@ def load_evaluation_splits(data, config, workers, cache=None, from_gallery=False
             raise DataError(f"{home}: the model's training data is not there any more and outputs/gallery.pt "
                             f"cannot stand in for it (the line above says why); restore the data, or evaluate "
                             f"the project on its own data again where the data is, to write gallery.pt")
-        splits = {name: load_split(home, name, limits[name], seed, max(1, workers)) for name in ("train", "validation")}
+        splits = {"train": load_train_split(home, config.extra_train, limits["train"], seed, max(1, workers)),
+                  "validation": load_split(home, "validation", limits["validation"], seed, max(1, workers))}
     if external:
         splits["evaluated"] = load_split(data, None, 0, seed, max(1, workers))
     elif has_split(data, "test"):
@@ -388,8 +389,8 @@ def prediction_gallery(model, config, checkpoint, data, device, width):
                             f"validation splits (or evaluate the project again)")
         print(f"{gallery_path}: {problem}; rebuilding the gallery from --data {data}")
         seed = config.seed
-        train, validation = (load_split(data, name, limit, seed) for name, limit in
-                             zip(("train", "validation"), config.benign_limit))
+        train = load_train_split(data, config.extra_train, config.benign_limit[0], seed)
+        validation = load_split(data, "validation", config.benign_limit[1], seed)
         gallery, _ = build_gallery(model, train, {"validation": validation},
                                    embedder(model, config.image_size, 64, device, tta=config.tta),
                                    gallery_size=config.gallery_size, method=config.score, k=config.k,

@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader
 
 from cli import ArgumentParser, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
-                     batch_pairs, collate_images, has_split, load_split, sample_seed, train_transform, attach_cache,
-                     write_excluded)
-from files import overlaps, remove_stale_temporaries, write_atomic
+                     batch_pairs, collate_images, has_split, load_split, load_train_split, sample_seed,
+                     train_transform, attach_cache, write_excluded)
+from files import overlaps, remove_stale_temporaries, write_atomic, write_text_atomic
 from metrics import auc_or_nan
 from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS,
                      SAMPLERS, SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights,
@@ -155,6 +155,10 @@ def parse_args(argv=None):
     add_recipe_flags(p)
     p.add_argument("--image-size", type=int, default=STUDY.image_size,
                    help=f"side of the square network input in pixels (study: {STUDY.image_size})")
+    p.add_argument("--extra-train", nargs="+", default=[], metavar="FOLDER",
+                   help="other labelled data sets to train on as well (each a split folder, all its splits, or "
+                        "a folder with 0/ and 1/). Validation and test stay --data's, and its images "
+                        "that are near copies of theirs are left out")
     p.add_argument("--benign-limit", type=int, nargs="+", default=STUDY.benign_limit, metavar="N",
                    help="cap on benign images in train, validation and test (one value: all three); "
                         "0 = no cap, the full data set (study: 4000 1000 1000)")
@@ -207,6 +211,9 @@ def check_args(args):
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py "
                          f"or `python dataset.py --synthetic {args.data}`")
+    for folder in args.extra_train:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--extra-train {folder}: no such folder; make it with to_subdirectories.py")
     if overlaps(args.project, args.data):  # its results/ would move inside (or with) the data
         raise ValueError(f"--project {args.project}: overlaps --data {args.data}; choose a project folder "
                          f"outside the data")
@@ -250,6 +257,7 @@ def make_config(args):
         "score": resolve_score(RunConfig(loss=args.loss, aux_weight=args.aux_weight), args.score),
         "sampler": loss.sampler or args.sampler,
         "data": str(Path(args.data).resolve()),
+        "extra_train": [str(Path(folder).resolve()) for folder in args.extra_train],
     }
     return RunConfig(**{setting.name: derived[setting.name] if setting.name in derived else getattr(args, setting.name)
                         for setting in fields(RunConfig)})
@@ -695,9 +703,11 @@ def run_config(args, ctx):
 
 def load_data(args, config, ctx):
     """{train, validation[, test]} with their benign limits, cached when --cache is given."""
-    splits = {name: load_split(args.data, name, limit, config.seed, max(ctx.workers, 4))
-              for name, limit in zip(("train", "validation", "test"), config.benign_limit)
-              if name != "test" or has_split(args.data, "test")}
+    workers, (train_limit, *held_out_limits) = max(ctx.workers, 4), config.benign_limit
+    splits = {"train": load_train_split(args.data, config.extra_train, train_limit, config.seed, workers)}
+    splits |= {name: load_split(args.data, name, limit, config.seed, workers)
+               for name, limit in zip(("validation", "test"), held_out_limits)
+               if name != "test" or has_split(args.data, "test")}
     if "test" not in splits:
         ctx.say(f"{args.data}: no test_data folder; the final evaluation reports the validation split instead")
     if args.cache:  # rank 0 builds the cache (once); the other ranks wait for it, then map it
@@ -728,6 +738,14 @@ def prepare_outputs(to_delete, splits, ctx):
     for name, split in splits.items():
         benign, malignant = split.counts()
         ctx.say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
+    train = splits["train"]
+    for folder, count in train.extra.items():
+        ctx.say(f"  of which {count} from --extra-train {folder}")
+    if train.dropped and ctx.rank == 0:
+        write_text_atomic(ctx.outputs / "near_copies_left_out.txt",
+                          "".join(f"{extra}\t{held_out}\t{bits} bits\n" for extra, held_out, bits in train.dropped))
+        ctx.say(f"left out {len(train.dropped)} --extra-train image(s) that are near copies of validation or test "
+                f"images; the list is in {ctx.outputs / 'near_copies_left_out.txt'}")
 
 
 def build_training(args, config, raw_model, train, resume, ctx):
