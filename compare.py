@@ -2,13 +2,21 @@
 compare them by the same image-level metrics. Writes PROJECT/results/comparison.md.
 
     python compare.py --project runs/compare --data DATA [--recipes study tuned] [--seeds 0 1 2]
-                      [--losses bce ce] [train.py flags, e.g. --epochs 8 --image-size 96]
+                      [--losses bce ce] [--baseline ce:transfer] [--against runs/other]
+                      [train.py flags, e.g. --epochs 8 --image-size 96]
 
 Each run trains into PROJECT/<loss>-<recipe>-seed<seed>/ with train.py, which evaluates the test
 split (or the validation split when DATA has none) with the loss's default image-level score and
 every other score the model supports from the same embeddings. A run whose
 results/metrics.json exists is not trained again, so an interrupted benchmark continues where it
 stopped. With several seeds a second table gives each row's mean and standard deviation.
+
+Two models scored on the same images are compared by their paired difference: a third table gives
+every row's AUC minus the baseline's (--baseline, default the ce run: the plain classifier), per
+seed and averaged over the seeds, each with a 95 % interval from 1,000 resamples of the images
+that score both models (metrics.paired_auc_difference). With --against OTHER_PROJECT (another
+compare.py project on the same data, e.g. trained without --extra-train) every row is compared
+with the same loss, recipe, seed and score there instead.
 """
 import csv
 import json
@@ -17,8 +25,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from cli import ArgumentParser
 from files import write_text_atomic
+from metrics import paired_auc_difference
 from modules import LOSSES, RECIPES
 
 
@@ -66,6 +77,49 @@ def rows_of(metrics, history):
     return [(name, m, seconds, len(history)) for name, m in rows]
 
 
+def read_scores(folder):
+    """(images, labels, {score: per-image values}) of one run's results/scores.csv."""
+    path = folder / "results" / "scores.csv"
+    try:
+        with open(path, newline="") as file:
+            header, *rows = list(csv.reader(file))
+        return ([row[0] for row in rows], np.array([int(row[1]) for row in rows]),
+                {name: np.array([float(row[i]) for row in rows]) for i, name in enumerate(header[2:], 2)})
+    except (OSError, ValueError, IndexError) as error:
+        sys.exit(f"compare.py: error: {path}: unreadable ({error}); delete {folder} to train that run again")
+
+
+def signed(difference, low, high):
+    return f"{difference:+.3f} ({low:+.3f}, {high:+.3f})"
+
+
+def paired_lines(runs, seeds, baseline_of, baseline_name):
+    """The paired-difference table: each (loss, recipe, score) row's AUC minus its baseline's on
+    the same images, per seed and pooled over the seeds. `runs`: {(loss, recipe, seed): (images,
+    labels, {score: values})}; baseline_of(loss, recipe, seed, score) gives the baseline's
+    (images, labels, values), or None for the baseline itself."""
+    lines = ["", f"Paired AUC difference from {baseline_name} on the same images (95 % interval over 1,000 "
+                 f"resamples of the images, each scoring both models; pooled: the mean over the seeds):", "",
+             f"| loss | recipe | score | {' | '.join(f'seed {seed}' for seed in seeds)} | pooled over seeds |",
+             "| --- | --- | --- |" + " --- |" * (len(seeds) + 1)]
+    rows = dict.fromkeys((loss, recipe, score) for (loss, recipe, _), (*_, scores) in runs.items() for score in scores)
+    for loss, recipe, score in rows:
+        pairs = [(runs[loss, recipe, seed], baseline_of(loss, recipe, seed, score)) for seed in seeds]
+        if any(baseline is None for _, baseline in pairs):
+            continue
+        for (images, _, _), (baseline_images, _, _) in pairs:
+            if images != baseline_images:
+                sys.exit(f"compare.py: error: {loss}-{recipe} and {baseline_name} were scored on different images; "
+                         f"compare runs evaluated on the same --data")
+        labels = pairs[0][0][1]
+        scores = np.stack([run[2][score] for run, _ in pairs])
+        baseline = np.stack([values for _, (_, _, values) in pairs])
+        cells = [signed(*paired_auc_difference(labels, a, b)) for a, b in zip(scores, baseline)]
+        lines.append(f"| {loss} | {recipe} | {score} | {' | '.join(cells)} | "
+                     f"{signed(*paired_auc_difference(labels, scores, baseline))} |")
+    return lines
+
+
 def main(argv=None):
     parser = ArgumentParser("compare.py", description=__doc__)
     parser.add_argument("--project", required=True, help="folder for one sub-project per run and the comparison")
@@ -78,6 +132,11 @@ def main(argv=None):
                         help="exactly these loss and recipe pairs, e.g. bce:study bce:tuned ce:tuned "
                              "(instead of every --losses x --recipes)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
+    parser.add_argument("--baseline", metavar="LOSS:RECIPE",
+                        help="the run every other is compared with on the same images (default: the first ce run)")
+    parser.add_argument("--against", metavar="PROJECT",
+                        help="another compare.py project on the same data: compare each row with its twin there "
+                             "(same loss, recipe, seed and score) instead of with --baseline")
     args, train_flags = parser.parse_known_args(argv)
     refused = [flag for flag in train_flags if flag.split("=")[0] in ROW_FLAGS]
     if refused:
@@ -91,13 +150,20 @@ def main(argv=None):
         bad = [":".join(pair) for pair in pairs if len(pair) != 2 or pair[0] not in LOSSES or pair[1] not in RECIPES]
         if bad:
             parser.error(f"--runs {' '.join(bad)}: each is LOSS:RECIPE, e.g. bce:tuned")
-    project, table, data = Path(args.project), [], args.data
+    baseline = args.baseline or next((f"{loss}:{recipe}" for loss, recipe in pairs if loss == "ce"), None)
+    if args.baseline and tuple(args.baseline.split(":", 1)) not in pairs:
+        parser.error(f"--baseline {args.baseline}: not one of the runs ({' '.join(':'.join(p) for p in pairs)})")
+    if args.against and not (Path(args.against) / "results" / "comparison.md").is_file():
+        parser.error(f"--against {args.against}: no compare.py results there (results/comparison.md); run "
+                     f"compare.py with that --project first")
+    project, table, data, runs = Path(args.project), [], args.data, {}
     for loss, recipe in pairs:
         for seed in args.seeds:
             folder = project / f"{loss}-{recipe}-seed{seed}"
             metrics = train_and_score(folder, data, loss, recipe, seed, train_flags)
             history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
             table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
+            runs[loss, recipe, seed] = read_scores(folder)
 
     split = metrics["evaluated_split"]
     lines = [f"Data: `{args.data}` ({split} split); seeds {' '.join(map(str, args.seeds))}; "
@@ -118,6 +184,23 @@ def main(argv=None):
             cells = [f"{statistics.mean(r[name] for r in runs):.3f} ± {statistics.stdev(r[name] for r in runs):.3f}"
                      for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")]
             lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
+    if args.against:
+        def twin(loss, recipe, seed, score):
+            folder = Path(args.against) / f"{loss}-{recipe}-seed{seed}"
+            if not (folder / "results" / "scores.csv").is_file():
+                return None
+            images, labels, scores = read_scores(folder)
+            return (images, labels, scores[score]) if score in scores else None
+        lines += paired_lines(runs, args.seeds, twin, f"the same run in {args.against}")
+    elif baseline:
+        base_loss, base_recipe = baseline.split(":", 1)
+
+        def baseline_run(loss, recipe, seed, score):
+            if (loss, recipe) == (base_loss, base_recipe):
+                return None
+            images, labels, scores = runs[base_loss, base_recipe, seed]
+            return images, labels, scores[next(iter(scores))]  # its own score: scores.csv's first column
+        lines += paired_lines(runs, args.seeds, baseline_run, f"{baseline} (its own score)")
     (project / "results").mkdir(parents=True, exist_ok=True)
     write_text_atomic(project / "results" / "comparison.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,11 +1,15 @@
 """compare.py run for real on the tiny synthetic split: one table row per run and score, results
-reused only when made with the same flags, and the flags that would make a row lie refused."""
+reused only when made with the same flags, paired differences from the baseline or from another
+project's twin runs, and the flags that would make a row lie refused."""
 import os
+import shutil
 
+import numpy as np
 import pytest
 
 import compare
 from helpers import TINY
+from metrics import paired_auc_difference
 
 
 def test_compare_trains_each_run_and_writes_one_table(tiny_data_dir, tmp_path, monkeypatch, capsys):
@@ -23,12 +27,44 @@ def test_compare_trains_each_run_and_writes_one_table(tiny_data_dir, tmp_path, m
         compare.main(["--project", "cmp", "--data", str(tiny_data_dir), "--runs", "bce:study", *other])
 
 
+def paired_row(table, loss, score):
+    return next(line for line in table.split("Paired AUC difference")[1].splitlines()
+                if line.startswith(f"| {loss} | study | {score} |"))
+
+
+def test_compare_reports_each_row_paired_with_the_baseline_and_with_its_twin_elsewhere(tiny_data_dir, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    compare.main(["--project", "cmp", "--data", str(tiny_data_dir), "--runs", "bce:study", "ce:study", *TINY])
+    table = (tmp_path / "cmp" / "results" / "comparison.md").read_text()
+    assert "from ce:study (its own score)" in table
+    # the gallery row against the classifier's own score, recomputed from the two scores.csv files
+    bce_images, labels, bce = compare.read_scores(tmp_path / "cmp" / "bce-study-seed0")
+    ce_images, _, ce = compare.read_scores(tmp_path / "cmp" / "ce-study-seed0")
+    assert bce_images == ce_images
+    expected = compare.signed(*paired_auc_difference(labels, bce["gallery"], ce["direct"]))
+    assert paired_row(table, "bce", "gallery") == f"| bce | study | gallery | {expected} | {expected} |"
+    assert "| ce | study | direct |" not in table.split("Paired AUC difference")[1]  # not with itself
+
+    # the same runs elsewhere (reused, not trained again): every twin differs by exactly zero
+    shutil.copytree(tmp_path / "cmp", tmp_path / "twin")
+    compare.main(["--project", "twin", "--data", str(tiny_data_dir), "--runs", "bce:study", "ce:study",
+                  "--against", "cmp", *TINY])
+    table = (tmp_path / "twin" / "results" / "comparison.md").read_text()
+    assert "from the same run in cmp" in table
+    zero = compare.signed(0.0, 0.0, 0.0)
+    assert paired_row(table, "bce", "gallery") == f"| bce | study | gallery | {zero} | {zero} |"
+    assert paired_row(table, "ce", "direct") == f"| ce | study | direct | {zero} | {zero} |"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--runs", "bce"], "each is LOSS:RECIPE"),
     (["--runs", "bce:nope"], "each is LOSS:RECIPE"),
     (["--losses", "bce", "--recipe", "tuned"], "--recipe: set by compare.py"),
     (["--losses", "bce", "--seed=3"], "--seed=3: set by compare.py"),
     (["--seeds", "0", "0"], "must not repeat"),
+    (["--runs", "bce:study", "--baseline", "ce:study"], "--baseline ce:study: not one of the runs"),
+    (["--runs", "bce:study", "--against", "nowhere"], "--against nowhere: no compare.py results there"),
 ])
 def test_compare_refuses_what_would_make_its_table_lie(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):

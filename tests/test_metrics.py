@@ -1,12 +1,14 @@
 """Tests of metrics.py against values counted by hand and brute-force computations (never the
 scikit-learn calls metrics.py itself makes): the study's pair numbers, the image-level metrics,
-the bootstrap interval of the AUC and the validation threshold."""
+the bootstrap interval of the AUC, the paired difference of two AUCs and the validation
+threshold."""
 import math
 
 import numpy as np
 import pytest
 
-from metrics import auc_or_nan, bootstrap_auc, choose_threshold, image_metrics, pair_metrics
+from metrics import (auc_or_nan, bootstrap_auc, choose_threshold, image_metrics, pair_metrics,
+                     paired_auc_difference)
 
 
 def toy_scores(n, seed, separation=1.0, malignant_fraction=0.3):
@@ -144,6 +146,54 @@ def test_bootstrap_counts_ties_as_one_half_whatever_the_block(block):
             for sample in (rng.integers(0, 60, 60) for _ in range(50)) if 0 < labels[sample].sum() < 60]
     expected = (np.percentile(aucs, 2.5), np.percentile(aucs, 97.5))
     assert bootstrap_auc(labels, scores, n=50, seed=0, block=block) == pytest.approx(expected, abs=1e-12)
+
+
+# paired_auc_difference
+
+
+def correlated_scores(n, seed, models=1):
+    """Labels and `models` pairs of scores that share most of their noise (two models that find
+    the same images hard), the first of each pair a little better."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.3).astype(int)
+    labels[:2] = [0, 1]
+    shared = rng.normal(0, 1, n)
+    better = np.stack([shared + 0.2 * rng.normal(0, 1, n) + 1.2 * labels for _ in range(models)])
+    worse = np.stack([shared + 0.2 * rng.normal(0, 1, n) + 1.0 * labels for _ in range(models)])
+    return labels, better, worse
+
+
+def test_paired_difference_is_the_difference_counted_pair_by_pair_with_the_same_resamples():
+    labels, better, worse = correlated_scores(80, 0)
+    difference, low, high = paired_auc_difference(labels, better[0], worse[0], n=60, seed=3)
+    assert difference == pytest.approx(pairwise_auc(labels, better[0]) - pairwise_auc(labels, worse[0]))
+    # by hand: each resample of the images scores both models
+    rng = np.random.default_rng(3)
+    differences = [pairwise_auc(labels[s], better[0][s]) - pairwise_auc(labels[s], worse[0][s])
+                   for s in (rng.integers(0, 80, 80) for _ in range(60)) if 0 < labels[s].sum() < 80]
+    assert (low, high) == pytest.approx((np.percentile(differences, 2.5), np.percentile(differences, 97.5)))
+    assert low < difference < high
+
+
+def test_paired_interval_is_narrower_than_the_unpaired_ones_for_correlated_scores():
+    labels, better, worse = correlated_scores(400, 1)
+    _, low, high = paired_auc_difference(labels, better[0], worse[0], n=300, seed=0)
+    for scores in (better[0], worse[0]):
+        unpaired_low, unpaired_high = bootstrap_auc(labels, scores, n=300, seed=0)
+        assert high - low < 0.5 * (unpaired_high - unpaired_low)
+    assert low > 0  # the better model is found better, which two overlapping intervals cannot say
+
+
+def test_paired_difference_over_seeds_is_the_mean_of_the_per_seed_differences():
+    labels, better, worse = correlated_scores(120, 2, models=3)
+    difference, low, high = paired_auc_difference(labels, better, worse, n=100, seed=0)
+    per_seed = [pairwise_auc(labels, a) - pairwise_auc(labels, b) for a, b in zip(better, worse)]
+    assert difference == pytest.approx(np.mean(per_seed))
+    one_seed = paired_auc_difference(labels, better[0], worse[0], n=100, seed=0)
+    assert high - low < one_seed[2] - one_seed[1]  # seed noise averages out
+    assert paired_auc_difference(labels, worse, worse, n=100, seed=0) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        paired_auc_difference(labels, better, worse[:2])
 
 
 def test_bootstrap_interval_of_a_perfect_and_a_reversed_ranking_is_a_point():
