@@ -16,34 +16,33 @@ from PIL import Image
 
 HASH_SIZE = 16  # a 16x16-bit hash
 NEAR_BITS = 16  # at most this many of the 256 bits differ: a near copy
-_BITS_SET = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
 
 
 def image_hash(path):
-    """The packed 32-byte perceptual hash of one image file, or None when it cannot be read."""
+    """The perceptual hash, packed into four 64-bit words, of one image file, or None when it cannot be read."""
     try:
         with Image.open(path) as image:
             image.draft("L", (4 * HASH_SIZE, 4 * HASH_SIZE))  # a JPEG decoded at reduced scale, for speed
-            return np.packbits(imagehash.phash(image, hash_size=HASH_SIZE).hash.ravel())
+            return np.packbits(imagehash.phash(image, hash_size=HASH_SIZE).hash.ravel()).view(np.uint64)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
 
 
 def image_hashes(paths, workers=4):
-    """(hashes, readable): the (N, 32) uint8 hashes of the files, and which files could be read
+    """(hashes, readable): the (N, 4) uint64 hashes of the files, and which files could be read
     (an unreadable one's row is zeros and matches nothing)."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         hashes = list(pool.map(image_hash, paths))
     readable = np.array([h is not None for h in hashes], dtype=bool)
-    rows = [h if h is not None else np.zeros(HASH_SIZE * HASH_SIZE // 8, np.uint8) for h in hashes]
-    return (np.stack(rows) if rows else np.zeros((0, HASH_SIZE * HASH_SIZE // 8), np.uint8)), readable
+    rows = [h if h is not None else np.zeros(HASH_SIZE * HASH_SIZE // 64, np.uint64) for h in hashes]
+    return (np.stack(rows) if rows else np.zeros((0, HASH_SIZE * HASH_SIZE // 64), np.uint64)), readable
 
 
 def near_pairs(hashes_a, readable_a, hashes_b, readable_b, max_bits=NEAR_BITS, block=512):
     """[(i, j, bits)]: every image i of set a within max_bits of image j of set b."""
     pairs = []
     for start in range(0, len(hashes_a), block):
-        bits = _BITS_SET[hashes_a[start:start + block, None, :] ^ hashes_b[None, :, :]].sum(-1, dtype=np.int32)
+        bits = np.bitwise_count(hashes_a[start:start + block, None, :] ^ hashes_b[None, :, :]).sum(-1, dtype=np.int32)
         bits[~readable_a[start:start + block]] = max_bits + 1
         bits[:, ~readable_b] = max_bits + 1
         for i, j in zip(*np.nonzero(bits <= max_bits)):

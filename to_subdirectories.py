@@ -11,6 +11,9 @@ drawn: 70/15/15 per class by default, grouped by patient (no patient in two spli
 CSV has a patient_id column; the Kaggle "256x256 RESIZED" metadata has none, so then it is per
 image, and the script says so. Images are hard-linked (no extra disk space) unless
 --copy is given or linking is impossible (another file system), in which case they are copied.
+Near copies of one photo across splits (a perceptual hash, near_duplicates.py) are counted, and a
+training image that is a near copy of a validation or test image is left out of train_data;
+split.json lists them.
 
     python to_subdirectories.py --csv train-metadata.csv --images train-image/image --out DATA
 """
@@ -32,9 +35,11 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from cli import ArgumentParser
 from files import left_by_an_ended_process
+from near_duplicates import NEAR_BITS, image_hashes, near_pairs
 
 SPLITS = ("train_data", "validation_data", "test_data")
 CLASS_NAMES = ("benign", "malignant")  # target 0, target 1; also the folder names "0" and "1"
+HELD_OUT = ("validation_data", "test_data")  # the splits a model is judged on: none of their images is trained on
 NAME_COLUMNS = ("isic_id", "image_name")  # Kaggle metadata has isic_id, the ISIC 2020 csv image_name
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAX_FOLDS = 100  # folds are the unit the splits are built from: 100 folds = 1 % steps
@@ -480,6 +485,32 @@ def assign_splits(rows, report, grouped, ratios, seed, csv_path):
     return draw_split(rows, labels, grouped, report["has_patient_id"], ratios, seed, csv_path)
 
 
+def find_near_copies(rows, assignment, images):
+    """(assignment without the training images that are near copies of a validation or test image,
+    report): a patient-grouped split cannot see two files of one photo under two patients or
+    names, and an official split may hold such copies itself (ISIC 2017 does). The report counts
+    the near copies between each two splits and names the training images left out."""
+    hashes, readable = image_hashes([os.path.join(images, row["name"]) for row in rows])
+    members = {split: np.flatnonzero(np.asarray(assignment) == split) for split in SPLITS}
+    pairs, left_out = {}, set()
+    for i, first in enumerate(SPLITS):
+        for second in SPLITS[i + 1:]:
+            a, b = members[first], members[second]
+            found = near_pairs(hashes[a], readable[a], hashes[b], readable[b])
+            pairs[f"{first}/{second}"] = len(found)
+            if first == "train_data":
+                left_out |= {int(a[j]) for j, _, _ in found}
+    names = sorted(rows[i]["name"] for i in left_out)
+    if any(pairs.values()):
+        counts = ", ".join(f"{name} {n}" for name, n in pairs.items() if n)
+        print(f"near copies across splits (perceptual hashes within {NEAR_BITS} of 256 bits): {counts}")
+    if names:
+        print(f"left out of train_data: {len(names)} image(s) that are near copies of validation or test images, "
+              f"so no evaluated lesion is trained on (listed in split.json): {examples(names)}")
+    assignment = [None if i in left_out else split for i, split in enumerate(assignment)]
+    return assignment, {"max_bits": NEAR_BITS, "pairs": pairs, "left_out_of_train": names}
+
+
 def count_splits(rows, assignment, grouped, from_column, csv_path, out):
     """{split: benign, malignant, total and patients (None unless grouped)} of every split that
     has images; a split without one of the classes is an error."""
@@ -521,6 +552,8 @@ def place_images(tmp, rows, assignment, splits, images, copy):
     for folder in folders.values():
         folder.mkdir(parents=True)
     for row, split in zip(rows, assignment):  # os.path.join: pathlib costs a second per 33k files
+        if split is None:  # left out (find_near_copies)
+            continue
         src = os.path.join(images, row["name"])
         dst = os.path.join(folders[split, row["target"]], row["name"])
         methods[place(src, dst, copy)] += 1
@@ -581,10 +614,12 @@ def main(argv=None):
     # 2. Split, and count what each split holds.
     grouped = report["has_patient_id"] and any(row["patient_id"] for row in rows)
     assignment = assign_splits(rows, report, grouped, ratios, args.seed, csv_path)
+    assignment, near_copies = find_near_copies(rows, assignment, images)
     n_patients = len({row["patient_id"] for row in rows} - {None}) if grouped else None
     counts = count_splits(rows, assignment, grouped, report["split_column"], csv_path, out)
     # 3. Write the folders and split.json.
     info = split_info(args, ratios, report, grouped, csv_path, images, counts, n_patients, len(missing))
+    info["near_copies"] = near_copies
     methods = write_split(out, rows, assignment, images, args.copy, info, csv_path)
     print_summary(out, methods, args.copy, counts, grouped, n_patients)
     return info

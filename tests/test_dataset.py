@@ -15,7 +15,8 @@ from torchvision.transforms import v2
 
 import dataset
 from dataset import (BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches, batch_pairs,
-                     eval_transform, list_split, load_split, make_pairs, read_rgb, train_transform, attach_cache)
+                     eval_transform, list_split, load_split, load_train_split, make_pairs, read_rgb, train_transform,
+                     attach_cache)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -190,6 +191,44 @@ def test_benign_limit_subset_is_the_same_for_a_seed_and_differs_for_another(tiny
 def test_benign_limit_at_or_above_the_benign_count_keeps_everything(tiny_data_dir):
     for limit in (0, 8, 100):
         assert load_split(tiny_data_dir, "train", benign_limit=limit).counts() == list(TINY_COUNTS["train"])
+
+
+# ---------------------------------------------------------------------------------------------
+# load_train_split: --data's training split and the --extra-train folders
+
+
+def extra_folder(tiny_data_dir, tmp_path):
+    """Another data set (a split folder with train and validation) holding a resized, re-encoded
+    copy of one of tiny_data_dir's test images among its malignant training images."""
+    extra = tmp_path / "extra"
+    dataset.make_synthetic(extra, size=40, seed=3, counts={"train": (5, 4), "validation": (3, 3)})
+    test_image = sorted((tiny_data_dir / "test_data" / "1").iterdir())[0]
+    Image.open(test_image).resize((40, 40)).save(extra / "train_data" / "1" / "copy.jpg", quality=80)
+    return extra, test_image
+
+
+def test_extra_training_images_join_every_split_of_theirs_less_copies_of_test_images(tiny_data_dir, tmp_path):
+    extra, test_image = extra_folder(tiny_data_dir, tmp_path)
+    train = load_train_split(tiny_data_dir, [extra])
+    own = load_split(tiny_data_dir, "train")
+    assert train.paths[:len(own)] == own.paths  # --data's own images first, in their order
+    added = train.paths[len(own):]
+    assert len(added) == 5 + 4 + 3 + 3 and train.extra == {str(extra): 15}
+    assert {p.parent.parent.name for p in added} == {"train_data", "validation_data"}
+    assert [p.parent.name for p in train.paths] == [str(label) for label in train.labels]
+    assert [(a.name, b) for a, b, _ in train.dropped] == [("copy.jpg", test_image)]
+    # never an image of --data's validation or test split, nor a copy of one
+    held_out = set(list_split(tiny_data_dir, "validation")[0] + list_split(tiny_data_dir, "test")[0])
+    assert not held_out & set(train.paths) and extra / "train_data" / "1" / "copy.jpg" not in train.paths
+    assert load_train_split(tiny_data_dir, [extra], benign_limit=4).counts() == [4, 6 + 4 + 3]  # the cap: on the whole
+
+
+def test_extra_training_folder_inside_data_or_unlabelled_is_refused(tiny_data_dir, tmp_path):
+    with pytest.raises(DataError, match="overlaps --data"):
+        load_train_split(tiny_data_dir, [tiny_data_dir / "test_data"])
+    (tmp_path / "loose").mkdir()
+    with pytest.raises(DataError, match="neither a split folder nor a folder with 0/ and 1/"):
+        load_train_split(tiny_data_dir, [tmp_path / "loose"])
 
 
 # ---------------------------------------------------------------------------------------------

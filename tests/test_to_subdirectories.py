@@ -663,3 +663,40 @@ def test_split_column_that_leaves_a_split_without_a_class_is_refused(tmp_path):
         run_main(csv_path, images, tmp_path / "DATA")
     assert "test_data without malignant" in error_of(e)
     assert not (tmp_path / "DATA").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Near copies across splits
+
+
+def test_a_training_near_copy_of_a_test_image_is_left_out_and_every_cross_split_copy_counted(tmp_path, capsys):
+    from dataset import make_synthetic
+    from PIL import Image
+
+    lesions = tmp_path / "lesions"
+    make_synthetic(lesions, size=96, seed=1, counts={"test": (6, 6)})
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(lesions.rglob("*.jpg")):
+        shutil.copy(path, images / path.name)
+    benign, malignant = (sorted(p.stem for p in images.glob(f"SYN_test_{label}_*")) for label in (0, 1))
+    split = ["train"] * 3 + ["val"] * 1 + ["test"] * 2  # per class
+    rows = [(name, label, s) for label, names in enumerate((benign, malignant)) for name, s in zip(names, split)]
+    test_image, val_image = next(r[0] for r in rows if r[2] == "test"), next(r[0] for r in rows if r[2] == "val")
+    # a resized, re-encoded copy of a test image in train, and an exact copy of a validation image in test
+    Image.open(images / f"{test_image}.jpg").resize((80, 60)).save(images / "COPY_train.jpg", quality=70)
+    shutil.copy(images / f"{val_image}.jpg", images / "COPY_test.jpg")
+    target = {r[0]: r[1] for r in rows}
+    rows += [("COPY_train", target[test_image], "train"), ("COPY_test", target[val_image], "test")]
+    csv_path = tmp_path / "meta.csv"
+    csv_path.write_text("isic_id,target,split\n" + "".join(f"{n},{t},{s}\n" for n, t, s in rows))
+    info = run_main(csv_path, images, tmp_path / "DATA")
+    out = capsys.readouterr().out
+    assert info["near_copies"]["pairs"] == {"train_data/validation_data": 0, "train_data/test_data": 1,
+                                            "validation_data/test_data": 1}
+    assert info["near_copies"]["left_out_of_train"] == ["COPY_train.jpg"]
+    assert "COPY_train.jpg" not in layout(tmp_path / "DATA") and "COPY_test.jpg" in layout(tmp_path / "DATA")
+    assert info["counts"]["train_data"]["total"] == 6
+    assert "left out of train_data: 1 image(s)" in out and "train_data/test_data 1" in out
+    saved = json.loads((tmp_path / "DATA" / "split.json").read_text())
+    assert saved["near_copies"]["left_out_of_train"] == ["COPY_train.jpg"]

@@ -2,6 +2,7 @@
 and the best-checkpoint rule."""
 import dataclasses
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -10,12 +11,12 @@ import torch
 import modules
 import train
 from dataset import ImageDataset, ShuffledBatches, BalancedBatches, collate_images, load_split, train_transform
-from helpers import TINY
+from helpers import TINY, tiny
 from modules import LOSSES, RunConfig, build_model
 
 FLAGS = ("--help", "--project", "--data", "--epochs", "--recipe", "--batch-size", "--val-batch-size", "--lr",
          "--weight-decay", "--optimizer", "--schedule", "--warmup-epochs", "--augment", "--aux-weight",
-         "--backbone-lr-scale", "--sampler", "--image-size", "--benign-limit", "--backbone", "--features", "--weights",
+         "--backbone-lr-scale", "--sampler", "--image-size", "--extra-train", "--benign-limit", "--backbone", "--features", "--weights",
          "--loss", "--pairing", "--partners-per-class", "--embed-dim",
          "--margin", "--miner", "--per-class", "--select", "--gallery-size", "--score", "--classify", "--tta", "--no-tta", "--k",
          "--target-sensitivity", "--save-every", "--device", "--seed", "--workers", "--cache", "--no-amp",
@@ -250,3 +251,20 @@ def test_running_out_of_memory_names_the_flags_to_lower(tiny_data_dir, tmp_path,
     message = str(exit_.value.code)
     assert message.startswith("train.py: error: out of memory at --image-size 32 and --batch-size 8")
     assert message.endswith("lower --batch-size or --image-size") and "\n" not in message
+
+
+def test_extra_training_data_is_counted_in_the_summary_and_its_copies_of_test_images_listed(tiny_data_dir, tmp_path,
+                                                                                            capsys, quick_bootstrap):
+    from test_dataset import extra_folder
+
+    extra, test_image = extra_folder(tiny_data_dir, tmp_path)
+    train.main(["--project", str(tmp_path / "p"), "--data", str(tiny_data_dir), "--extra-train", str(extra),
+                *tiny(1)])
+    out = capsys.readouterr().out
+    assert re.search(r"^train +16 benign +13 malignant$", out, re.M)  # 8 + 5 + 3 benign, 6 + 4 + 3 malignant
+    assert f"of which 15 from --extra-train {extra.resolve()}" in out
+    assert "left out 1 --extra-train image(s) that are near copies" in out
+    listed = (tmp_path / "p" / "outputs" / "near_copies_left_out.txt").read_text()
+    assert listed.startswith(f"{extra.resolve() / 'train_data' / '1' / 'copy.jpg'}\t{test_image}")
+    saved = torch.load(tmp_path / "p" / "outputs" / "best.pth", weights_only=True)["config"]
+    assert saved["extra_train"] == [str(extra.resolve())]  # an evaluation rebuilds the same gallery
