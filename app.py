@@ -33,7 +33,7 @@ from cli import ArgumentParser
 from dataset import CLASS_NAMES, DataError, check_image
 from modules import WeightsError
 from plots import gallery_thumbnail, heat_overlay
-from predict import compare_pair, load_predictor, predict_files
+from predict import compare_pair, load_predictor, predict_files, probability_text
 
 MIN_SIDE = 32  # the smallest --image-size train.py takes: a smaller upload is an icon, not a lesion photo
 CONVERTED = {"CMYK": "a CMYK file, read as RGB", "RGBA": "transparency dropped",  # PIL mode: what reading changed
@@ -95,8 +95,11 @@ class LesionChecker:
         """The model line at the top of the page: what is served and how its threshold was chosen."""
         rule = threshold_rule(self.gallery)
         threshold = f"threshold **{self.gallery['threshold']:.4f}**" + (f", chosen by {rule}" if rule else "")
+        prevalence = self.gallery["calibration"]["prevalence"]
         return (f"Model `{self.checkpoint}` ({self.config.loss}, {self.config.image_size} px), "
-                f"a gallery of {len(self.gallery['labels'])} training images, {threshold}. {NOT_A_DIAGNOSIS}")
+                f"a gallery of {len(self.gallery['labels'])} training images, score {threshold}. P(malignant) is "
+                f"calibrated on a validation split where {prevalence:.0%} are melanomas: refit it on your own "
+                f"clinic's images where that differs. {NOT_A_DIAGNOSIS}")
 
     def check_one(self, path):
         """(result text, image as the network sees it, Grad-CAM overlay, [(thumbnail, caption)])
@@ -110,9 +113,7 @@ class LesionChecker:
                                             self.checkpoint)
         except Exception as error:  # the page keeps serving; the terminal keeps the details
             return refusal(path, failure(error)), None, None, []
-        text = (f"### P(malignant) {prediction.probability:.4f}: {prediction.verdict}\n"
-                f"at the model's threshold {self.gallery['threshold']:.4f} (malignant at or above it); "
-                f"{Path(path).name}{conversion_note(path)}")
+        text = f"### {probability_text(prediction, self.gallery)}\n{Path(path).name}{conversion_note(path)}"
         image = (prediction.image * 255).round().astype(np.uint8)
         overlay = heat_overlay(prediction.image, prediction.heat)
         return (text, enlarged(image), enlarged(overlay),

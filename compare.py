@@ -84,7 +84,8 @@ def read_scores(folder):
         with open(path, newline="") as file:
             header, *rows = list(csv.reader(file))
         return ([row[0] for row in rows], np.array([int(row[1]) for row in rows]),
-                {name: np.array([float(row[i]) for row in rows]) for i, name in enumerate(header[2:], 2)})
+                {name: np.array([float(row[i]) for row in rows]) for i, name in enumerate(header[2:], 2)
+                 if not name.endswith("_probability")})  # the calibrated columns rank as their scores do
     except (OSError, ValueError, IndexError) as error:
         sys.exit(f"compare.py: error: {path}: unreadable ({error}); delete {folder} to train that run again")
 

@@ -11,6 +11,7 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import torch
 from pytorch_grad_cam.utils.image import show_cam_on_image
+from sklearn.calibration import CalibrationDisplay
 from sklearn.decomposition import PCA
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from torchvision.transforms import v2
@@ -50,6 +51,19 @@ def plot_curves(curves, results):
                title="ROC, P(malignant)" if name == "roc_curve" else "precision-recall, malignant")
         ax.legend(loc="lower right" if name == "roc_curve" else "upper right", fontsize=8)
         save_figure(fig, results / f"{name}.png")
+
+
+def plot_reliability(labels, scores, probabilities, results):
+    """reliability_diagram.png: the share of melanomas against the mean P(malignant) in 10 bins of
+    equal counts, for the raw score read as a probability and for the calibrated probability
+    (calibration.py); a calibrated model lies on the diagonal."""
+    fig, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
+    for name, values in (("raw score", np.clip(scores, 0, 1)), ("calibrated P(malignant)", probabilities)):
+        CalibrationDisplay.from_predictions(labels, values, n_bins=10, strategy="quantile", name=name, ax=ax)
+    ax.set(xlabel="mean P(malignant) in the bin", ylabel="share of melanomas in the bin",
+           title="reliability (10 bins of equal counts)")
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, results / "reliability_diagram.png")
 
 
 def plot_confusion(labels, scores, threshold, results):

@@ -43,13 +43,16 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 
+from calibration import (CALIBRATIONS, calibrated, calibration_metrics, calibration_problem, digits_to_agree,
+                         fit_calibration)
 from cli import ArgumentParser
 from dataset import (DataError, attach_cache, check_image, denormalize, eval_transform, has_split,
                      is_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
 from files import overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics
 from modules import CONFIG_RULES, LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
-from plots import plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, save_pair_figures
+from plots import (plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, plot_reliability,
+                   save_pair_figures)
 from scoring import (SCORES, describe_device, embed_and_score, embedder, flip_views, pick_device, resolve_score,
                      score_images, similarity_matrix, to_device)
 
@@ -87,8 +90,9 @@ def check_finite(features, checkpoint):
 
 
 def build_gallery(model, train, splits, embed, *, gallery_size, method, k, target_sensitivity, seed, tta=False,
-                  stored=None):
-    """A gallery from the training split and the threshold chosen on splits["validation"]
+                  stored=None, calibration="platt"):
+    """A gallery from the training split, and the threshold chosen and the probability map
+    (calibration.py) fitted on splits["validation"]
     (embed_and_score; `splits` may hold more splits to score with the same gallery). A `stored`
     gallery (stored_gallery) gives the gallery and the validation features instead, scored and
     thresholded the same way, so only the other splits are embedded; the gallery keeps the
@@ -105,6 +109,7 @@ def build_gallery(model, train, splits, embed, *, gallery_size, method, k, targe
     threshold = choose_threshold(validation.labels, validation.scores, target_sensitivity)
     gallery = {**embedded, "gallery_size": gallery_size, "score": method, "k": k,
                "target_sensitivity": target_sensitivity, "tta": tta, "threshold": threshold,
+               "calibration": fit_calibration(validation.scores, validation.labels, calibration),
                "validation_features": validation.features, "validation_labels": torch.as_tensor(validation.labels)}
     return gallery, scored
 
@@ -141,25 +146,39 @@ def prepare_results(results, aside=None):
     return results
 
 
-def other_score_metrics(model, method, k, gallery, validation, evaluated, labels, target_sensitivity, seed):
-    """(image-level metrics, scores of the evaluated images) of one more way of scoring the stored
-    features (ScoredSplit.features of validation and of the evaluated split), its threshold chosen on
-    validation like the main one's."""
+def other_score_metrics(model, method, k, gallery, validation, evaluated, labels, target_sensitivity, seed,
+                        calibration):
+    """(image-level metrics, scores, probabilities of the evaluated images) of one more way of
+    scoring the stored features (ScoredSplit.features of validation and of the evaluated split),
+    its threshold chosen and its probability map fitted on validation like the main one's."""
     val_scores, scores = (score_images(model, f, gallery["features"], gallery["labels"], method, k).cpu().numpy()
                           for f in (validation.features, evaluated.features))
     threshold = choose_threshold(labels["validation"], val_scores, target_sensitivity)
+    fitted = fit_calibration(val_scores, labels["validation"], calibration)
+    probabilities = calibrated(fitted, scores)
     return {"val_auc": auc_or_nan(labels["validation"], val_scores),
-            **image_metrics(labels["evaluated"], scores, threshold, seed)}, scores
+            **image_metrics(labels["evaluated"], scores, threshold, seed),
+            **probability_metrics(labels["evaluated"], scores, probabilities)}, scores, probabilities
 
 
-def write_scores(split, scores, path):
-    """scores.csv: every evaluated image with its label and P(malignant) by each score method."""
+def probability_metrics(labels, scores, probabilities):
+    """ECE, Brier score and log loss of the calibrated probabilities, and of the raw scores read
+    as probabilities (raw_...)."""
+    return {**calibration_metrics(labels, probabilities),
+            **{f"raw_{key}": value for key, value in calibration_metrics(labels, scores).items()}}
+
+
+def write_scores(split, scores, probabilities, path):
+    """scores.csv: every evaluated image with its label, its raw score by each score method, then
+    the calibrated P(malignant) by each (columns <method>_probability)."""
+    columns = {**scores, **{f"{name}_probability": values for name, values in probabilities.items()}}
+
     def write(tmp):
         with open(tmp, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["image", "label", *scores])
+            writer.writerow(["image", "label", *columns])
             for i, image in enumerate(split.paths):
-                writer.writerow([str(image), int(split.labels[i]), *(f"{s[i]:.6f}" for s in scores.values())])
+                writer.writerow([str(image), int(split.labels[i]), *(f"{s[i]:.6f}" for s in columns.values())])
     write_atomic(path, write)
 
 
@@ -244,12 +263,13 @@ def fresh_results(results):
 
 def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=None,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
-             cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=()):
+             cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=(), calibration="platt"):
     """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
     metrics.json, the figures and the saved pairs, and (only for the project's own data and
     results folder) the gallery next to the checkpoint for single-image prediction; ends with the
     run's summary (wall time since `started`, plus the caller's `summary_rows`). tta None: as the
-    checkpoint was trained (--tta). Returns the metrics dict."""
+    checkpoint was trained (--tta). `calibration`: the probability map's method
+    (calibration.CALIBRATIONS). Returns the metrics dict."""
     started = started or time.time()
     device = pick_device(device) if isinstance(device, str) else device
     if Path(results).exists() and not Path(results).is_dir():
@@ -279,9 +299,12 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
         embed = embedder(model, size, batch_size, device, workers, amp, tta=tta)
         gallery, scored = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
                                         gallery_size=gallery_size, method=method, k=k,
-                                        target_sensitivity=target_sensitivity, seed=seed, tta=tta, stored=stored)
+                                        target_sensitivity=target_sensitivity, seed=seed, tta=tta, stored=stored,
+                                        calibration=calibration)
         val, evaluated = scored["validation"], scored["evaluated"]
-        image = image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed)
+        probabilities = calibrated(gallery["calibration"], evaluated.scores)
+        image = {**image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed),
+                 **probability_metrics(test.labels, evaluated.scores, probabilities)}
 
         metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
                    "score": method, "recipe": config.recipe, "aux_weight": config.aux_weight,
@@ -289,15 +312,18 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                    f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                    "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
                    "val_auc": auc_or_nan(val.labels, val.scores),
+                   "calibration": calibration, "calibration_prevalence": gallery["calibration"]["prevalence"],
                    "n_excluded_images": sum(len(split.excluded) for split in read)}
         metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
         metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
         labels = {"validation": val.labels, "evaluated": test.labels}
         others = {  # the same embeddings scored other ways, each thresholded on validation
-            name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed)
+            name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed,
+                                      calibration)
             for name in dict.fromkeys(methods[1:]) if name != method}
-        metrics["other_scores"] = {name: other_metrics for name, (other_metrics, _) in others.items()}
-        write_scores(test, {method: evaluated.scores, **{name: scores for name, (_, scores) in others.items()}},
+        metrics["other_scores"] = {name: other_metrics for name, (other_metrics, _, _) in others.items()}
+        write_scores(test, {method: evaluated.scores, **{name: scores for name, (_, scores, _) in others.items()}},
+                     {method: probabilities, **{name: p for name, (_, _, p) in others.items()}},
                      results / "scores.csv")
         write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -305,6 +331,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
         if test is not validation:
             curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
         save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
+        plot_reliability(test.labels, evaluated.scores, probabilities, results)
         save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config))
         # every image left out (unreadable, truncated, not an image) is counted and listed beside the results
         excluded = write_excluded(read, results / "excluded_images.txt")
@@ -347,6 +374,8 @@ def print_metrics(metrics):
             ("balanced accuracy", m["balanced_accuracy"]),
             ("sensitivity", m["sensitivity"]), ("specificity", m["specificity"]),
             (f"threshold ({metrics['threshold_rule']})", m["threshold"]),
+            (f"calibration ({metrics['calibration']})", f"ECE {m['ece']:.4f}, Brier {m['brier']:.4f} (raw score: "
+                                                       f"ECE {m['raw_ece']:.4f}, Brier {m['raw_brier']:.4f})"),
             ("confusion [tn fp; fn tp]", f"[{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]")]
     for name, value in rows:
         print(f"  {name:<28} {value:.4f}" if isinstance(value, float) else f"  {name:<28} {value}")
@@ -426,7 +455,8 @@ def prediction_folder(checkpoint, project=None):
 @dataclass
 class Prediction:
     """One image's prediction as values: what --image prints and draws, and what app.py shows."""
-    probability: float             # P(malignant)
+    score: float                   # the image-level score (--score), which the threshold applies to
+    probability: float             # P(malignant): the score through the gallery's calibration
     verdict: str                   # malignant or benign, at the gallery's threshold
     image: np.ndarray | None = None  # (H, W, 3) in [0, 1], the image as the network sees it
     heat: np.ndarray | None = None   # Grad-CAM heat map (H, W) in [0, 1]
@@ -463,7 +493,8 @@ def predict_files(model, config, gallery, images, device, checkpoint, n_nearest=
     gallery_features, labels = gallery["features"].to(device), gallery["labels"].to(device)
     threshold = gallery["threshold"]
     scores = score_images(model, features, gallery_features, labels, gallery["score"], gallery["k"]).tolist()
-    predictions = [Prediction(p, "malignant" if p >= threshold else "benign") for p in scores]
+    probabilities = calibrated(gallery["calibration"], scores).tolist()
+    predictions = [Prediction(s, p, "malignant" if s >= threshold else "benign") for s, p in zip(scores, probabilities)]
     if not explain:
         return predictions
     # Nearest gallery images by the model's own pair similarity; the classifier has none, so cosine there.
@@ -480,6 +511,17 @@ def predict_files(model, config, gallery, images, device, checkpoint, n_nearest=
         prediction.nearest = [(paths[j], int(labels[j]), s)
                               for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
     return predictions
+
+
+def probability_text(prediction, gallery, short=False):
+    """"P(malignant) 0.23  benign  (malignant from 0.31; calibrated where 20 % are melanomas)": the
+    calibrated probability with as many decimals as it takes to stand on its verdict's side of
+    the threshold (the threshold on the score, shown as the probability it maps to)."""
+    calibration = gallery["calibration"]
+    threshold = float(calibrated(calibration, [gallery["threshold"]])[0])
+    digits = digits_to_agree(prediction.probability, threshold)
+    text = f"P(malignant) {prediction.probability:.{digits}f}  {prediction.verdict}  (malignant from {threshold:.{digits}f}"
+    return text + (")" if short else f"; calibrated where {calibration['prevalence']:.0%} are melanomas)")
 
 
 def check_inputs(paths, flag):
@@ -499,9 +541,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_nea
     model, config, gallery, device = load_predictor(checkpoint, data, device)
     predictions = predict_files(model, config, gallery, images, device, checkpoint, n_nearest,
                                 explain=out is not None)
-    threshold = gallery["threshold"]
-    lines = [f"P(malignant) {p.probability:.4f}  {p.verdict}  (threshold {threshold:.4f})  {path}"
-             for p, path in zip(predictions, images)]
+    lines = [f"{probability_text(p, gallery)}  {path}" for p, path in zip(predictions, images)]
     if out is None:
         return lines
     missing = sorted({path for p in predictions for path, _, _ in p.nearest if path and not Path(path).is_file()})
@@ -513,7 +553,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_nea
     stems = [Path(path).stem for path in images]
     for i, (path, p) in enumerate(zip(images, predictions)):
         name = f"{stems[i]}_prediction.png" if stems.count(stems[i]) == 1 else f"{stems[i]}_{i + 1}_prediction.png"
-        title = f"{Path(path).name}: P(malignant) {p.probability:.2f} -> {p.verdict} (threshold {threshold:.2f})"
+        title = f"{Path(path).name}: {probability_text(p, gallery, short=True)}"
         plot_prediction(p.image, p.heat, title, p.nearest, out / name)
         lines[i] += f"\n  figure: {out / name}"
     return lines
@@ -574,6 +614,11 @@ def gallery_problem(gallery, width, evaluation=False):
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
         return f"its threshold {threshold!r} is not a number"
     problem = setting_problem(gallery, ("score", "k"))
+    if problem:
+        return problem
+    if "calibration" not in gallery:
+        return "it was written before galleries kept the map from score to probability"
+    problem = calibration_problem(gallery["calibration"])
     if problem:
         return problem
     paths = gallery.get("paths")
@@ -637,6 +682,9 @@ def parse_args(argv=None):
                              "metrics.json's other_scores")
     parser.add_argument("--k", type=int, default=None,
                         help="neighbours for --score knn and head-knn (default: as trained, train.py --k)")
+    parser.add_argument("--calibration", choices=CALIBRATIONS, default="platt",
+                        help="the map from score to P(malignant), fitted on the validation split: platt (a "
+                             "logistic regression on the score, default) or isotonic")
     parser.add_argument("--target-sensitivity", type=float, default=None,
                         help="choose the threshold that reaches this sensitivity on validation "
                              "(default: maximise Youden's J)")
@@ -684,7 +732,7 @@ def main(argv=None):
         evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
                  score=args.score, k=args.k, target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=args.batch_size, device=args.device,
-                 workers=args.workers, cache=args.cache, tta=args.tta, started=started)
+                 workers=args.workers, cache=args.cache, tta=args.tta, started=started, calibration=args.calibration)
     except Interrupted as stopped:  # one line and 128 + the signal, as a process killed by it
         note = getattr(stopped, "note", None)
         print(f"predict.py: stopped by {signal.Signals(stopped.signum).name}" + (f"; {note}" if note else ""),

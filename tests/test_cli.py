@@ -20,6 +20,7 @@ import bench
 import cli
 import compare
 import predict
+from calibration import calibrated
 import to_subdirectories
 import train
 from helpers import TINY
@@ -176,8 +177,13 @@ def test_image_prints_the_verdict_and_writes_a_figure_with_grad_cam(trained, tin
     predict.main(["--checkpoint", str(project / "outputs" / "best.pth"), "--image", str(image)])
     lines = capsys.readouterr().out.strip().splitlines()
     gallery = load_state(project / "outputs" / "gallery.pt")
-    p = float(re.match(r"P\(malignant\) (\d\.\d{4})  (benign|malignant)  \(threshold (\d\.\d{4})\)", lines[0]).group(1))
-    assert lines[0].split()[2] == ("malignant" if p >= gallery["threshold"] else "benign")
+    printed = re.match(r"P\(malignant\) (\d\.\d{2,6})  (benign|malignant)  \(malignant from (\d\.\d{2,6}); "
+                       r"calibrated where (\d+)% are melanomas\)", lines[0])
+    p, verdict, threshold, prevalence = printed.groups()
+    assert verdict == ("malignant" if float(p) >= float(threshold) else "benign")  # as printed, so as read
+    assert len(p) == len(threshold) and float(threshold) == pytest.approx(
+        calibrated(gallery["calibration"], [gallery["threshold"]])[0], abs=0.51 * 10 ** (2 - len(threshold)))
+    assert int(prevalence) == round(100 * gallery["calibration"]["prevalence"])
     figure = project / "predictions" / f"{image.stem}_prediction.png"
     assert lines[1] == f"  figure: {figure}"
     assert figure.stat().st_size > 10_000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
