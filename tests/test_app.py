@@ -94,9 +94,9 @@ def write_upload(folder, name, content):
 def test_one_image_shows_what_predict_computes(checker, checkpoint, lesion):
     text, seen, overlay, nearest = checker.check_one(str(lesion))
     printed = predict.predict_images(checkpoint, [lesion], device="cpu")[0]
-    probability, verdict = re.match(r"P\(malignant\) (\d\.\d{4})  (benign|malignant)", printed).groups()
-    assert f"P(malignant) {probability}: {verdict}" in text
-    assert f"threshold {checker.gallery['threshold']:.4f}" in text
+    # the calibrated probability, verdict and threshold exactly as predict.py --image prints them
+    assert text.splitlines()[0] == "### " + printed.removesuffix(f"  {lesion}")
+    assert re.match(r"### P\(malignant\) \d\.\d{2,6}  (benign|malignant)  \(malignant from", text)
     expected, = predict.predict_files(checker.model, checker.config, checker.gallery, [lesion], checker.device,
                                       checkpoint)
     assert seen.shape == overlay.shape == (256, 256, 3) and overlay.dtype == np.uint8  # 32 px, 8 times

@@ -157,13 +157,15 @@ def test_sample_per_image_fallback_with_hard_links(sample, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "no patient_id column" in printed and "per-image split" in printed
     placed = layout(tmp_path / "DATA")
-    assert len(placed) == 557
+    # 2 training images are near copies of validation or test images of the drawn split: left out
+    assert info["near_copies"]["left_out_of_train"] == ["ISIC_0000279.jpg", "ISIC_0000512.jpg"]
+    assert len(placed) == 557 - 2
     assert info["grouping"] == "image" and info["patients"] is None
     assert [info["counts"][s]["patients"] for s in tsd.SPLITS] == [None] * 3
     for label, n_class in ((0, 398), (1, 159)):
         for split, ratio in zip(tsd.SPLITS, RATIOS):
             n = sum(1 for s, lab in placed.values() if s == split and lab == label)
-            assert abs(n - ratio * n_class) <= 2, (split, label, n)
+            assert abs(n - ratio * n_class) <= 3, (split, label, n)
     # the table shows '-' for patients in a per-image split
     table = printed[printed.index("split  "):].splitlines()
     assert [line.split()[0] for line in table] == [*"split train_data validation_data test_data total".split()]
@@ -172,13 +174,13 @@ def test_sample_per_image_fallback_with_hard_links(sample, tmp_path, capsys):
     name, (split, label) = next(iter(placed.items()))
     written, source = (tmp_path / "DATA" / split / str(label) / name).stat(), (images / name).stat()
     assert written.st_ino == source.st_ino and written.st_nlink > 1
-    assert info["files"] == {"link": 557}
+    assert info["files"] == {"link": 555}
 
 
 def test_sample_copy_gives_independent_files(sample, tmp_path):
     csv_path, images = sample
     info = run_main(csv_path, images, tmp_path / "DATA", "--copy")
-    assert info["files"] == {"copy": 557}
+    assert info["files"] == {"copy": 555}
     for name, (split, label) in list(layout(tmp_path / "DATA").items())[:20]:
         written = tmp_path / "DATA" / split / str(label) / name
         assert written.stat().st_ino != (images / name).stat().st_ino
@@ -616,7 +618,9 @@ def official_counts(out):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("isic2017", {"train_data": (1626, 374), "validation_data": (120, 30), "test_data": (483, 117)}),
+    # ISIC 2017's published train split is 1626 + 374: 7 of its images are near copies of validation or
+    # test images (5 of test, 2 of validation), left out
+    ("isic2017", {"train_data": (1622, 371), "validation_data": (120, 30), "test_data": (483, 117)}),
     ("ham10000", {"train_data": (6231, 779), "validation_data": (1336, 167)}),
 ])
 def test_official_split_column_gives_the_published_counts(name, expected, tmp_path, capsys):
