@@ -118,6 +118,8 @@ def test_the_page_names_the_threshold_and_its_rule(checker):
     described = checker.describe()
     assert f"threshold **{checker.gallery['threshold']:.4f}**" in described
     assert "Youden's J" in described and "not a diagnosis" in described
+    prevalence = checker.gallery["calibration"]["prevalence"]
+    assert f"calibrated on a validation split where {prevalence:.0%} are melanomas" in described
     assert "sensitivity 0.9 on the validation split" in app.threshold_rule({"target_sensitivity": 0.9})
     assert app.threshold_rule({}) is None  # a gallery of an older version does not say
 
@@ -249,7 +251,9 @@ def test_the_page_in_chromium_shows_predicts_numbers_offline(checkpoint, lesion,
     from playwright.sync_api import sync_playwright
 
     printed = run_script("predict.py", "--checkpoint", checkpoint, "--image", lesion, "--out", tmp_path / "figures")
-    probability = re.match(r"P\(malignant\) (\d\.\d{4})", printed).group(1)
+    # the calibrated probability, its verdict and threshold as predict.py prints them
+    probability = re.match(r"(P\(malignant\) \d\.\d{2,6}  (benign|malignant)  \(malignant from \d\.\d{2,6})",
+                           printed).group(1)
     not_an_image = write_upload(tmp_path, "notes.jpg", b"not an image at all")
     temp = tmp_path / "temp"  # the app's TMPDIR: its uploads and the images it shows go there
     temp.mkdir()
@@ -259,7 +263,7 @@ def test_the_page_in_chromium_shows_predicts_numbers_offline(checkpoint, lesion,
         browser = page_tools.launch_chromium(playwright)
         page, refused = page_tools.offline_page(browser, url)
         result = page_tools.check_image(page, url, lesion)
-        assert f"P(malignant) {probability}" in result
+        assert probability in result
         assert page.locator("#heat img").get_attribute("src")
         page.locator("#nearest img").nth(4).wait_for()  # the five nearest gallery images, with captions
         assert page.locator("#nearest").get_by_text(re.compile(r"^(benign|malignant) 0\.\d{3} · ")).count() == 5
