@@ -86,9 +86,10 @@ class LesionChecker:
     """The loaded model, gallery and threshold, and the page's two requests. Requests take
     turns (one lock): Grad-CAM hooks into the model, so two at once would mix."""
 
-    def __init__(self, checkpoint, data=None, device="auto"):
+    def __init__(self, checkpoint, data=None, device="auto", clinic=None):
         self.checkpoint = Path(checkpoint)
-        self.model, self.config, self.gallery, self.device = load_predictor(checkpoint, data, device)
+        self.model, self.config, self.gallery, self.device = load_predictor(checkpoint, data, device, clinic)
+        self.clinic = clinic
         self.lock = threading.Lock()
 
     def describe(self):
@@ -96,10 +97,16 @@ class LesionChecker:
         rule = threshold_rule(self.gallery)
         threshold = f"threshold **{self.gallery['threshold']:.4f}**" + (f", chosen by {rule}" if rule else "")
         prevalence = self.gallery["calibration"]["prevalence"]
-        return (f"Model `{self.checkpoint}` ({self.config.loss}, {self.config.image_size} px), "
-                f"a gallery of {len(self.gallery['labels'])} training images, score {threshold}. P(malignant) is "
-                f"calibrated on a validation split where {prevalence:.0%} are melanomas: refit it on your own "
-                f"clinic's images where that differs. {NOT_A_DIAGNOSIS}")
+        if self.clinic:
+            gallery = (f"the clinic's own gallery `{self.clinic}` ({len(self.gallery['labels'])} images, which also "
+                       f"set the threshold and calibration)")
+            source = "these images"
+        else:
+            gallery = f"a gallery of {len(self.gallery['labels'])} training images"
+            source = "a validation split"
+        return (f"Model `{self.checkpoint}` ({self.config.loss}, {self.config.image_size} px), {gallery}, score "
+                f"{threshold}. P(malignant) is calibrated on {source} where {prevalence:.0%} are melanomas: refit it "
+                f"on your own clinic's images where that differs (--gallery). {NOT_A_DIAGNOSIS}")
 
     def check_one(self, path):
         """(result text, image as the network sees it, Grad-CAM overlay, [(thumbnail, caption)])
@@ -220,6 +227,9 @@ def parse_args(argv=None):
                                              "gallery.pt beside it holds the gallery and the threshold")
     parser.add_argument("--data", help="split folder to rebuild the gallery and threshold from when "
                                        "gallery.pt is missing or unusable (as predict.py --data)")
+    parser.add_argument("--gallery", metavar="FOLDER",
+                        help="a clinic's own labelled images (FOLDER/0 and FOLDER/1, or a split folder) as the "
+                             "gallery, setting the threshold and calibration too (as predict.py --gallery)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
@@ -245,7 +255,7 @@ def main(argv=None):
         except ImportError:
             raise ValueError("gradio is not installed; pip install -r requirements-app.txt (or make app)") from None
         started = time.time()
-        checker = LesionChecker(checkpoint, args.data, args.device)
+        checker = LesionChecker(checkpoint, args.data, args.device, args.gallery)
         print(f"loaded {checkpoint} and a gallery of {len(checker.gallery['labels'])} images "
               f"in {time.time() - started:.1f} s")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl+C: temp files go

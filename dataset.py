@@ -203,9 +203,23 @@ def cap_benign(paths, labels, benign_limit, seed):
     return [paths[i] for i in keep], labels[keep]
 
 
+def load_labelled_folder(folder, flag, workers=8):
+    """Every usable image of a labelled folder a user names (--extra-train, --gallery): each split
+    of a split folder, pooled, or FOLDER/0 and FOLDER/1."""
+    if not Path(folder).is_dir():
+        raise DataError(f"{flag} {folder}: no such folder")
+    folder_splits = [name for name in SPLITS if has_split(folder, name)] or [None]
+    if folder_splits == [None] and not is_labelled_folder(folder):
+        raise DataError(f"{flag} {folder}: neither a split folder nor a folder with 0/ and 1/; make it with "
+                        f"to_subdirectories.py, or put benign images in {folder}/0 and melanomas in {folder}/1")
+    parts = [load_split(folder, name, 0, 0, workers) for name in folder_splits]
+    return ImageSplit(Path(folder).name, [path for part in parts for path in part.paths],
+                      np.concatenate([part.labels for part in parts]), [item for part in parts for item in part.excluded])
+
+
 def load_train_split(data_dir, extra_train=(), benign_limit=0, seed=0, workers=8):
-    """The training split: --data's, plus every image of each --extra-train folder (each of its
-    splits, or its 0/ and 1/) that is not a near copy of an image of --data's validation or test
+    """The training split: --data's, plus every image of each --extra-train folder
+    (load_labelled_folder) that is not a near copy of an image of --data's validation or test
     split, so that no evaluated lesion is trained on. The benign cap applies to the whole.
     `extra` says how many images each folder gave, `dropped` which were left out as near copies."""
     if not extra_train:
@@ -217,18 +231,12 @@ def load_train_split(data_dir, extra_train=(), benign_limit=0, seed=0, workers=8
         if overlaps(folder, data_dir):
             raise DataError(f"--extra-train {folder}: overlaps --data {data_dir}; extra training images "
                             f"come from another folder (its own splits are used whole)")
-        folder_splits = [name for name in SPLITS if has_split(folder, name)] or [None]
-        if folder_splits == [None] and not is_labelled_folder(folder):
-            raise DataError(f"--extra-train {folder}: neither a split folder nor a folder with 0/ and 1/; "
-                            f"make it with to_subdirectories.py")
-        for name in folder_splits:
-            part = load_split(folder, name, 0, seed, workers)
-            copies = near_copies(part.paths, held_out, workers=workers)
-            copied = {path for path, _, _ in copies}
-            keep = [i for i, path in enumerate(part.paths) if path not in copied]
-            parts.append(ImageSplit(part.name, [part.paths[i] for i in keep], part.labels[keep], part.excluded))
-            extra[str(folder)] = extra.get(str(folder), 0) + len(keep)
-            dropped += copies
+        part = load_labelled_folder(folder, "--extra-train", workers)
+        copies = near_copies(part.paths, held_out, workers=workers)
+        copied = {path for path, _, _ in copies}
+        keep = [i for i, path in enumerate(part.paths) if path not in copied]
+        parts.append(ImageSplit(part.name, [part.paths[i] for i in keep], part.labels[keep], part.excluded))
+        extra[str(folder)], dropped = len(keep), dropped + copies
     paths = [path for part in parts for path in part.paths]
     paths, labels = cap_benign(paths, np.concatenate([part.labels for part in parts]), benign_limit, seed)
     train = ImageSplit("train", paths, labels, [item for part in parts for item in part.excluded])

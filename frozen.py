@@ -12,32 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from cli import ArgumentParser
 from dataset import DataError, attach_cache, has_split, load_split
 from files import write_text_atomic
 from metrics import auc_or_nan, bootstrap_auc
 from modules import BACKBONES, FEATURES, ImageClassifier, WeightsError
-from scoring import embed_images, pick_device
+from scoring import embed_images, logistic_probe, pick_device
 
 # The one setting each is allowed, chosen on validation.
 LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)  # inverse L2 strength on standardised features
 KNN_K = (5, 10, 25, 50)
 
 
-def logistic_regression(c):
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
-
-
 def knn(k):
     return KNeighborsClassifier(n_neighbors=k, metric="cosine", weights="distance")
 
 
-BASELINES = {"logistic regression": (logistic_regression, "C", LOGISTIC_C), "k-NN": (knn, "k", KNN_K)}
+BASELINES = {"logistic regression": (logistic_probe, "C", LOGISTIC_C), "k-NN": (knn, "k", KNN_K)}
 
 
 def fit_on_validation(make, settings, train, validation):

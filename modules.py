@@ -495,7 +495,7 @@ SELECTIONS = ("val_auc", "val_loss")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SAMPLERS = ("shuffled", "balanced")
-SCORE_METHODS = ("gallery", "head-knn", "knn", "prototype", "direct")  # --score (scoring.py says what each is)
+SCORE_METHODS = ("gallery", "head-knn", "knn", "prototype", "direct", "probe")  # --score (scoring.py says what each is)
 
 # What train.py's make_config writes: key -> (test, what the value must be). A hand-edited or
 # damaged config fails here, in one line, not as a KeyError or TypeError deep in a run.

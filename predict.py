@@ -2,6 +2,7 @@
 
     python predict.py --project runs/exp1 --data DATA              # test metrics and figures
     python predict.py --project runs/exp1 --data CLINIC --out X    # another clinic's D/0, D/1, from gallery.pt
+    python predict.py --project runs/exp1 --gallery OWN --data CLINIC --out X   # against the clinic's own gallery
     python predict.py --checkpoint runs/exp1/outputs/best.pth --image x.jpg [--image y.jpg ...]
     python predict.py --checkpoint runs/exp1/outputs/best.pth --pair a.jpg b.jpg
 
@@ -19,6 +20,7 @@ embeddings by the model's head. P(malignant) of an image (--score):
     knn        fraction of malignant among the k nearest gallery images by cosine similarity
     prototype  d_benign / (d_benign + d_malignant), distances to the two class centroids
     direct     the classifier's own output (--loss ce, or bce with --aux-weight)
+    probe      a logistic regression on the embeddings, fitted on the gallery images (any model)
 The gallery is a seeded, class-balanced sample of the training split (--gallery-size per
 class; 0 = every training image). --tta averages each image's features over its four flips.
 """
@@ -40,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 
@@ -47,7 +50,7 @@ from calibration import (CALIBRATIONS, calibrated, calibration_metrics, calibrat
                          fit_calibration)
 from cli import ArgumentParser
 from dataset import (DataError, attach_cache, check_image, denormalize, eval_transform, has_split,
-                     is_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
+                     is_labelled_folder, load_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
 from files import overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics
 from modules import CONFIG_RULES, LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
@@ -106,12 +109,47 @@ def build_gallery(model, train, splits, embed, *, gallery_size, method, k, targe
                                            stored["validation_labels"].numpy())}
     embedded, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed, embedded)
     validation = scored["validation"]
+    if stored is not None and stored.get("cross_fitted"):  # a clinic's gallery is its own validation split
+        validation.scores = validation_scores(model, method, k, stored, validation.features, seed)
     threshold = choose_threshold(validation.labels, validation.scores, target_sensitivity)
     gallery = {**embedded, "gallery_size": gallery_size, "score": method, "k": k,
+               "cross_fitted": bool(stored and stored.get("cross_fitted")),
                "target_sensitivity": target_sensitivity, "tta": tta, "threshold": threshold,
                "calibration": fit_calibration(validation.scores, validation.labels, calibration),
                "validation_features": validation.features, "validation_labels": torch.as_tensor(validation.labels)}
     return gallery, scored
+
+
+def validation_scores(model, method, k, gallery, features, seed):
+    """The validation images' scores against the gallery; for a gallery that is its own
+    validation split (a clinic's images, clinic_gallery) cross-fitted: the images split into
+    stratified folds, each scored against a gallery of the others, so none meets itself."""
+    if not gallery.get("cross_fitted"):
+        return score_images(model, features, gallery["features"], gallery["labels"], method, k).cpu().numpy()
+    labels = gallery["labels"].cpu().numpy()
+    scores = np.empty(len(labels))
+    folds = StratifiedKFold(min(5, np.bincount(labels, minlength=2).min()), shuffle=True, random_state=seed)
+    for rest, held in folds.split(labels, labels):
+        scores[held] = score_images(model, features[held], gallery["features"][rest], gallery["labels"][rest],
+                                    method, k).cpu().numpy()
+    return scores
+
+
+def clinic_gallery(folder, embed, tta, workers):
+    """A clinic's own labelled images (--gallery FOLDER: its 0/ and 1/, or its splits pooled) as
+    the gallery, every image of them; they are its validation split too, scored by cross-fitting
+    (validation_scores), so their labels set the threshold and the probability map. Nothing is
+    trained and the project is not touched."""
+    images = load_labelled_folder(folder, "--gallery", max(1, workers))
+    counts = images.counts()
+    if min(counts) < 2:
+        raise DataError(f"--gallery {folder}: {counts[0]} benign and {counts[1]} malignant image(s); a clinic's "
+                        f"gallery needs at least 2 of each class to set a threshold, add images")
+    features = embed(images, None, "embedding the clinic's gallery")
+    labels = torch.as_tensor(images.labels, device=features.device)
+    return {"features": features, "labels": labels, "paths": [str(Path(p).resolve()) for p in images.paths],
+            "validation_features": features, "validation_labels": labels.cpu(), "gallery_size": 0, "tta": tta,
+            "cross_fitted": True}
 
 
 def stored_gallery(checkpoint, width, gallery_size, tta):
@@ -151,8 +189,8 @@ def other_score_metrics(model, method, k, gallery, validation, evaluated, labels
     """(image-level metrics, scores, probabilities of the evaluated images) of one more way of
     scoring the stored features (ScoredSplit.features of validation and of the evaluated split),
     its threshold chosen and its probability map fitted on validation like the main one's."""
-    val_scores, scores = (score_images(model, f, gallery["features"], gallery["labels"], method, k).cpu().numpy()
-                          for f in (validation.features, evaluated.features))
+    val_scores = validation_scores(model, method, k, gallery, validation.features, seed)
+    scores = score_images(model, evaluated.features, gallery["features"], gallery["labels"], method, k).cpu().numpy()
     threshold = choose_threshold(labels["validation"], val_scores, target_sensitivity)
     fitted = fit_calibration(val_scores, labels["validation"], calibration)
     probabilities = calibrated(fitted, scores)
@@ -203,6 +241,9 @@ def load_evaluation_splits(data, config, workers, cache=None, from_gallery=False
         splits["evaluated"] = load_split(data, None, 0, seed, max(1, workers))
     elif has_split(data, "test"):
         splits["evaluated"] = load_split(data, "test", limits["test"], seed, max(1, workers))
+    elif from_gallery:
+        raise DataError(f"--data {data}: no test split to evaluate; point --data at a folder with 0/ and 1/, or at "
+                        f"a split folder with test_data")
     else:
         print(f"{data}: no test split; evaluating the validation split, whose threshold is also chosen "
               f"on it (an optimistic sensitivity and specificity; the AUC does not depend on it)")
@@ -263,20 +304,23 @@ def fresh_results(results):
 
 def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=None,
              target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
-             cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=(), calibration="platt"):
+             cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=(), calibration="platt",
+             clinic=None):
     """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
     metrics.json, the figures and the saved pairs, and (only for the project's own data and
     results folder) the gallery next to the checkpoint for single-image prediction; ends with the
     run's summary (wall time since `started`, plus the caller's `summary_rows`). tta None: as the
     checkpoint was trained (--tta). `calibration`: the probability map's method
-    (calibration.CALIBRATIONS). Returns the metrics dict."""
+    (calibration.CALIBRATIONS). `clinic`: a labelled folder whose images are the gallery and
+    set the threshold and the map instead of the training data (clinic_gallery). Returns the
+    metrics dict."""
     started = started or time.time()
     device = pick_device(device) if isinstance(device, str) else device
     if Path(results).exists() and not Path(results).is_dir():
         raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
     # an earlier results folder is moved aside: it must not be, hold or lie inside what it reads
-    for what, path in (("--data", data), ("the checkpoint", checkpoint)):
-        if overlaps(results, path):
+    for what, path in (("--data", data), ("the checkpoint", checkpoint), ("--gallery", clinic)):
+        if path is not None and overlaps(results, path):
             raise ValueError(f"--out {results}: overlaps {what} {path}, which moving earlier results aside "
                              f"would move too; choose a folder of its own for --out")
     model, config, saved = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
@@ -288,15 +332,16 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
     gallery_size = config.gallery_size if gallery_size is None else gallery_size
     k = config.k if k is None else k
     seed, size = config.seed, config.image_size
-    stored = None
-    if splits is None and is_labelled_folder(data):  # another clinic's images: gallery.pt, where it fits
+    stored, embed = None, embedder(model, size, batch_size, device, workers, amp, tta=tta)
+    if clinic is not None:
+        stored, gallery_size = clinic_gallery(clinic, embed, tta, workers), 0
+    elif splits is None and is_labelled_folder(data):  # another clinic's images: gallery.pt, where it fits
         stored = stored_gallery(checkpoint, feature_width(model, config, device), gallery_size, tta)
     splits = splits or load_evaluation_splits(data, config, workers, cache, from_gallery=stored is not None)
     train, validation, test = splits.get("train"), splits.get("validation"), splits["evaluated"]
     read = list({id(split): split for split in splits.values()}.values())  # test may be validation
     prefix = "test" if test.name == "test" else "val" if test is validation else "external"
     with fresh_results(results) as results:  # put back as it was if a signal stops the evaluation
-        embed = embedder(model, size, batch_size, device, workers, amp, tta=tta)
         gallery, scored = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
                                         gallery_size=gallery_size, method=method, k=k,
                                         target_sensitivity=target_sensitivity, seed=seed, tta=tta, stored=stored,
@@ -309,6 +354,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
         metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
                    "score": method, "recipe": config.recipe, "aux_weight": config.aux_weight,
                    "evaluated_split": prefix, "data": str(data), "tta": tta,
+                   "gallery": str(clinic) if clinic is not None else "training split",
                    f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
                    "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
                    "val_auc": auc_or_nan(val.labels, val.scores),
@@ -407,9 +453,16 @@ def print_summary(metrics, results, device, seconds, rows=()):
 # Single images and pairs
 
 
-def prediction_gallery(model, config, checkpoint, data, device, width):
-    """The gallery saved next to the checkpoint, or, when it is missing or unusable, one rebuilt in
-    memory from --data with the run's settings. `width`: the model's feature width."""
+def prediction_gallery(model, config, checkpoint, data, device, width, clinic=None):
+    """A clinic's own gallery (--gallery FOLDER, clinic_gallery), or the gallery saved next to the
+    checkpoint, or, when it is missing or unusable, one rebuilt in memory from --data with the
+    run's settings. `width`: the model's feature width."""
+    if clinic is not None:
+        embed = embedder(model, config.image_size, 64, device, tta=config.tta)
+        gallery, _ = build_gallery(model, None, {}, embed, gallery_size=0, method=config.score, k=config.k,
+                                   target_sensitivity=None, seed=config.seed, tta=config.tta,
+                                   stored=clinic_gallery(clinic, embed, config.tta, 0))
+        return gallery
     gallery_path = Path(checkpoint).with_name("gallery.pt")
     gallery, problem = load_gallery(gallery_path, checkpoint, width)
     if problem:
@@ -470,13 +523,14 @@ def feature_width(model, config, device):
 
 
 @torch.no_grad()
-def load_predictor(checkpoint, data=None, device="auto"):
+def load_predictor(checkpoint, data=None, device="auto", clinic=None):
     """(model, config, gallery, device): what single-image prediction needs, loaded once, so that
-    app.py can keep them between requests. The gallery is checked against the model's feature width."""
+    app.py can keep them between requests. The gallery is checked against the model's feature
+    width; `clinic`: a labelled folder to use as the gallery instead (--gallery)."""
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    gallery = prediction_gallery(model, config, checkpoint, data, device, feature_width(model, config, device))
+    gallery = prediction_gallery(model, config, checkpoint, data, device, feature_width(model, config, device), clinic)
     return model, config, gallery, device
 
 
@@ -534,11 +588,12 @@ def check_inputs(paths, flag):
 
 
 @torch.no_grad()
-def predict_images(checkpoint, images, data=None, device="auto", out=None, n_nearest=5):
-    """P(malignant) of each image and the verdict at the threshold saved with the gallery. With
-    `out`, also one figure per image there (see plot_prediction). Returns the printed lines."""
+def predict_images(checkpoint, images, data=None, device="auto", out=None, n_nearest=5, clinic=None):
+    """P(malignant) of each image and the verdict at the threshold saved with the gallery (or set
+    by a clinic's gallery). With `out`, also one figure per image there (see plot_prediction).
+    Returns the printed lines."""
     check_inputs(images, "--image")
-    model, config, gallery, device = load_predictor(checkpoint, data, device)
+    model, config, gallery, device = load_predictor(checkpoint, data, device, clinic)
     predictions = predict_files(model, config, gallery, images, device, checkpoint, n_nearest,
                                 explain=out is not None)
     lines = [f"{probability_text(p, gallery)}  {path}" for p, path in zip(predictions, images)]
@@ -682,6 +737,11 @@ def parse_args(argv=None):
                              "metrics.json's other_scores")
     parser.add_argument("--k", type=int, default=None,
                         help="neighbours for --score knn and head-knn (default: as trained, train.py --k)")
+    parser.add_argument("--gallery", metavar="FOLDER",
+                        help="a clinic's own labelled images (FOLDER/0 and FOLDER/1, or a split folder, pooled) "
+                             "as the gallery: they set the threshold and P(malignant)'s calibration too, by "
+                             "cross-fitting; nothing is retrained and the project is not touched (evaluation "
+                             "needs --out)")
     parser.add_argument("--calibration", choices=CALIBRATIONS, default="platt",
                         help="the map from score to P(malignant), fitted on the validation split: platt (a "
                              "logistic regression on the score, default) or isotonic")
@@ -715,7 +775,7 @@ def main(argv=None):
                 print(predict_pair(checkpoint, *args.pair, args.device))
                 return
             out = args.out or prediction_folder(checkpoint, args.project)
-            for line in predict_images(checkpoint, args.image, args.data, args.device, out):
+            for line in predict_images(checkpoint, args.image, args.data, args.device, out, clinic=args.gallery):
                 print(line)
             return
         if not args.project or not args.data:
@@ -728,11 +788,15 @@ def main(argv=None):
             raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
         if args.workers < 0:
             raise ValueError(f"--workers {args.workers}: must be 0 or more")
+        if args.gallery and not args.out:
+            raise ValueError("--gallery: pass --out FOLDER for the results; an evaluation against another gallery "
+                             "never writes into the project")
         checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
         evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
                  score=args.score, k=args.k, target_sensitivity=args.target_sensitivity,
                  save_every=args.save_every, batch_size=args.batch_size, device=args.device,
-                 workers=args.workers, cache=args.cache, tta=args.tta, started=started, calibration=args.calibration)
+                 workers=args.workers, cache=args.cache, tta=args.tta, started=started, calibration=args.calibration,
+                 clinic=args.gallery)
     except Interrupted as stopped:  # one line and 128 + the signal, as a process killed by it
         note = getattr(stopped, "note", None)
         print(f"predict.py: stopped by {signal.Signals(stopped.signum).name}" + (f"; {note}" if note else ""),

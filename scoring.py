@@ -14,6 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
 from cli import progress
@@ -134,12 +137,25 @@ def similarity_matrix(model, features, gallery_features, chunk=1 << 24):
     return out
 
 
+PROBE_C = 0.1  # the probe's inverse L2 strength: few-shot galleries leave nothing to choose it on
+
+
+def logistic_probe(c=PROBE_C):
+    """scikit-learn's logistic regression on standardised features, the classes weighted alike:
+    the probe score, and frozen.py's baseline."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
+
+
 @torch.no_grad()
 def score_images(model, features, gallery_features, gallery_labels, method, k=10):
     """P(malignant) per image from stored features (see predict.py's docstring for the formulas)."""
     malignant = gallery_labels == 1
     if method == "direct":
         return model.malignant_probability(features).float()
+    if method == "probe":  # fitted on the gallery each time: deterministic, and a second on CPU
+        probe = logistic_probe().fit(gallery_features.float().cpu().numpy(), gallery_labels.cpu().numpy())
+        return torch.as_tensor(probe.predict_proba(features.float().cpu().numpy())[:, 1], dtype=torch.float32,
+                               device=features.device)
     if method in ("gallery", "head-knn"):
         similarity = similarity_matrix(model, features, gallery_features)
         if method == "head-knn":

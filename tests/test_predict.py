@@ -215,3 +215,63 @@ def test_single_images_and_pairs_need_no_training_data(movable_project, tmp_path
     assert lines[-1].startswith("similarity ")
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(Path(i).stem + "_prediction.png"
                                                                              for i in images)
+
+
+# ---------------------------------------------------------------------------------------------
+# A clinic's own gallery (--gallery): its images are the gallery and set threshold and calibration
+
+
+def files_of(folder):
+    return {path: path.read_bytes() for path in sorted(Path(folder).rglob("*")) if path.is_file()}
+
+
+def test_a_clinics_gallery_replaces_gallery_threshold_and_calibration_and_leaves_the_project_alone(
+        movable_project, tmp_path, quick_bootstrap, capsys):
+    project, data, clinic = movable_project
+    before = files_of(project)
+    found, _ = evaluate_clinic(project, data, tmp_path / "X", "--gallery", str(clinic))
+    assert files_of(project) == before  # byte for byte: nothing written, moved or replaced
+    assert found["gallery"] == str(clinic) and found["evaluated_split"] == "test"
+    own = torch.load(project / "outputs" / "gallery.pt", weights_only=True)
+    assert found["test_threshold"] != own["threshold"]
+    assert found["calibration_prevalence"] == pytest.approx(4 / 9)  # the clinic's 5 benign, 4 malignant
+    capsys.readouterr()
+    image = str(sorted((data / "test_data" / "1").glob("*.jpg"))[0])
+    predict.main(["--project", str(project), "--gallery", str(clinic), "--image", image, "--out", str(tmp_path / "f")])
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "calibrated where 44% are melanomas" in line and files_of(project) == before
+    model, config, gallery, device = predict.load_predictor(project / "outputs" / "best.pth", clinic=clinic)
+    assert len(gallery["labels"]) == 9 and all(Path(p).parent.parent == clinic.resolve() for p in gallery["paths"])
+
+
+def test_a_clinics_gallery_with_fewer_than_two_of_a_class_or_without_out_is_one_line(movable_project, tmp_path,
+                                                                                     capsys):
+    project, data, clinic = movable_project
+    small = tmp_path / "small"
+    shutil.copytree(clinic, small)
+    for path in sorted((small / "1").glob("*.jpg"))[1:]:
+        path.unlink()
+    for argv, message in (
+            (["--gallery", str(small), "--out", str(tmp_path / "X")],
+             f"--gallery {small}: 5 benign and 1 malignant image(s); a clinic's gallery needs at least 2 of each"),
+            (["--gallery", str(clinic)], "--gallery: pass --out FOLDER")):
+        with pytest.raises(SystemExit) as stop:
+            predict.main(["--project", str(project), "--data", str(data), *argv])
+        assert str(stop.value.code).startswith(f"predict.py: error: {message}")
+        assert "\n" not in str(stop.value.code)
+
+
+def test_cross_fitted_validation_scores_never_meet_their_own_image():
+    class NoModel:
+        pass
+
+    rng = torch.Generator().manual_seed(0)
+    features = torch.randn(20, 8, generator=rng)
+    labels = torch.tensor([0, 1] * 10)
+    gallery = {"features": features, "labels": labels, "cross_fitted": True}
+    # k = 1: against a gallery holding the image itself its nearest neighbour is itself, and the
+    # score is its own label
+    scores = predict.validation_scores(NoModel(), "knn", 1, gallery, features, seed=0)
+    assert not (scores == labels.numpy()).all()
+    with_itself = predict.validation_scores(NoModel(), "knn", 1, {**gallery, "cross_fitted": False}, features, 0)
+    assert (with_itself == labels.numpy()).all()

@@ -120,6 +120,23 @@ def test_direct_probability_is_the_classifier_output():
     assert torch.allclose(result, model.malignant_probability(features).detach())
 
 
+def test_probe_probability_is_a_logistic_regression_fitted_on_the_gallery_images():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = torch.Generator().manual_seed(0)
+    gallery_labels = torch.tensor([0] * 12 + [1] * 12)
+    gallery = torch.randn(24, 6, generator=rng) + 1.5 * gallery_labels[:, None]
+    features = torch.randn(10, 6, generator=rng)
+    scores = score_images(None, features, gallery, gallery_labels, "probe")  # any model: only its features
+    # by hand: standardise by the gallery's statistics, then scikit-learn's regression, classes weighted alike
+    mean, std = gallery.numpy().mean(0), gallery.numpy().std(0)
+    fitted = LogisticRegression(C=scoring.PROBE_C, class_weight="balanced", max_iter=5000).fit(
+        (gallery.numpy() - mean) / std, gallery_labels.numpy())
+    expected = fitted.predict_proba((features.numpy() - mean) / std)[:, 1]
+    assert scores.numpy() == pytest.approx(expected, abs=1e-5)
+    assert score_images(None, gallery[gallery_labels == 1][:3], gallery, gallery_labels, "probe").min() > 0.5
+
+
 def test_unknown_classifier_raises_value_error():
     features, gallery, labels = toy(2, 4, 3, seed=0)
     with pytest.raises(ValueError, match="banana"):
@@ -273,7 +290,7 @@ def test_tta_embedding_is_the_mean_over_the_four_flips(tiny_data_dir, siamese):
 
 
 def test_applicable_scores_follow_the_model():
-    assert scoring.applicable_scores(RunConfig(loss="bce")) == ["gallery", "head-knn", "knn", "prototype"]
+    assert scoring.applicable_scores(RunConfig(loss="bce")) == ["gallery", "head-knn", "knn", "prototype", "probe"]
     assert "direct" in scoring.applicable_scores(RunConfig(loss="bce", aux_weight=1.0))
-    assert scoring.applicable_scores(RunConfig(loss="triplet")) == ["gallery", "knn", "prototype"]
+    assert scoring.applicable_scores(RunConfig(loss="triplet")) == ["gallery", "knn", "prototype", "probe"]
     assert "direct" in scoring.applicable_scores(RunConfig(loss="ce"))
