@@ -33,7 +33,7 @@ from cli import ArgumentParser
 from dataset import CLASS_NAMES, DataError, check_image
 from modules import WeightsError
 from plots import gallery_thumbnail, heat_overlay
-from predict import compare_pair, load_predictor, predict_files, probability_text
+from predict import compare_pair, load_predictor, nearest_text, predict_files, probability_text
 
 MIN_SIDE = 32  # the smallest --image-size train.py takes: a smaller upload is an icon, not a lesion photo
 CONVERTED = {"CMYK": "a CMYK file, read as RGB", "RGBA": "transparency dropped",  # PIL mode: what reading changed
@@ -120,7 +120,8 @@ class LesionChecker:
                                             self.checkpoint)
         except Exception as error:  # the page keeps serving; the terminal keeps the details
             return refusal(path, failure(error)), None, None, []
-        text = f"### {probability_text(prediction, self.gallery)}\n{Path(path).name}{conversion_note(path)}"
+        text = (f"### {probability_text(prediction, self.gallery)}\n{nearest_text(prediction)}; "
+                f"{Path(path).name}{conversion_note(path)}")
         image = (prediction.image * 255).round().astype(np.uint8)
         overlay = heat_overlay(prediction.image, prediction.heat)
         return (text, enlarged(image), enlarged(overlay),

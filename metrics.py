@@ -69,6 +69,21 @@ def paired_auc_difference(labels, scores, baseline_scores, n=1000, seed=0, level
     return (float(difference), *percentile_interval(resampled, level))
 
 
+def retrieval_metrics(similarity, labels, gallery_labels, k=5):
+    """How well a similarity finds same-class gallery images for each query image: precision@k
+    per class (the share of the k most similar gallery images of the query's class, averaged over
+    the class's queries; a class-balanced gallery gives 0.5 by chance) and the mean average
+    precision of the whole ranking (scikit-learn's average_precision_score per query)."""
+    similarity, labels, gallery_labels = np.asarray(similarity), np.asarray(labels), np.asarray(gallery_labels)
+    nearest = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    same = gallery_labels[nearest] == labels[:, None]
+    result = {f"precision_at_{k}_{name}": float(same[labels == c].mean()) if (labels == c).any() else float("nan")
+              for c, name in enumerate(("benign", "malignant"))}
+    result["mean_average_precision"] = float(np.mean([average_precision_score(gallery_labels == label, row)
+                                                      for row, label in zip(similarity, labels)]))
+    return result
+
+
 def choose_threshold(labels, scores, target_sensitivity=None):
     """On validation: the threshold maximising Youden's J (sensitivity + specificity - 1), or
     the highest threshold whose sensitivity reaches target_sensitivity."""

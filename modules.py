@@ -159,14 +159,19 @@ class SiameseNetwork(nn.Module):
         return torch.sigmoid(self.pair_logits(f1, f2))
 
     def similarity_matrix(self, features, gallery_features):
-        """(N, M) pair_similarity of every row with every gallery row, without building the N * M
-        concatenated inputs: Linear(concat(f1, f2, f1 * f2)) = W1 f1 + W2 f2 + (W3 * f1) f2."""
+        """(N, M) pair_similarity of every row with every gallery row."""
+        return torch.sigmoid(self.similarity_logits(features, gallery_features))
+
+    def similarity_logits(self, features, gallery_features):
+        """(N, M) pair logits of every row with every gallery row, without building the N * M
+        concatenated inputs: Linear(concat(f1, f2, f1 * f2)) = W1 f1 + W2 f2 + (W3 * f1) f2. They
+        rank gallery images as the similarity does, without its sigmoid's ties at 1.000."""
         linear, norm, activation, _, output = self.head  # AlphaDropout is the identity in eval mode
         w1, w2, w3 = linear.weight.split(features.shape[1], dim=1)
         own, other = features @ w1.T + linear.bias, gallery_features @ w2.T  # (N, 64), (M, 64)
         product = torch.einsum("nd,jd,md->nmj", features, w3, gallery_features)  # (N, M, 64)
         hidden = activation(norm((own[:, None] + other[None] + product).flatten(0, 1)))
-        return torch.sigmoid(output(hidden)).view(len(features), len(gallery_features))
+        return output(hidden).view(len(features), len(gallery_features))
 
     def malignant_probability(self, features):
         return torch.sigmoid(self.classifier(features).squeeze(1))

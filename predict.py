@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
@@ -52,12 +51,12 @@ from cli import ArgumentParser
 from dataset import (DataError, attach_cache, check_image, denormalize, eval_transform, has_split,
                      is_labelled_folder, load_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
 from files import overlaps, write_atomic, write_text_atomic
-from metrics import auc_or_nan, choose_threshold, image_metrics
-from modules import CONFIG_RULES, LOSSES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
+from metrics import auc_or_nan, choose_threshold, image_metrics, retrieval_metrics
+from modules import CONFIG_RULES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
 from plots import (plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, plot_reliability,
                    save_pair_figures)
 from scoring import (SCORES, describe_device, embed_and_score, embedder, flip_views, pick_device, resolve_score,
-                     score_images, similarity_matrix, to_device)
+                     score_images, cosine_similarity, retrieval_similarities, to_device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +367,10 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
                                       calibration)
             for name in dict.fromkeys(methods[1:]) if name != method}
         metrics["other_scores"] = {name: other_metrics for name, (other_metrics, _, _) in others.items()}
+        # how well each similarity finds same-class gallery images (the nearest cases --image shows)
+        metrics["retrieval"] = {name: retrieval_metrics(similarity.cpu().numpy(), test.labels, gallery["labels"].cpu())
+                                for name, similarity in retrieval_similarities(model, evaluated.features,
+                                                                               gallery["features"]).items()}
         write_scores(test, {method: evaluated.scores, **{name: scores for name, (_, scores, _) in others.items()}},
                      {method: probabilities, **{name: p for name, (_, _, p) in others.items()}},
                      results / "scores.csv")
@@ -420,6 +423,9 @@ def print_metrics(metrics):
             ("balanced accuracy", m["balanced_accuracy"]),
             ("sensitivity", m["sensitivity"]), ("specificity", m["specificity"]),
             (f"threshold ({metrics['threshold_rule']})", m["threshold"]),
+            ("nearest 5, same class", ", ".join(f"{name}: benign {r['precision_at_5_benign']:.2f}, malignant "
+                                                f"{r['precision_at_5_malignant']:.2f}"
+                                                for name, r in metrics["retrieval"].items())),
             (f"calibration ({metrics['calibration']})", f"ECE {m['ece']:.4f}, Brier {m['brier']:.4f} (raw score: "
                                                        f"ECE {m['raw_ece']:.4f}, Brier {m['raw_brier']:.4f})"),
             ("confusion [tn fp; fn tp]", f"[{m['tn']} {m['fp']}; {m['fn']} {m['tp']}]")]
@@ -551,11 +557,9 @@ def predict_files(model, config, gallery, images, device, checkpoint, n_nearest=
     predictions = [Prediction(s, p, "malignant" if s >= threshold else "benign") for s, p in zip(scores, probabilities)]
     if not explain:
         return predictions
-    # Nearest gallery images by the model's own pair similarity; the classifier has none, so cosine there.
-    if LOSSES[config.loss].classifier:
-        similarity = F.normalize(features, dim=1) @ F.normalize(gallery_features.float(), dim=1).T
-    else:
-        similarity = similarity_matrix(model, features, gallery_features)
+    # Nearest gallery images by the embedding's cosine, for every model: on ISIC 2017 test it found
+    # more same-class images of both classes than the Siamese head's logit (docs/evaluation.md)
+    similarity = cosine_similarity(features, gallery_features)
     nearest = similarity.topk(min(n_nearest, len(gallery_features)), dim=1)
     malignant_mean = gallery_features[labels == 1].float().mean(0)
     paths = gallery.get("paths") or [None] * len(gallery_features)
@@ -565,6 +569,13 @@ def predict_files(model, config, gallery, images, device, checkpoint, n_nearest=
         prediction.nearest = [(paths[j], int(labels[j]), s)
                               for s, j in zip(nearest.values[i].tolist(), nearest.indices[i].tolist())]
     return predictions
+
+
+def nearest_text(prediction):
+    """"3 of the 5 nearest gallery images are melanomas": what the similar cases say."""
+    malignant = sum(label for _, label, _ in prediction.nearest)
+    return (f"{malignant} of the {len(prediction.nearest)} nearest gallery images "
+            f"{'is a melanoma' if malignant == 1 else 'are melanomas'}")
 
 
 def probability_text(prediction, gallery, short=False):
@@ -599,6 +610,7 @@ def predict_images(checkpoint, images, data=None, device="auto", out=None, n_nea
     lines = [f"{probability_text(p, gallery)}  {path}" for p, path in zip(predictions, images)]
     if out is None:
         return lines
+    lines = [f"{line}\n  {nearest_text(p)}" for line, p in zip(lines, predictions)]
     missing = sorted({path for p in predictions for path, _, _ in p.nearest if path and not Path(path).is_file()})
     if missing:  # the training images moved or deleted since gallery.pt was written
         lines.append(f"{len(missing)} nearest gallery image(s) not found (such as {missing[0]}): the figures "

@@ -120,15 +120,17 @@ def embed_images(model, split, image_size, batch_size, device, workers=0, indice
 
 
 @torch.no_grad()
-def similarity_matrix(model, features, gallery_features, chunk=1 << 24):
+def similarity_matrix(model, features, gallery_features, chunk=1 << 24, logits=False):
     """(N, G) P(same class) of every image with every gallery image, from stored features, in row
-    blocks of about `chunk` hidden values."""
+    blocks of about `chunk` hidden values; `logits`: the Siamese head's logits instead."""
     model.eval()
     out = torch.empty(len(features), len(gallery_features), device=features.device)
     rows = max(1, chunk // (64 * max(1, len(gallery_features))))
     for start in range(0, len(features), rows):
         block = features[start:start + rows]
-        if hasattr(model, "similarity_matrix"):  # the Siamese head, without the N * G inputs
+        if logits:
+            out[start:start + rows] = model.similarity_logits(block, gallery_features).float()
+        elif hasattr(model, "similarity_matrix"):  # the Siamese head, without the N * G inputs
             out[start:start + rows] = model.similarity_matrix(block, gallery_features).float()
         else:
             f1 = block.repeat_interleave(len(gallery_features), 0)
@@ -164,13 +166,26 @@ def score_images(model, features, gallery_features, gallery_labels, method, k=10
         return (similarity[:, malignant].mean(1) + (1 - similarity[:, ~malignant]).mean(1)) / 2
     x, g = F.normalize(features.float(), dim=1), F.normalize(gallery_features.float(), dim=1)
     if method == "knn":
-        nearest = (x @ g.T).topk(min(k, len(g)), dim=1).indices
+        nearest = cosine_similarity(x, g).topk(min(k, len(g)), dim=1).indices
         return malignant[nearest].float().mean(1)
     if method == "prototype":
         d_benign = (x - g[~malignant].mean(0)).norm(dim=1)
         d_malignant = (x - g[malignant].mean(0)).norm(dim=1)
         return d_benign / (d_benign + d_malignant).clamp(min=1e-12)
     raise ValueError(f"unknown score method {method}")
+
+
+def cosine_similarity(features, gallery_features):
+    return F.normalize(features.float(), dim=1) @ F.normalize(gallery_features.float(), dim=1).T
+
+
+def retrieval_similarities(model, features, gallery_features):
+    """{name: (N, G) similarity} by which the nearest gallery images can be ranked: the
+    embedding's cosine for every model, and the Siamese head's logit where there is one."""
+    rankings = {"cosine": cosine_similarity(features, gallery_features)}
+    if hasattr(model, "similarity_logits"):
+        rankings["head"] = similarity_matrix(model, features, gallery_features, logits=True)
+    return rankings
 
 
 def resolve_score(config, method="auto"):

@@ -97,10 +97,11 @@ def test_predict_single_images_from_the_command_line(trained_project, tiny_data_
     images = sorted((tiny_data_dir / "test_data" / "1").glob("*.jpg"))[:2]
     lines = run_script("predict.py", "--checkpoint", checkpoint, "--image", images[0], "--image", images[1])
     lines = lines.strip().splitlines()
-    assert len(lines) == 4  # two images are two predictions, never a pair
-    for image, (verdict, figure) in zip(images, (lines[:2], lines[2:])):
-        assert re.fullmatch(rf"P\(malignant\) [01]\.\d{{4}}  (benign|malignant)  \(threshold [01]\.\d{{4}}\)  "
-                            rf"{re.escape(str(image))}", verdict), verdict
+    assert len(lines) == 6  # two images are two predictions, never a pair
+    for image, (verdict, nearest, figure) in zip(images, (lines[:3], lines[3:])):
+        assert re.fullmatch(r"  \d of the 5 nearest gallery images (is a melanoma|are melanomas)", nearest), nearest
+        assert re.fullmatch(rf"P\(malignant\) [01]\.\d{{2,6}}  (benign|malignant)  \(malignant from [01]\.\d{{2,6}}; "
+                            rf"calibrated where \d+% are melanomas\)  {re.escape(str(image))}", verdict), verdict
         assert figure == f"  figure: {project / 'predictions' / (image.stem + '_prediction.png')}"
         assert (project / "predictions" / (image.stem + "_prediction.png")).stat().st_size > 0
     # --pair: tests/test_cli.py::test_pair_prints_the_models_similarity, in-process
@@ -228,6 +229,6 @@ def test_data_without_a_test_split_trains_and_reports_validation(tiny_data_dir, 
     assert metrics["evaluated_split"] == "val" and metrics["n_val_images"] == 10
     assert math.isfinite(metrics["val_auc"]) and metrics["tta"] is True
     # every classifier the tuned Siamese model supports, scored from the same embeddings
-    assert set(metrics["other_scores"]) == {"head-knn", "knn", "prototype", "direct"}
+    assert set(metrics["other_scores"]) == {"head-knn", "knn", "prototype", "direct", "probe"}
     for other in metrics["other_scores"].values():
         assert 0 <= other["auc"] <= 1 and other["tn"] + other["fp"] == 6

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from metrics import (auc_or_nan, bootstrap_auc, choose_threshold, image_metrics, pair_metrics,
-                     paired_auc_difference)
+                     paired_auc_difference, retrieval_metrics)
 
 
 def toy_scores(n, seed, separation=1.0, malignant_fraction=0.3):
@@ -268,3 +268,19 @@ def test_target_sensitivity_threshold_inside_a_run_of_malignant_scores():
     labels = np.array([1, 1, 1, 0, 1, 0, 0, 0])
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
     assert choose_threshold(labels, scores, 0.5) == 0.8  # 2 of 4 malignant at >= 0.8
+
+
+# retrieval_metrics
+
+
+def test_retrieval_precision_and_map_are_counted_from_each_querys_ranking():
+    gallery_labels = np.array([0, 0, 1, 1])
+    labels = np.array([0, 1])
+    similarity = np.array([[0.9, 0.1, 0.8, 0.2],    # benign query: ranking b, m, m, b
+                           [0.3, 0.2, 0.1, 0.95]])  # malignant query: ranking m, b, b, m
+    found = retrieval_metrics(similarity, labels, gallery_labels, k=2)
+    assert found["precision_at_2_benign"] == 0.5 and found["precision_at_2_malignant"] == 0.5
+    # average precision: benign query hits at ranks 1 and 4 (1 + 2/4) / 2; malignant at 1 and 4 likewise
+    assert found["mean_average_precision"] == pytest.approx(0.75)
+    perfect = retrieval_metrics(np.array([[1, 1, 0, 0], [0, 0, 1, 1]]), labels, gallery_labels, k=2)
+    assert perfect == {"precision_at_2_benign": 1.0, "precision_at_2_malignant": 1.0, "mean_average_precision": 1.0}

@@ -209,7 +209,7 @@ def test_single_images_and_pairs_need_no_training_data(movable_project, tmp_path
                       "--out", str(tmp_path / "figures")])
         predict.main(["--project", str(project), "--pair", *images])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.endswith(image) for line, image in zip(lines[0:4:2], images)] == [True, True]
+    assert [line.endswith(image) for line, image in zip(lines[0:6:3], images)] == [True, True]
     notes = [line for line in lines if "nearest gallery image(s) not found" in line]
     assert len(notes) == 1 and str(data.resolve()) in notes[0] and notes[0].endswith("the figures show their names instead")
     assert lines[-1].startswith("similarity ")
