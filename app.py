@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from cli import ArgumentParser
-from dataset import CLASS_NAMES, DataError, check_image
+from dataset import CLASS_NAMES, DataError, check_image, has_split, list_split
 from modules import WeightsError
 from plots import gallery_thumbnail, heat_overlay
 from predict import compare_pair, load_predictor, nearest_text, predict_files, probability_text
@@ -90,6 +90,7 @@ class LesionChecker:
         self.checkpoint = Path(checkpoint)
         self.model, self.config, self.gallery, self.device = load_predictor(checkpoint, data, device, clinic)
         self.clinic = clinic
+        self.examples = example_lesions(self.config.data)
         self.lock = threading.Lock()
 
     def describe(self):
@@ -180,6 +181,19 @@ def offline_gradio(temp_dir):
     return gradio
 
 
+def example_lesions(data, per_class=2):
+    """[(path, caption)]: the first `per_class` images of each class of the model's test split (its
+    validation split where it has none), for a newcomer to click before finding an image of their
+    own; none when the training data is not on this machine."""
+    try:
+        split = "test" if has_split(data, "test") else "validation"
+        paths, labels = list_split(data, split)
+    except (DataError, OSError, KeyError):
+        return []
+    return [(str(path), f"{('benign', 'melanoma')[label]} · {path.name}")
+            for label in (0, 1) for path in [p for p, y in zip(paths, labels) if y == label][:per_class]]
+
+
 def build_page(gr, checker):
     """The page: a tab for one lesion, a tab for two."""
     with gr.Blocks(title="Check one lesion", analytics_enabled=False, delete_cache=(600, 3600)) as page:
@@ -197,6 +211,11 @@ def build_page(gr, checker):
             nearest = gr.Gallery(label="nearest gallery images: class and similarity", columns=5, height=240,
                                  object_fit="contain", elem_id="nearest")
             upload.upload(checker.check_one, upload, [result, seen, overlay, nearest])
+            if checker.examples:
+                gr.Examples([[path] for path, _ in checker.examples], upload, [result, seen, overlay, nearest],
+                            checker.check_one, cache_examples=False, run_on_click=True, elem_id="examples",
+                            label="lesions of the model's test split: click one",
+                            example_labels=[caption for _, caption in checker.examples])
             upload.clear(lambda: ("Upload a dermoscopic image.", None, None, []), None,
                          [result, seen, overlay, nearest])
         with gr.Tab("Two lesions"):
@@ -261,7 +280,8 @@ def main(argv=None):
               f"in {time.time() - started:.1f} s")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl+C: temp files go
         build_page(gr, checker).launch(server_name=args.host, server_port=args.port, share=False,
-                                       run_history=False, footer_links=[], max_file_size="100mb")
+                                       run_history=False, footer_links=[], max_file_size="100mb",
+                                       allowed_paths=sorted({str(Path(path).parent) for path, _ in checker.examples}))
     except (ValueError, DataError, WeightsError) as error:
         sys.exit(f"app.py: error: {error}")
     except OSError as error:  # the port was taken while the model loaded

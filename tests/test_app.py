@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -112,6 +113,13 @@ def test_a_gallery_image_moved_since_training_is_grey_with_its_name(tmp_path):
     assert thumbnail.shape == (96, 96, 3) and (thumbnail == 200).all()
     assert caption == "malignant 0.812 · gone.jpg"
     assert app.gallery_card(None, 0, 0.5)[1] == "benign 0.500 · (path not stored)"
+
+
+def test_examples_are_the_first_lesions_of_each_class_of_the_models_test_split(checker, tiny_data_dir, tmp_path):
+    benign, malignant = (sorted((tiny_data_dir / "test_data" / c).glob("*.jpg"))[:2] for c in "01")
+    assert checker.examples == [(str(p), f"benign · {p.name}") for p in benign] + \
+        [(str(p), f"melanoma · {p.name}") for p in malignant]
+    assert app.example_lesions(tmp_path / "gone") == []  # the data is not on this machine: no examples, no error
 
 
 def test_the_page_names_the_threshold_and_its_rule(checker):
@@ -246,6 +254,11 @@ def browser_missing():
     return None
 
 
+def checker_examples(checkpoint):
+    config = torch.load(checkpoint, weights_only=True)["config"]
+    return app.example_lesions(config["data"])
+
+
 @pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
 def test_the_page_in_chromium_shows_predicts_numbers_offline(checkpoint, lesion, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -269,6 +282,13 @@ def test_the_page_in_chromium_shows_predicts_numbers_offline(checkpoint, lesion,
         assert page.locator("#nearest").get_by_text(re.compile(r"^(benign|malignant) 0\.\d{3} · ")).count() == 5
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         assert list(temp.glob(f"lesion-app-*/**/{lesion.name}")), "the upload is not in app.py's temporary folder"
+        # an example of the model's test split, clicked, shows the same line predict.py prints for it
+        example, caption = checker_examples(checkpoint)[-1]
+        printed_example = run_script("predict.py", "--checkpoint", checkpoint, "--image", example,
+                                     "--out", tmp_path / "figures").splitlines()[0]
+        page.locator("#examples").get_by_text(caption).click()
+        expected = " ".join(printed_example.removesuffix(f"  {example}").split())
+        page.locator("#result").get_by_text(expected.split(";")[0]).wait_for(timeout=120_000)
         page.locator("#upload").get_by_label("Clear").click()
         page.locator("#upload input[type=file]").set_input_files(not_an_image)
         page.locator("#result").get_by_text("Cannot check notes.jpg: not an image").wait_for(timeout=60_000)
