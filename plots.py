@@ -66,6 +66,20 @@ def plot_reliability(labels, scores, probabilities, results):
     save_figure(fig, results / "reliability_diagram.png")
 
 
+def plot_shots(summary, shots, path):
+    """new_clinic.py's curve: each way's mean test AUC (± sd over the draws) against the labelled
+    images per class of the new clinic."""
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    for row, by_k in summary.items():
+        means, sds = zip(*(by_k[k]["auc"] for k in shots))
+        ax.errorbar(shots, means, yerr=sds, marker="o", capsize=3, label=row,
+                    ls="--" if "own" in row else "-")
+    ax.set(xscale="log", xticks=shots, xticklabels=[str(k) for k in shots], xlabel="labelled images per class (k)",
+           ylabel="test AUC", title="a new clinic: k labelled images per class")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_confusion(labels, scores, threshold, results):
     fig, ax = plt.subplots(figsize=(4.5, 4), layout="constrained")
     ConfusionMatrixDisplay.from_predictions(labels, (scores >= threshold).astype(int), labels=[0, 1],
