@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cli import ArgumentParser
-from files import write_text_atomic
+from files import folder_problem, write_text_atomic
 from metrics import paired_auc_difference
 from modules import LOSSES, RECIPES
 
@@ -143,6 +143,9 @@ def main(argv=None):
     if refused:
         parser.error(f"{refused[0]}: set by compare.py for each row (--losses, --recipes, --runs, --seeds); "
                      f"drop it")
+    problem = folder_problem(args.project)
+    if problem:
+        parser.error(f"--project {args.project}: {problem}; choose another --project")
     if len(set(args.seeds)) != len(args.seeds) or (args.runs and len(set(args.runs)) != len(args.runs)):
         parser.error("--seeds and --runs must not repeat a value")
     pairs = [(loss, recipe) for recipe in args.recipes for loss in args.losses]

@@ -52,6 +52,30 @@ def write_text_atomic(path, text):
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
+def folder_problem(path):
+    """Why `path` cannot be used as an output folder (checked before any work, so a typo costs
+    nothing): it is a file, or a file stands where one of its parent folders should be. None when
+    it is a folder or can be created."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                return "is a file, not a folder" if folder == path else f"{folder} is a file, not a folder"
+            return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
+    return None
+
+
+def file_problem(path):
+    """Why `path` cannot be written as an output file: it is a folder, or its folder is missing
+    or is a file. None when it can."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder; name a file"
+    if not path.parent.is_dir():
+        return f"its folder {path.parent} does not exist; create it or name another file"
+    return None if os.access(path.parent, os.W_OK) else f"its folder {path.parent} is not writable"
+
+
 def overlaps(a, b):
     """Whether one path is, holds or lies inside the other: a step that moves or deletes one must
     not touch the other."""

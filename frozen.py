@@ -16,7 +16,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from cli import ArgumentParser
 from dataset import DataError, attach_cache, has_split, load_split
-from files import write_text_atomic
+from files import file_problem, write_text_atomic
 from metrics import auc_or_nan, bootstrap_auc
 from modules import BACKBONES, FEATURES, ImageClassifier, WeightsError
 from scoring import embed_images, logistic_probe, pick_device
@@ -62,6 +62,9 @@ def main(argv=None):
     try:
         if not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py")
+        problem = args.out and file_problem(args.out)
+        if problem:
+            raise ValueError(f"--out {args.out}: {problem}")
         if args.image_size < 32 or args.batch_size < 1 or args.workers < 0 or args.benign_limit < 0:
             raise ValueError("--image-size must be at least 32, --batch-size at least 1, --workers and "
                              "--benign-limit 0 or more")

@@ -50,7 +50,7 @@ from calibration import (CALIBRATIONS, calibrated, calibration_metrics, calibrat
 from cli import ArgumentParser
 from dataset import (DataError, attach_cache, check_image, denormalize, eval_transform, has_split,
                      is_labelled_folder, load_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
-from files import overlaps, write_atomic, write_text_atomic
+from files import folder_problem, overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, retrieval_metrics
 from modules import CONFIG_RULES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
 from plots import (plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, plot_reliability,
@@ -787,6 +787,9 @@ def main(argv=None):
                 print(predict_pair(checkpoint, *args.pair, args.device))
                 return
             out = args.out or prediction_folder(checkpoint, args.project)
+            problem = folder_problem(out)
+            if problem:
+                raise ValueError(f"--out {out}: {problem}; choose another --out for the figures")
             for line in predict_images(checkpoint, args.image, args.data, args.device, out, clinic=args.gallery):
                 print(line)
             return
@@ -800,6 +803,9 @@ def main(argv=None):
             raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
         if args.workers < 0:
             raise ValueError(f"--workers {args.workers}: must be 0 or more")
+        problem = args.out and folder_problem(args.out)
+        if problem:
+            raise ValueError(f"--out {args.out}: {problem}; choose another --out")
         if args.gallery and not args.out:
             raise ValueError("--gallery: pass --out FOLDER for the results; an evaluation against another gallery "
                              "never writes into the project")

@@ -35,7 +35,7 @@ from cli import ArgumentParser, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
                      batch_pairs, collate_images, has_split, load_split, load_train_split, sample_seed,
                      train_transform, attach_cache, write_excluded)
-from files import overlaps, remove_stale_temporaries, write_atomic, write_text_atomic
+from files import folder_problem, overlaps, remove_stale_temporaries, write_atomic, write_text_atomic
 from metrics import auc_or_nan
 from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS,
                      SAMPLERS, SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights,
@@ -214,6 +214,9 @@ def check_args(args):
     for folder in args.extra_train:
         if not Path(folder).is_dir():
             raise ValueError(f"--extra-train {folder}: no such folder; make it with to_subdirectories.py")
+    problem = folder_problem(args.project)
+    if problem:
+        raise ValueError(f"--project {args.project}: {problem}; choose another --project")
     if overlaps(args.project, args.data):  # its results/ would move inside (or with) the data
         raise ValueError(f"--project {args.project}: overlaps --data {args.data}; choose a project folder "
                          f"outside the data")

@@ -19,6 +19,7 @@ import torchvision.models._api
 import bench
 import cli
 import compare
+import frozen
 import predict
 from calibration import calibrated
 import to_subdirectories
@@ -84,6 +85,34 @@ def test_bad_choice_on_the_real_command_line_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()  # argparse quotes the choices differently across Pythons
     assert len(lines) == 1 and lines[0].startswith("train.py: error: argument --loss: invalid choice: 'banana'")
     assert lines[0].endswith("; see --help") and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("train.py", ["--project", "{tmp}/notes.txt", "--data", "{data}"], "--project {tmp}/notes.txt: is a file, not a folder"),
+    ("train.py", ["--project", "{tmp}/notes.txt/run1", "--data", "{data}"],
+     "--project {tmp}/notes.txt/run1: {tmp}/notes.txt is a file, not a folder"),
+    ("compare.py", ["--project", "{tmp}/notes.txt", "--data", "{data}"], "--project {tmp}/notes.txt: is a file"),
+    ("frozen.py", ["--data", "{data}", "--out", "{tmp}/missing/rows.json"],
+     "--out {tmp}/missing/rows.json: its folder {tmp}/missing does not exist"),
+    ("frozen.py", ["--data", "{data}", "--out", "{tmp}"], "--out {tmp}: is a folder; name a file"),
+    ("predict.py", ["--checkpoint", "{tmp}/c.pth", "--image", "{tmp}/notes.txt", "--out", "{tmp}/notes.txt"],
+     "--out {tmp}/notes.txt: is a file, not a folder"),
+    ("predict.py", ["--project", "{tmp}/p", "--data", "{data}", "--out", "{tmp}/notes.txt/x"],
+     "--out {tmp}/notes.txt/x: {tmp}/notes.txt is a file, not a folder"),
+])
+def test_an_output_path_that_cannot_be_a_folder_or_file_is_refused_before_any_work(script, argv, message, tmp_path,
+                                                                                   tiny_data_dir, monkeypatch):
+    (tmp_path / "notes.txt").write_text("a user's notes")
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    mains = {"train.py": train.main, "compare.py": run_compare_main, "frozen.py": frozen.main, "predict.py": predict.main}
+    before = sorted(tmp_path.rglob("*"))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code, stderr = exit_of(mains[script], [a.format(tmp=tmp_path, data=tiny_data_dir) for a in argv])
+    lines = stderr.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and printed.getvalue() == ""  # no work was done before the line
+    assert lines[0].startswith(f"{script}: error: {message.format(tmp=tmp_path)}"), lines[0]
+    assert "disk space" not in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "notes.txt").read_text() == "a user's notes"
 
 
 def test_image_and_pair_together_are_refused(tmp_path):
