@@ -1,7 +1,12 @@
 """What every script's command line shares: a parser that refuses abbreviated flags and reports a
-bad one in one line, and progress bars that suit both a terminal and a log file."""
+bad one in one line, an interrupt (Ctrl-C, kill) that ends a command cleanly, and progress bars
+that suit both a terminal and a log file."""
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
 
 from tqdm import tqdm
 
@@ -40,3 +45,39 @@ def progress(iterable, desc, disable=False, **kwargs):
         return tqdm(iterable, desc=desc, disable=disable, dynamic_ncols=True, **kwargs)
     return tqdm(iterable, desc=desc, disable=disable, file=_LineWriter(sys.stderr), ncols=100,
                 mininterval=30, maxinterval=30, delay=30, **kwargs)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a command (interrupt_handler); a command that puts something back
+    sets `note`: what it put back."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def interrupt_handler():
+    """SIGINT / SIGTERM raise Interrupted in the main process, once: the clean-up it starts is not
+    interrupted by a second signal."""
+    main_pid, raised = os.getpid(), []
+
+    def interrupt(signum, _frame):
+        if os.getpid() != main_pid or raised:
+            return  # a DataLoader worker inherited this handler, or the clean-up is under way
+        raised.append(signum)
+        raise Interrupted(signum)
+    return interrupt
+
+
+@contextlib.contextmanager
+def interrupts_raise():
+    """SIGINT and SIGTERM raise Interrupted inside the block (in the main thread; elsewhere signals
+    cannot be handled), and the previous handlers are back after it."""
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    handler = interrupt_handler()
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

@@ -7,6 +7,7 @@ setting (C, k) chosen on validation. A fine-tuned model has to beat these to be 
 Prints validation and test AUC (95% bootstrap interval) of each and writes them to --out as JSON.
 """
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from cli import ArgumentParser
+from cli import ArgumentParser, Interrupted, interrupts_raise
 from dataset import DataError, attach_cache, has_split, load_split
 from files import file_problem, write_text_atomic
 from metrics import auc_or_nan, bootstrap_auc
@@ -59,6 +60,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        with interrupts_raise():
+            return run(args)
+    except Interrupted as stopped:  # one line and 128 + the signal, as a process killed by it
+        print(f"frozen.py: stopped by {signal.Signals(stopped.signum).name}; nothing was written", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
+
+
+def run(args):
+    """Embed every split once with the frozen network, fit each baseline, print and write its rows."""
     try:
         if not Path(args.data).is_dir():
             raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py")

@@ -34,7 +34,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 
 from calibration import (CALIBRATIONS, calibrated, calibration_metrics, calibration_problem, digits_to_agree,
                          fit_calibration)
-from cli import ArgumentParser
+from cli import ArgumentParser, Interrupted, interrupts_raise
 from dataset import (DataError, attach_cache, check_image, denormalize, eval_transform, has_split,
                      is_labelled_folder, load_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
 from files import folder_problem, overlaps, write_atomic, write_text_atomic
@@ -251,28 +250,6 @@ def load_evaluation_splits(data, config, workers, cache=None, from_gallery=False
         for split in splits.values():
             attach_cache(split, cache, config.image_size, workers)
     return splits
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a predict.py command (interrupt_handler); evaluate sets `note`:
-    what it put back."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def interrupt_handler():
-    """SIGINT / SIGTERM raise Interrupted in the main process, once: the clean-up it starts
-    (put_back) is not interrupted by a second signal."""
-    main_pid, raised = os.getpid(), []
-
-    def interrupt(signum, _frame):
-        if os.getpid() != main_pid or raised:
-            return  # a DataLoader worker inherited this handler, or the clean-up is under way
-        raised.append(signum)
-        raise Interrupted(signum)
-    return interrupt
 
 
 def put_back(results, moved, existed):
@@ -769,52 +746,56 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def run(args, started):
+    """The command the flags ask for: --image, --pair, or an evaluation."""
+    if args.image or args.pair:
+        flag = "--image" if args.image else "--pair"
+        checkpoint = args.checkpoint or (args.project and Path(args.project) / "outputs" / "best.pth")
+        if not checkpoint:
+            raise ValueError(f"{flag} needs --checkpoint PATH or --project P")
+        for path in args.image or args.pair:
+            if not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        if args.pair:
+            print(predict_pair(checkpoint, *args.pair, args.device))
+            return
+        out = args.out or prediction_folder(checkpoint, args.project)
+        problem = folder_problem(out)
+        if problem:
+            raise ValueError(f"--out {out}: {problem}; choose another --out for the figures")
+        for line in predict_images(checkpoint, args.image, args.data, args.device, out, clinic=args.gallery):
+            print(line)
+        return
+    if not args.project or not args.data:
+        raise ValueError("pass --project P and --data DATA to evaluate, or --checkpoint C --image X")
+    if args.save_every < 1 or args.batch_size < 1 or (args.k is not None and args.k < 1):
+        raise ValueError("--save-every, --k and --batch-size must be at least 1")
+    if args.gallery_size is not None and args.gallery_size < 0:
+        raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
+    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
+        raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: must be 0 or more")
+    problem = args.out and folder_problem(args.out)
+    if problem:
+        raise ValueError(f"--out {args.out}: {problem}; choose another --out")
+    if args.gallery and not args.out:
+        raise ValueError("--gallery: pass --out FOLDER for the results; an evaluation against another gallery "
+                         "never writes into the project")
+    checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
+    evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
+             score=args.score, k=args.k, target_sensitivity=args.target_sensitivity,
+             save_every=args.save_every, batch_size=args.batch_size, device=args.device,
+             workers=args.workers, cache=args.cache, tta=args.tta, started=started, calibration=args.calibration,
+             clinic=args.gallery)
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {s: signal.signal(s, interrupt_handler()) for s in signals}
     try:
-        if args.image or args.pair:
-            flag = "--image" if args.image else "--pair"
-            checkpoint = args.checkpoint or (args.project and Path(args.project) / "outputs" / "best.pth")
-            if not checkpoint:
-                raise ValueError(f"{flag} needs --checkpoint PATH or --project P")
-            for path in args.image or args.pair:
-                if not Path(path).is_file():
-                    raise ValueError(f"{flag} {path}: no such file")
-            if args.pair:
-                print(predict_pair(checkpoint, *args.pair, args.device))
-                return
-            out = args.out or prediction_folder(checkpoint, args.project)
-            problem = folder_problem(out)
-            if problem:
-                raise ValueError(f"--out {out}: {problem}; choose another --out for the figures")
-            for line in predict_images(checkpoint, args.image, args.data, args.device, out, clinic=args.gallery):
-                print(line)
-            return
-        if not args.project or not args.data:
-            raise ValueError("pass --project P and --data DATA to evaluate, or --checkpoint C --image X")
-        if args.save_every < 1 or args.batch_size < 1 or (args.k is not None and args.k < 1):
-            raise ValueError("--save-every, --k and --batch-size must be at least 1")
-        if args.gallery_size is not None and args.gallery_size < 0:
-            raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
-        if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
-            raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
-        if args.workers < 0:
-            raise ValueError(f"--workers {args.workers}: must be 0 or more")
-        problem = args.out and folder_problem(args.out)
-        if problem:
-            raise ValueError(f"--out {args.out}: {problem}; choose another --out")
-        if args.gallery and not args.out:
-            raise ValueError("--gallery: pass --out FOLDER for the results; an evaluation against another gallery "
-                             "never writes into the project")
-        checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
-        evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
-                 score=args.score, k=args.k, target_sensitivity=args.target_sensitivity,
-                 save_every=args.save_every, batch_size=args.batch_size, device=args.device,
-                 workers=args.workers, cache=args.cache, tta=args.tta, started=started, calibration=args.calibration,
-                 clinic=args.gallery)
+        with interrupts_raise():
+            run(args, started)
     except Interrupted as stopped:  # one line and 128 + the signal, as a process killed by it
         note = getattr(stopped, "note", None)
         print(f"predict.py: stopped by {signal.Signals(stopped.signum).name}" + (f"; {note}" if note else ""),
@@ -825,9 +806,6 @@ def main(argv=None):
     except OSError as error:  # a full disk or a folder without write permission (--out, gallery.pt)
         sys.exit(f"predict.py: error: could not write {error.filename or 'a file'} ({error.strerror or error}); "
                  f"free disk space or fix permissions, or choose another --out")
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

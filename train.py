@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cli import ArgumentParser, progress
+from cli import ArgumentParser, Interrupted, interrupt_handler, progress
 from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
                      batch_pairs, collate_images, has_split, load_split, load_train_split, sample_seed,
                      train_transform, attach_cache, write_excluded)
@@ -41,7 +41,7 @@ from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZE
                      SAMPLERS, SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights,
                      load_state, save_atomic)
 from plots import plot_history
-from predict import Interrupted, evaluate, interrupt_handler
+from predict import evaluate
 from scoring import (SCORES, applicable_scores, autocast, embed_and_score, embedder, pick_device, resolve_score,
                      to_device)
 

@@ -1,6 +1,8 @@
 """frozen.py run for real on the tiny synthetic split: both baseline rows fitted on train, their
 setting chosen on validation, scored on validation and test, written to --out."""
 import json
+import os
+import signal
 
 import pytest
 
@@ -25,3 +27,20 @@ def test_frozen_bad_data_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         frozen.main(["--data", str(tmp_path / "missing")])
     assert str(exit_.value.code).startswith("frozen.py: error: --data")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_embedding_is_one_line_and_writes_nothing(signum, tiny_data_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    def embed_then_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # Ctrl-C or kill, as the embedding runs
+        raise AssertionError("the signal did not stop frozen.py")
+    monkeypatch.setattr(frozen, "embed_images", embed_then_interrupted)
+    out = tmp_path / "frozen.json"
+    with pytest.raises(SystemExit) as exit_:
+        frozen.main(["--data", str(tiny_data_dir), "--weights", "none", "--image-size", "32", "--workers", "0",
+                     "--out", str(out)])
+    assert exit_.value.code == 128 + signum
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"frozen.py: stopped by {signal.Signals(signum).name}; nothing was written"]
+    assert not out.exists() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
