@@ -214,13 +214,13 @@ def test_image_prints_the_verdict_and_writes_a_figure_with_grad_cam(trained, tin
         calibrated(gallery["calibration"], [gallery["threshold"]])[0], abs=0.51 * 10 ** (2 - len(threshold)))
     assert int(prevalence) == round(100 * gallery["calibration"]["prevalence"])
     figure = project / "predictions" / f"{image.stem}_prediction.png"
+    assert lines[2] == f"  figure: {figure}"
+    assert figure.stat().st_size > 10_000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(maps) == 1 and maps[0].shape == (32, 32) and np.isfinite(maps[0]).all()
     model, config, gallery, device = predict.load_predictor(project / "outputs" / "best.pth")
     nearest = predict.predict_files(model, config, gallery, [image], device, project / "outputs" / "best.pth")[0].nearest
     shown = sum(label for _, label, _ in nearest)
     assert lines[1] == f"  {shown} of the 5 nearest gallery images {'is a melanoma' if shown == 1 else 'are melanomas'}"
-    assert lines[2] == f"  figure: {figure}"
-    assert figure.stat().st_size > 10_000 and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(maps) == 1 and maps[0].shape == (32, 32) and np.isfinite(maps[0]).all()
     assert image.parent.joinpath(figure.name).exists() is False  # never written into the user's image folder
 
 
