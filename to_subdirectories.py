@@ -458,11 +458,26 @@ def read_rows(csv_path, split_column):
 
 
 def keep_rows_on_disk(rows, images, csv_path):
-    """(the rows whose image is in the folder, the names of the missing images)."""
+    """(the rows whose image is in the folder, the names of the missing images). A CSV id names
+    the file <id>.jpg; where that is missing but one file <id> with another image extension is
+    there (.JPG, .jpeg, .png), that file is used, and a line says how many."""
     try:
         on_disk = {entry.name for entry in os.scandir(images) if entry.is_file()}
     except OSError as e:
         die(f"--images {images}: cannot list the folder ({e})")
+    by_stem = {}
+    for name in on_disk:
+        stem, extension = os.path.splitext(name)
+        if extension.lower() in IMAGE_EXTENSIONS:
+            by_stem.setdefault(stem, []).append(name)
+    renamed = 0
+    for row in rows:
+        others = by_stem.get(os.path.splitext(row["name"])[0], [])
+        if row["name"] not in on_disk and len(others) == 1:
+            row["name"], renamed = others[0], renamed + 1
+    if renamed:
+        print(f"note: {renamed:,} image(s) of the CSV are stored with another extension (e.g. .JPG, .png); "
+              f"those files are used")
     missing = [row["name"] for row in rows if row["name"] not in on_disk]
     if missing:
         print(f"warning: {len(missing):,} of {len(rows):,} images of the CSV are not in {images}, skipped: "

@@ -704,3 +704,15 @@ def test_a_training_near_copy_of_a_test_image_is_left_out_and_every_cross_split_
     assert "left out of train_data: 1 image(s)" in out and "train_data/test_data 1" in out
     saved = json.loads((tmp_path / "DATA" / "split.json").read_text())
     assert saved["near_copies"]["left_out_of_train"] == ["COPY_train.jpg"]
+
+
+def test_ids_stored_with_another_image_extension_are_used_and_said(tmp_path, capsys):
+    rows = simple_rows(6, 4)
+    csv_path, images = make_data(tmp_path, rows)
+    renamed = {"IMG_0001": "IMG_0001.JPG", "IMG_0002": "IMG_0002.jpeg", "IMG_0007": "IMG_0007.png"}
+    for stem, name in renamed.items():
+        (images / f"{stem}.jpg").rename(images / name)
+    info = run_main(csv_path, images, tmp_path / "DATA")
+    placed = layout(tmp_path / "DATA")
+    assert len(placed) == 10 and set(renamed.values()) <= set(placed) and info["skipped"]["missing_images"] == 0
+    assert "note: 3 image(s) of the CSV are stored with another extension" in capsys.readouterr().out
