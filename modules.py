@@ -579,6 +579,11 @@ def check_finite_weights(state, path, what="checkpoint"):
 
 def load_checkpoint(path):
     """(model in eval mode, its RunConfig, the whole checkpoint dict) from best.pth or last.pth."""
+    path = Path(path)
+    if path.name == "best.pth" and not path.exists() and path.with_name("last.pth").is_file():
+        raise WeightsError(f"checkpoint {path}: no such file, but {path.with_name('last.pth')} is there (the run "
+                           f"stopped before its first validation): evaluate it with predict.py --checkpoint "
+                           f"{path.with_name('last.pth')}, or continue the run with train.py --resume")
     checkpoint = load_state(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
         raise WeightsError(f"checkpoint {path}: not a checkpoint of this repo (no model and config); "
@@ -596,3 +601,12 @@ def load_checkpoint(path):
                            f"model its config describes; the file was edited or mixed up") from None
     check_finite_weights(checkpoint["model"], path)
     return model.eval(), config, checkpoint
+
+
+def describe_checkpoint(path, checkpoint):
+    """"best.pth (epoch 3)", or for last.pth the state it holds: "last.pth (0 complete epochs and
+    12 steps of epoch 1)"."""
+    epoch, step = checkpoint.get("epoch"), checkpoint.get("step") or 0
+    if Path(path).name != "last.pth" or not isinstance(epoch, int):
+        return f"{path} (epoch {epoch})"
+    return f"{path} ({epoch} complete epoch(s)" + (f" and {step} steps of epoch {epoch + 1})" if step else ")")

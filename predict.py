@@ -51,7 +51,8 @@ from dataset import (DataError, attach_cache, check_image, denormalize, eval_tra
                      is_labelled_folder, load_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
 from files import folder_problem, overlaps, write_atomic, write_text_atomic
 from metrics import auc_or_nan, choose_threshold, image_metrics, retrieval_metrics
-from modules import CONFIG_RULES, WeightsError, last_stage, load_checkpoint, load_state, save_atomic
+from modules import (CONFIG_RULES, WeightsError, describe_checkpoint, last_stage, load_checkpoint, load_state,
+                     save_atomic)
 from plots import (plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, plot_reliability,
                    save_pair_figures)
 from scoring import (SCORES, describe_device, embed_and_score, embedder, flip_views, pick_device, resolve_score,
@@ -363,7 +364,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
         excluded = write_excluded(read, results / "excluded_images.txt")
         print_metrics(metrics)
         print_summary(metrics, results, device, time.time() - started,
-                      [("checkpoint", f"{checkpoint} (epoch {metrics['checkpoint_epoch']})"), *summary_rows,
+                      [("checkpoint", describe_checkpoint(checkpoint, saved)), *summary_rows,
                        *([("excluded images", f"{excluded}, listed in {results / 'excluded_images.txt'}")]
                          if excluded else [])])
     return metrics

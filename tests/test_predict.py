@@ -275,3 +275,22 @@ def test_cross_fitted_validation_scores_never_meet_their_own_image():
     assert not (scores == labels.numpy()).all()
     with_itself = predict.validation_scores(NoModel(), "knn", 1, {**gallery, "cross_fitted": False}, features, 0)
     assert (with_itself == labels.numpy()).all()
+
+
+def test_a_run_stopped_in_its_first_epoch_points_at_last_pth_and_says_what_it_holds(movable_project, tmp_path,
+                                                                                    quick_bootstrap, capsys):
+    trained, data, _ = movable_project
+    project = tmp_path / "exp"
+    (project / "outputs").mkdir(parents=True)
+    state = torch.load(trained / "outputs" / "last.pth", weights_only=True)
+    torch.save({**state, "epoch": 0, "step": 3}, project / "outputs" / "last.pth")  # stopped 3 steps into epoch 1
+    with pytest.raises(SystemExit) as stop:
+        predict.main(["--project", str(project), "--data", str(data)])
+    last = project / "outputs" / "last.pth"
+    assert str(stop.value.code) == (
+        f"predict.py: error: checkpoint {project / 'outputs' / 'best.pth'}: no such file, but {last} is there (the run "
+        f"stopped before its first validation): evaluate it with predict.py --checkpoint {last}, or continue the run with "
+        f"train.py --resume")
+    predict.main(["--project", str(project), "--checkpoint", str(last), "--data", str(data), "--out", str(tmp_path / "X"),
+                  "--batch-size", "8"])
+    assert f"{last} (0 complete epoch(s) and 3 steps of epoch 1)" in capsys.readouterr().out
