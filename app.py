@@ -73,8 +73,10 @@ def upload_problem(path):
 def conversion_note(path):
     """What reading the file as 8-bit RGB changed, or ''."""
     with Image.open(path) as image:
-        note = CONVERTED.get(image.mode)
-    return f" ({note})" if note else ""
+        notes = [CONVERTED.get(image.mode), "an animated image: its first frame is checked"
+                 if getattr(image, "n_frames", 1) > 1 else None]
+    notes = [note for note in notes if note]
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def refusal(path, reason):

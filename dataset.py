@@ -141,9 +141,11 @@ def check_images(paths, workers=8):
 
 
 def read_rgb(path):
-    """A uint8 RGB tensor (3, H, W) from any image file: JPEG, PNG, grayscale, CMYK, RGBA."""
+    """A uint8 RGB tensor (3, H, W) from any image file: JPEG, PNG, grayscale, CMYK, RGBA; of an
+    animated image (GIF, WebP, also under a .jpg name) its first frame, everywhere it is read."""
     try:
         image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = image[0] if image.ndim == 4 else image  # (frames, 3, H, W): the first frame
         return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
     except (RuntimeError, ValueError):
         pass  # torchvision does not decode every variant (CMYK JPEG, some PNG); PIL does

@@ -55,7 +55,16 @@ BAD_UPLOADS = {  # name: (file content, what the page says)
     "bomb.jpg": (huge_header_jpeg(), "too large (12000x12000)"),
     "dot.png": (png_bytes(Image.new("RGB", (1, 1), "red")), "too small (1x1)"),
 }
+def gif_bytes(frames=3):
+    buffer = io.BytesIO()
+    images = [Image.fromarray(rgb()).rotate(90 * i) for i in range(frames)]
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:])
+    return buffer.getvalue()
+
+
 CONVERTED_UPLOADS = {  # name: (file content, the note the result carries)
+    "animated.gif": (gif_bytes(), "an animated image: its first frame is checked"),
+    "animated.jpg": (gif_bytes(), "an animated image: its first frame is checked"),  # a GIF under a .jpg name
     "cmyk.jpg": (jpeg_bytes("CMYK"), "CMYK"),
     "deep.png": (png_bytes(Image.fromarray((rgb()[..., 0].astype(np.uint16) * 257))), "16-bit"),
     "alpha.png": (png_bytes(Image.fromarray(rgb()).convert("RGBA")), "transparency dropped"),

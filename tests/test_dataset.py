@@ -742,3 +742,27 @@ def test_synthetic_command_refuses_a_non_empty_folder(tmp_path):
     assert "not empty" in result.stderr and str(out) in result.stderr
     assert "Traceback" not in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Animated images: their first frame, wherever they are read
+
+
+def animated(path, frames=3, size=40):
+    images = [Image.fromarray((np.random.default_rng(i).random((size, size, 3)) * 255).astype(np.uint8))
+              for i in range(frames)]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:])
+    return path
+
+
+@pytest.mark.parametrize("name", ["anim.gif", "anim.jpg"])  # also under a .jpg name
+def test_an_animated_image_is_read_as_its_first_frame_and_trains(name, tiny_data_dir, tmp_path):
+    data = copy_of(tiny_data_dir, tmp_path)
+    path = animated(data / "train_data" / "1" / name)
+    with Image.open(path) as image:
+        first = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(read_rgb(path), first)
+    train = load_split(data, "train")
+    assert path in train.paths and train.excluded == []  # the start-up check passes what training reads
+    batch = dataset.collate_images([ImageDataset(train, train_transform(32))[i] for i in range(len(train))])
+    assert batch[0].shape == (len(train), 3, 32, 32)  # the stack that failed on a (frames, 3, H, W) image
