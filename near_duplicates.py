@@ -56,3 +56,22 @@ def near_copies(paths_a, paths_b, max_bits=NEAR_BITS, workers=4):
     hashes_b, readable_b = image_hashes(paths_b, workers)
     return [(paths_a[i], paths_b[j], bits)
             for i, j, bits in near_pairs(hashes_a, readable_a, hashes_b, readable_b, max_bits)]
+
+
+def leaks(splits, workers=4):
+    """[(what, path, path, bits)] of the near copies that make an evaluation optimistic: an image
+    of one split near a copy in another ("train/test"), and an image near a copy of the other class
+    in its own split ("both classes in train"). `splits`: {name: (paths, labels)}."""
+    hashed = {name: (image_hashes(paths, workers), np.asarray(labels)) for name, (paths, labels) in splits.items()}
+    names, found = list(splits), []
+    for i, first in enumerate(names):
+        (hashes, readable), labels = hashed[first]
+        benign, malignant = labels == 0, labels == 1
+        for a, b, bits in near_pairs(hashes[benign], readable[benign], hashes[malignant], readable[malignant]):
+            found.append((f"both classes in {first}", splits[first][0][np.flatnonzero(benign)[a]],
+                          splits[first][0][np.flatnonzero(malignant)[b]], bits))
+        for second in names[i + 1:]:
+            (other, other_readable), _ = hashed[second]
+            found += [(f"{first}/{second}", splits[first][0][a], splits[second][0][b], bits)
+                      for a, b, bits in near_pairs(hashes, readable, other, other_readable)]
+    return found

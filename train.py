@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, Pa
                      train_transform, attach_cache, write_excluded)
 from files import folder_problem, overlaps, remove_stale_temporaries, write_atomic, write_text_atomic
 from metrics import auc_or_nan
+from near_duplicates import leaks
 from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS,
                      SAMPLERS, SCHEDULES, SELECTIONS, RunConfig, WeightsError, build_model, check_finite_weights,
                      load_state, save_atomic)
@@ -655,7 +657,7 @@ def run(args, ctx, stop):
     splits = load_data(args, config, ctx)
     # the weights (--weights PATH or imagenet) load before --force deletes anything: a typo costs nothing
     raw_model = build_model(config, weights="none" if resume else None).to(ctx.device)  # resume: from last.pth
-    prepare_outputs(to_delete, splits, ctx)
+    leaked = prepare_outputs(to_delete, splits, ctx)
     training, state = build_training(args, config, raw_model, splits["train"], resume, ctx)
     if resume:
         ctx.say(f"resuming {ctx.outputs / 'last.pth'} at epoch {state.epoch + 1}, step {state.step}")
@@ -678,7 +680,7 @@ def run(args, ctx, stop):
     if ctx.world_size > 1:
         dist.barrier()
     if ctx.rank == 0:
-        evaluate_best(args, config, splits, state.history, ctx, training.amp, started)
+        evaluate_best(args, config, splits, state.history, ctx, training.amp, started, leaked)
 
 
 def restore_signal_handlers(previous):
@@ -725,7 +727,7 @@ def load_data(args, config, ctx):
 
 def prepare_outputs(to_delete, splits, ctx):
     """--force deletes the earlier run now that the data are known to be usable; then the list
-    of excluded images and the counts."""
+    of excluded images, the counts, and the near copies across splits or classes (returned)."""
     if ctx.rank == 0:
         for name in to_delete:
             (ctx.outputs / name).unlink()
@@ -741,6 +743,15 @@ def prepare_outputs(to_delete, splits, ctx):
     for name, split in splits.items():
         benign, malignant = split.counts()
         ctx.say(f"{name:<10} {benign:>6} benign {malignant:>5} malignant")
+    leaked = leaks({name: (split.paths, split.labels) for name, split in splits.items()},
+                   max(1, ctx.workers)) if ctx.rank == 0 else []
+    if leaked:
+        write_text_atomic(ctx.outputs / "near_copies.txt",
+                          "".join(f"{what}\t{a}\t{b}\t{bits} bits\n" for what, a, b, bits in leaked))
+        counts = Counter(what for what, *_ in leaked)
+        ctx.say(f"warning: near copies of one image: {', '.join(f'{what} {n}' for what, n in counts.items())}; "
+                f"an evaluation that meets its training images is optimistic. Listed in "
+                f"{ctx.outputs / 'near_copies.txt'}; to_subdirectories.py leaves such copies out of training")
     train = splits["train"]
     for folder, count in train.extra.items():
         ctx.say(f"  of which {count} from --extra-train {folder}")
@@ -749,6 +760,7 @@ def prepare_outputs(to_delete, splits, ctx):
                           "".join(f"{extra}\t{held_out}\t{bits} bits\n" for extra, held_out, bits in train.dropped))
         ctx.say(f"left out {len(train.dropped)} --extra-train image(s) that are near copies of validation or test "
                 f"images; the list is in {ctx.outputs / 'near_copies_left_out.txt'}")
+    return leaked
 
 
 def build_training(args, config, raw_model, train, resume, ctx):
@@ -910,7 +922,7 @@ def validate_and_save(training, config, epoch, totals, started, state, splits, c
                      selected_epoch(state.history, config.select))
 
 
-def evaluate_best(args, config, splits, history, ctx, amp, started):
+def evaluate_best(args, config, splits, history, ctx, amp, started, leaked=()):
     """predict.evaluate of best.pth on the test split (or validation) into PROJECT/results."""
     evaluated = splits.get("test", splits["validation"])
     print(f"\nevaluating {ctx.outputs / 'best.pth'} on the {evaluated.name} split")
@@ -923,7 +935,9 @@ def evaluate_best(args, config, splits, history, ctx, amp, started):
              started=started, summary_rows=[
                  ("best epoch", f"{best_row['epoch']} of {config.epochs} ({config.select} "
                                 f"{best_row[config.select]:.4f})"),
-                 ("training curves", str(ctx.outputs / "training_validation_metrics.png"))])
+                 ("training curves", str(ctx.outputs / "training_validation_metrics.png")),
+                 *([("near copies", f"{len(leaked)} across splits or classes, listed in "
+                                    f"{ctx.outputs / 'near_copies.txt'}")] if leaked else [])])
 
 
 if __name__ == "__main__":

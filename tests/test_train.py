@@ -268,3 +268,21 @@ def test_extra_training_data_is_counted_in_the_summary_and_its_copies_of_test_im
     assert listed.startswith(f"{extra.resolve() / 'train_data' / '1' / 'copy.jpg'}\t{test_image}")
     saved = torch.load(tmp_path / "p" / "outputs" / "best.pth", weights_only=True)["config"]
     assert saved["extra_train"] == [str(extra.resolve())]  # an evaluation rebuilds the same gallery
+
+
+def test_test_images_copied_into_training_and_an_image_in_both_classes_are_said(tiny_data_dir, tmp_path, capsys,
+                                                                               quick_bootstrap):
+    import shutil
+
+    data = Path(shutil.copytree(tiny_data_dir, tmp_path / "data"))
+    test_image = sorted((data / "test_data" / "1").iterdir())[0]
+    benign_image = sorted((data / "train_data" / "0").iterdir())[0]
+    shutil.copy(test_image, data / "train_data" / "1" / "copied.jpg")
+    shutil.copy(benign_image, data / "train_data" / "1" / "both.jpg")
+    train.main(["--project", str(tmp_path / "p"), "--data", str(data), *tiny(1)])
+    out = capsys.readouterr().out
+    assert "warning: near copies of one image: both classes in train 1, train/test 1;" in out
+    listed = (tmp_path / "p" / "outputs" / "near_copies.txt").read_text().splitlines()
+    assert listed == [f"both classes in train\t{benign_image}\t{data / 'train_data' / '1' / 'both.jpg'}\t0 bits",
+                      f"train/test\t{data / 'train_data' / '1' / 'copied.jpg'}\t{test_image}\t0 bits"]
+    assert re.search(r"near copies +2 across splits or classes, listed in", out)  # in the closing summary
