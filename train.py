@@ -11,6 +11,7 @@ PROJECT/results/.
 import argparse
 import csv
 import datetime
+import hashlib
 import math
 import os
 import shlex
@@ -195,6 +196,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=STUDY.seed, help="fixes the benign subset, pairs, initialisation and sampling")
     add_speed_flags(p)
     p.add_argument("--resume", action="store_true", help="continue from PROJECT/outputs/last.pth with its saved settings")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="with --resume: continue although --data's images changed since the run began (refused "
+                        "otherwise)")
     p.add_argument("--force", action="store_true", help="start over in a project that already holds outputs (deletes them)")
     args = p.parse_args(argv)
     # The flags typed on the command line, not defaulted: --resume refuses a typed flag that would
@@ -589,6 +593,7 @@ class Training:
     pos_weight: torch.Tensor
     steps_per_epoch: int
     amp: bool  # mixed precision on CUDA (--no-amp turns it off)
+    data: dict  # the images it trains and validates on (data_fingerprint), saved in last.pth
 
 
 def main(argv=None):
@@ -655,10 +660,12 @@ def run(args, ctx, stop):
     config, resume = run_config(args, ctx)
     torch.manual_seed(config.seed)
     splits = load_data(args, config, ctx)
+    if resume:
+        check_same_data(resume.get("data"), data_fingerprint(splits), args.accept_changed_data)
     # the weights (--weights PATH or imagenet) load before --force deletes anything: a typo costs nothing
     raw_model = build_model(config, weights="none" if resume else None).to(ctx.device)  # resume: from last.pth
     leaked = prepare_outputs(to_delete, splits, ctx)
-    training, state = build_training(args, config, raw_model, splits["train"], resume, ctx)
+    training, state = build_training(args, config, raw_model, splits, resume, ctx)
     if resume:
         ctx.say(f"resuming {ctx.outputs / 'last.pth'} at epoch {state.epoch + 1}, step {state.step}")
 
@@ -763,7 +770,33 @@ def prepare_outputs(to_delete, splits, ctx):
     return leaked
 
 
-def build_training(args, config, raw_model, train, resume, ctx):
+def data_fingerprint(splits):
+    """{split: {images, digest}}: how many images each split has, and a sha256 of their class
+    folders and file names (not their full paths: data that moved is the same data)."""
+    return {name: {"images": len(split), "digest": hashlib.sha256("\n".join(
+        sorted(f"{Path(path).parent.name}/{Path(path).name}" for path in split.paths)).encode()).hexdigest()}
+        for name, split in splits.items()}
+
+
+def check_same_data(saved, now, accept):
+    """--resume continues on the images the run began on: a split that gained, lost or swapped
+    images is refused in one line naming it, unless --accept-changed-data. A last.pth written
+    before runs recorded their data (saved None) is taken as it is."""
+    if saved is None or saved == now or accept:
+        return
+    changes = []
+    for name in sorted(set(saved) | set(now)):
+        before, after = saved.get(name, {"images": 0}), now.get(name, {"images": 0})
+        if before["images"] != after["images"]:
+            changes.append(f"{name} has {after['images']} images, the run began with {before['images']}")
+        elif before.get("digest") != after.get("digest"):
+            changes.append(f"{name} holds other images (as many as before)")
+    raise ValueError(f"--resume: --data is not the data the run began on ({'; '.join(changes)}); resume on the "
+                     f"data it began on, or pass --accept-changed-data to continue on these images anyway "
+                     f"(its validation scores would compare different images)")
+
+
+def build_training(args, config, raw_model, splits, resume, ctx):
     """(Training, RunState): the model's optimizer, scaler and batches, fresh or from last.pth."""
     device, world_size = ctx.device, ctx.world_size
     if device.type == "cuda":
@@ -788,6 +821,7 @@ def build_training(args, config, raw_model, train, resume, ctx):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         model = torch.compile(model)
+    train = splits["train"]
     benign, malignant = train.counts()
     # ce and the auxiliary loss: malignant errors weigh as much as benign ones (balanced batches already do that)
     pos_weight = torch.tensor(1.0 if config.sampler == "balanced" else benign / malignant, device=device)
@@ -797,7 +831,7 @@ def build_training(args, config, raw_model, train, resume, ctx):
                          f"for {len(train)} training images; lower --batch-size")
     criterion = LOSSES[config.loss].criterion(config, world_size)
     return Training(raw_model, model, optimizer, scaler, sampler, loader, criterion, pos_weight,
-                    len(sampler.batches()), not args.no_amp), state
+                    len(sampler.batches()), not args.no_amp, data_fingerprint(splits)), state
 
 
 def parameter_groups(model, backbone_lr_scale):
@@ -837,7 +871,7 @@ def save_last(training, config, state, ctx):
         save_atomic({"model": training.raw_model.state_dict(), "optimizer": training.optimizer.state_dict(),
                      "scaler": training.scaler.state_dict(), "config": config.as_dict(), "epoch": state.epoch,
                      "step": state.step, "partial": state.partial, "best": state.best,
-                     "history": state.history, "rng": rng_state()}, ctx.outputs / "last.pth")
+                     "history": state.history, "rng": rng_state(), "data": training.data}, ctx.outputs / "last.pth")
 
 
 def train_one_epoch(training, config, epoch, state, stop, ctx):

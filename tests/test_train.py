@@ -20,7 +20,7 @@ FLAGS = ("--help", "--project", "--data", "--epochs", "--recipe", "--batch-size"
          "--loss", "--pairing", "--partners-per-class", "--embed-dim",
          "--margin", "--miner", "--per-class", "--select", "--gallery-size", "--score", "--classify", "--tta", "--no-tta", "--k",
          "--target-sensitivity", "--save-every", "--device", "--seed", "--workers", "--cache", "--no-amp",
-         "--compile", "--sync-bn", "--resume", "--force")
+         "--compile", "--sync-bn", "--resume", "--accept-changed-data", "--force")
 
 
 def test_help_explains_every_flag(parse_help, capsys):
@@ -286,3 +286,31 @@ def test_test_images_copied_into_training_and_an_image_in_both_classes_are_said(
     assert listed == [f"both classes in train\t{benign_image}\t{data / 'train_data' / '1' / 'both.jpg'}\t0 bits",
                       f"train/test\t{data / 'train_data' / '1' / 'copied.jpg'}\t{test_image}\t0 bits"]
     assert re.search(r"near copies +2 across splits or classes, listed in", out)  # in the closing summary
+
+
+def test_resume_on_changed_data_is_refused_naming_the_split_unless_accepted(tiny_data_dir, tmp_path, capsys,
+                                                                           quick_bootstrap):
+    import shutil
+
+    data = Path(shutil.copytree(tiny_data_dir, tmp_path / "data"))
+    project = tmp_path / "p"
+    train.main(["--project", str(project), "--data", str(data), *tiny(1)])
+    saved = torch.load(project / "outputs" / "last.pth", weights_only=True)["data"]
+    assert saved["train"]["images"] == 14 and set(saved) == {"train", "validation", "test"}
+    shutil.copy(sorted((data / "train_data" / "1").iterdir())[0], data / "train_data" / "1" / "added.jpg")
+    (sorted((data / "validation_data" / "0").iterdir())[0]).rename(data / "validation_data" / "0" / "renamed.jpg")
+    resume = ["--project", str(project), "--data", str(data), "--resume", "--epochs", "2"]
+    with pytest.raises(SystemExit) as stop:
+        train.main(resume)
+    assert str(stop.value.code) == (
+        "train.py: error: --resume: --data is not the data the run began on (train has 15 images, the run began "
+        "with 14; validation holds other images (as many as before)); resume on the data it began on, or pass "
+        "--accept-changed-data to continue on these images anyway (its validation scores would compare different "
+        "images)")
+    capsys.readouterr()
+    train.main([*resume, "--accept-changed-data"])  # said explicitly: continues on these images
+    assert "resuming" in capsys.readouterr().out
+    # the images the run now has, moved elsewhere, are the same data: resumed without the flag
+    moved = Path(shutil.move(data, tmp_path / "moved"))
+    train.main(["--project", str(project), "--data", str(moved), "--resume", "--epochs", "3"])
+    assert "resuming" in capsys.readouterr().out
