@@ -8,8 +8,9 @@ compare them by the same image-level metrics. Writes PROJECT/results/comparison.
 Each run trains into PROJECT/<loss>-<recipe>-seed<seed>/ with train.py, which evaluates the test
 split (or the validation split when DATA has none) with the loss's default image-level score and
 every other score the model supports from the same embeddings. A run whose
-results/metrics.json exists is not trained again, so an interrupted benchmark continues where it
-stopped. With several seeds a second table gives each row's mean and standard deviation.
+results/metrics.json exists is not trained again, and one stopped while it trained (Ctrl-C or kill
+of compare.py, passed on to its train.py, which saves last.pth) resumes from its last.pth, so an
+interrupted benchmark continues where it stopped. With several seeds a second table gives each row's mean and standard deviation.
 
 Two models scored on the same images are compared by their paired difference: a third table gives
 every row's AUC minus the baseline's (--baseline, default the ce run: the plain classifier), per
@@ -20,9 +21,11 @@ with the same loss, recipe, seed and score there instead.
 """
 import csv
 import json
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +36,37 @@ from metrics import paired_auc_difference
 from modules import LOSSES, RECIPES
 
 
+class Stopped(Exception):
+    """compare.py was asked to stop (SIGINT, SIGTERM) while one of its runs trained."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def run(script, *args):
     """One of this repository's scripts, run in the caller's folder: every path a user typed
-    (--cache, --weights ...) means what it means to them."""
+    (--cache, --weights ...) means what it means to them. It runs in a session of its own, so a
+    Ctrl-C in the terminal reaches compare.py alone, which passes each SIGINT or SIGTERM on to it
+    once and waits: train.py saves last.pth and exits, and no run outlives compare.py."""
     print("$", script, " ".join(map(str, args)), flush=True)
-    if subprocess.run([sys.executable, str(Path(__file__).with_name(script)), *map(str, args)]).returncode != 0:
+    child = subprocess.Popen([sys.executable, str(Path(__file__).with_name(script)), *map(str, args)],
+                             start_new_session=True)
+    received = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        child.send_signal(signum)
+    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {s: signal.signal(s, forward) for s in signals}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise Stopped(received[0])
+    if code != 0:
         sys.exit(f"compare.py: error: {script} failed (its message is above)")
 
 
@@ -58,6 +87,11 @@ def train_and_score(project, data, loss, recipe, seed, train_flags):
         if made_with != train_flags:
             sys.exit(f"compare.py: error: {project} was trained with train.py flags {made_with}, not "
                      f"{train_flags}; choose another --project, or delete {project} to train it again")
+    elif (project / "outputs" / "last.pth").is_file() and flags_path.is_file():  # stopped earlier: continue it
+        if json.loads(flags_path.read_text()) != train_flags:
+            sys.exit(f"compare.py: error: {project} began with other train.py flags; choose another --project, or "
+                     f"delete {project} to train it again")
+        run("train.py", "--project", project, "--data", data, "--resume")
     else:
         project.mkdir(parents=True, exist_ok=True)
         write_text_atomic(flags_path, json.dumps(train_flags) + "\n")
@@ -164,7 +198,13 @@ def main(argv=None):
     for loss, recipe in pairs:
         for seed in args.seeds:
             folder = project / f"{loss}-{recipe}-seed{seed}"
-            metrics = train_and_score(folder, data, loss, recipe, seed, train_flags)
+            try:
+                metrics = train_and_score(folder, data, loss, recipe, seed, train_flags)
+            except Stopped as stopped:
+                print(f"compare.py: stopped by {signal.Signals(stopped.signum).name} while {folder} trained; the "
+                      f"runs done so far are kept, and its last.pth where train.py saved one: run the same "
+                      f"compare.py command again to continue where it stopped", file=sys.stderr)
+                sys.exit(128 + stopped.signum)
             history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
             table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
             runs[loss, recipe, seed] = read_scores(folder)

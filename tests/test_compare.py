@@ -3,12 +3,15 @@ reused only when made with the same flags, paired differences from the baseline 
 project's twin runs, and the flags that would make a row lie refused."""
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import compare
-from helpers import TINY
+from helpers import ROOT, SUBPROCESS_ENV, TINY, tiny
 from metrics import paired_auc_difference
 
 
@@ -71,3 +74,34 @@ def test_compare_refuses_what_would_make_its_table_lie(argv, message, tmp_path, 
         compare.main(["--project", str(tmp_path / "p"), "--data", str(tmp_path), *argv])
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "p")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C in a terminal, kill PID
+def test_a_signal_to_compare_reaches_its_train_py_which_saves_and_the_next_compare_resumes(signum, tiny_data_dir,
+                                                                                           tmp_path):
+    argv = [sys.executable, "compare.py", "--project", str(tmp_path / "cmp"), "--data", str(tiny_data_dir),
+            "--runs", "bce:study", *tiny(8)]
+    compare_run = subprocess.Popen(argv, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+    run = tmp_path / "cmp" / "bce-study-seed0"
+    for line in compare_run.stdout:  # train.py's first epoch line: it is training now
+        if line.startswith("epoch   1/8"):
+            break
+    holder = int((run / ".lock").read_text().strip())  # the train.py process holding the project
+    compare_run.send_signal(signum)
+    out, err = compare_run.communicate(timeout=120)
+    assert compare_run.returncode == 128 + signum
+    assert err.strip().splitlines()[-1] == (
+        f"compare.py: stopped by {signal.Signals(signum).name} while {run} trained; the runs done so far are kept, "
+        f"and its last.pth where train.py saved one: run the same compare.py command again to continue where it "
+        f"stopped")
+    assert "Traceback" not in err and (run / "outputs" / "last.pth").is_file()
+    assert not list((run / "outputs").glob(".*.tmp-*"))  # last.pth was written whole
+    with pytest.raises(ProcessLookupError):
+        os.kill(holder, 0)  # no train.py outlives compare.py
+    if signum == signal.SIGTERM:
+        return
+    again = subprocess.run(argv, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "--resume" in again.stdout and "resuming" in again.stdout
+    assert (run / "results" / "metrics.json").is_file()
