@@ -15,6 +15,8 @@ project. Gradio's analytics, version check and run history are off, so the page 
 Needs gradio: pip install -r requirements-app.txt (or make app).
 """
 import contextlib
+import hashlib
+import io
 import os
 import shutil
 import signal
@@ -31,6 +33,7 @@ from PIL import Image
 
 from cli import ArgumentParser
 from dataset import CLASS_NAMES, DataError, check_image, has_split, list_split
+from files import write_atomic
 from modules import WeightsError
 from plots import gallery_thumbnail, heat_overlay
 from predict import compare_pair, load_predictor, nearest_text, predict_files, probability_text
@@ -88,8 +91,10 @@ class LesionChecker:
     """The loaded model, gallery and threshold, and the page's two requests. Requests take
     turns (one lock): Grad-CAM hooks into the model, so two at once would mix."""
 
-    def __init__(self, checkpoint, data=None, device="auto", clinic=None):
+    def __init__(self, checkpoint, data=None, device="auto", clinic=None, images_dir=None):
         self.checkpoint = Path(checkpoint)
+        self.images_dir = Path(images_dir or tempfile.mkdtemp(prefix="lesion-app-images-"))
+        self.images_dir.mkdir(parents=True, exist_ok=True)
         self.model, self.config, self.gallery, self.device = load_predictor(checkpoint, data, device, clinic)
         self.clinic = clinic
         self.examples = example_lesions(self.config.data)
@@ -130,6 +135,13 @@ class LesionChecker:
         return (text, enlarged(image), enlarged(overlay),
                 [gallery_card(*nearest) for nearest in prediction.nearest])
 
+    def show_one(self, path):
+        """check_one for the page: its images handed over as files (image_file), so that concurrent
+        requests showing the same image never rewrite a file another one is downloading."""
+        text, seen, overlay, nearest = self.check_one(path)
+        shown = [None if image is None else image_file(image, self.images_dir) for image in (seen, overlay)]
+        return text, *shown, [(image_file(thumbnail, self.images_dir), caption) for thumbnail, caption in nearest]
+
     def check_pair(self, first, second):
         """The result text for two uploaded files: their similarity and the model's verdict."""
         if not first or not second:
@@ -159,6 +171,19 @@ def enlarged(image):
     input is not shown as a stamp; nothing is interpolated."""
     factor = max(1, DISPLAY_SIDE // max(image.shape[:2]))
     return image.repeat(factor, 0).repeat(factor, 1)
+
+
+def image_file(image, folder):
+    """An (H, W, 3) uint8 image as a PNG file in `folder`, named by its content and written once,
+    atomically: Gradio rewrites its cached copy of an image array on every request that returns
+    it, which a concurrent download of the same image could read half-written."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = Path(folder) / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    return str(path)
 
 
 def gallery_card(path, label, similarity):
@@ -206,16 +231,16 @@ def build_page(gr, checker):
                 upload = gr.File(label="lesion image (drop or click)", type="filepath", elem_id="upload")
                 result = gr.Markdown("Upload a dermoscopic image.", elem_id="result")
             with gr.Row():
-                seen = gr.Image(label="image as the network sees it", type="numpy", interactive=False,
+                seen = gr.Image(label="image as the network sees it", type="filepath", interactive=False,
                                 height=256, elem_id="seen")
-                overlay = gr.Image(label="Grad-CAM: where the score came from (red = most)", type="numpy",
+                overlay = gr.Image(label="Grad-CAM: where the score came from (red = most)", type="filepath",
                                    interactive=False, height=256, elem_id="heat")
             nearest = gr.Gallery(label="nearest gallery images: class and similarity", columns=5, height=240,
                                  object_fit="contain", elem_id="nearest")
-            upload.upload(checker.check_one, upload, [result, seen, overlay, nearest])
+            upload.upload(checker.show_one, upload, [result, seen, overlay, nearest])
             if checker.examples:
                 gr.Examples([[path] for path, _ in checker.examples], upload, [result, seen, overlay, nearest],
-                            checker.check_one, cache_examples=False, run_on_click=True, elem_id="examples",
+                            checker.show_one, cache_examples=False, run_on_click=True, elem_id="examples",
                             label="lesions of the model's test split: click one",
                             example_labels=[caption for _, caption in checker.examples])
             upload.clear(lambda: ("Upload a dermoscopic image.", None, None, []), None,
@@ -277,7 +302,7 @@ def main(argv=None):
         except ImportError:
             raise ValueError("gradio is not installed; pip install -r requirements-app.txt (or make app)") from None
         started = time.time()
-        checker = LesionChecker(checkpoint, args.data, args.device, args.gallery)
+        checker = LesionChecker(checkpoint, args.data, args.device, args.gallery, temp_dir / "shown")
         print(f"loaded {checkpoint} and a gallery of {len(checker.gallery['labels'])} images "
               f"in {time.time() - started:.1f} s")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl+C: temp files go

@@ -117,6 +117,19 @@ def test_one_image_shows_what_predict_computes(checker, checkpoint, lesion):
         assert caption == f"{('benign', 'malignant')[label]} {similarity:.3f} · {Path(path).name}"
 
 
+def test_the_page_is_handed_each_image_as_a_file_written_once(checker, lesion):
+    text, seen, overlay, nearest = checker.check_one(str(lesion))
+    shown_text, seen_file, overlay_file, cards = checker.show_one(str(lesion))
+    assert shown_text == text
+    for array, path in [(seen, seen_file), (overlay, overlay_file), *[(t, p) for (t, _), (p, _) in zip(nearest, cards)]]:
+        assert Path(path).parent == checker.images_dir and np.array_equal(np.array(Image.open(path)), array)
+    assert [caption for _, caption in cards] == [caption for _, caption in nearest]
+    written = {path: Path(path).stat().st_mtime_ns for path in [seen_file, overlay_file, *(p for p, _ in cards)]}
+    again = checker.show_one(str(lesion))  # the same images: the same files, not written again
+    assert [again[1], again[2], *(p for p, _ in again[3])] == list(written)
+    assert all(Path(path).stat().st_mtime_ns == ns for path, ns in written.items())
+
+
 def test_a_gallery_image_moved_since_training_is_grey_with_its_name(tmp_path):
     thumbnail, caption = app.gallery_card(str(tmp_path / "gone.jpg"), 1, 0.8123)
     assert thumbnail.shape == (96, 96, 3) and (thumbnail == 200).all()
@@ -308,3 +321,32 @@ def test_the_page_in_chromium_shows_predicts_numbers_offline(checkpoint, lesion,
     assert files_of(checkpoint.parents[1]) == project_before
     assert (tmp_path / "page.png").stat().st_size > 10_000
     assert "Traceback" not in (tmp_path / "app.log").read_text()
+
+
+@pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
+def test_the_page_serves_concurrent_requests_whole(checkpoint, tiny_data_dir, tmp_path):
+    """Three bursts of six requests at once on 127.0.0.1, the same lesions in each (so the same
+    nearest gallery images): every answer complete, every image downloaded whole, no server error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    lesions = sorted((tiny_data_dir / "test_data" / "1").glob("*.jpg"))[:2]
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    with page_tools.serve(checkpoint, tmp_path / "app.log", env={**SUBPROCESS_ENV, "TMPDIR": str(temp)}) as url:
+        client = Client(url, download_files=str(tmp_path / "downloads"), verbose=False)
+
+        def ask(i):
+            return client.predict(handle_file(str(lesions[i % 2])), api_name="/show_one")
+        for _ in range(3):
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(ask, range(6)))
+            for text, seen, overlay, nearest in answers:
+                assert text.startswith("### P(malignant) ")
+                for path in [seen, overlay, *(card["image"] for card in nearest)]:
+                    with Image.open(path) as image:
+                        image.load()  # a truncated download fails here
+                assert len(nearest) == 5
+    log = (tmp_path / "app.log").read_text()
+    assert "Content-Length" not in log and "Traceback" not in log
