@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
@@ -142,16 +142,19 @@ def check_images(paths, workers=8):
 
 def read_rgb(path):
     """A uint8 RGB tensor (3, H, W) from any image file: JPEG, PNG, grayscale, CMYK, RGBA; of an
-    animated image (GIF, WebP, also under a .jpg name) its first frame, everywhere it is read."""
+    animated image (GIF, WebP, also under a .jpg name) its first frame. Turned upright by its EXIF
+    orientation (a phone photo is stored sideways with a tag saying so), in training, evaluation
+    and on the page alike: this is the one function that reads an image."""
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
         image = image[0] if image.ndim == 4 else image  # (frames, 3, H, W): the first frame
         return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
     except (RuntimeError, ValueError):
         pass  # torchvision does not decode every variant (CMYK JPEG, some PNG); PIL does
     try:
         with Image.open(path) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+            upright = ImageOps.exif_transpose(image)
+            return torch.from_numpy(np.array(upright.convert("RGB"))).permute(2, 0, 1).contiguous()
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: cannot decode the image ({error}); delete or replace the file") from None
 

@@ -766,3 +766,18 @@ def test_an_animated_image_is_read_as_its_first_frame_and_trains(name, tiny_data
     assert path in train.paths and train.excluded == []  # the start-up check passes what training reads
     batch = dataset.collate_images([ImageDataset(train, train_transform(32))[i] for i in range(len(train))])
     assert batch[0].shape == (len(train), 3, 32, 32)  # the stack that failed on a (frames, 3, H, W) image
+
+
+@pytest.mark.parametrize("mode", ["RGB", "CMYK"])  # torchvision's decoder, and PIL's for what it cannot read
+def test_an_image_is_read_upright_by_its_exif_orientation(mode, tmp_path):
+    pixels = (np.random.default_rng(0).random((24, 40, 3)) * 255).astype(np.uint8)  # 40 wide, 24 high
+    image = Image.fromarray(pixels).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored picture is to be turned 90 degrees clockwise
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif, quality=95)
+    read = read_rgb(path)
+    assert read.shape == (3, 40, 24)  # turned upright: 24 wide, 40 high
+    with Image.open(path) as stored:
+        upright = np.array(stored.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    assert np.abs(read.permute(1, 2, 0).numpy().astype(int) - upright.astype(int)).mean() < 2
