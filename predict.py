@@ -426,6 +426,9 @@ def print_summary(metrics, results, device, seconds, rows=()):
              (f"at threshold {m['threshold']:.3f}",
               f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f} "
               f"(threshold chosen on validation: {metrics['threshold_rule']})"),
+             ("P(malignant) calibration", f"ECE {m['ece']:.3f}, Brier {m['brier']:.3f} (the raw score's: ECE "
+                                          f"{m['raw_ece']:.3f}, Brier {m['raw_brier']:.3f}), at "
+                                          f"{metrics['calibration_prevalence']:.0%} melanomas"),
              ("results", f"{results}/metrics.json"),
              ("figures", ", ".join(figures) + f", {len(pairs)} prediction_results_<i>.png")]
     print("\nsummary")
