@@ -18,7 +18,8 @@ PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-siz
 # From random weights (the earlier tables): ResNet18, 96 px.
 SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
-.PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch figure clean
+.PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch \
+	bench-ham-seeds bench-ham-long bench-isic2017-extra bench-new-clinic figure clean
 
 install: $(VENV)/installed
 
@@ -60,6 +61,29 @@ bench-ham: install
 bench-isic2017: install
 	$(PY) compare.py --project runs/isic2017 --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
 		--seeds 0 1 2 --runs bce:transfer ce:transfer triplet:transfer bce:study
+
+# More training data: ISIC 2017 train + HAM10000 (train and validation), each run paired with its twin
+# trained on ISIC 2017 alone (make bench-isic2017 first)
+bench-isic2017-extra: install
+	$(PY) compare.py --project runs/isic2017-extra --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
+		--extra-train data/ham10000 --seeds 0 1 2 --runs bce:transfer ce:transfer --against runs/isic2017
+
+# HAM10000 validation over 3 seeds, and a longer recipe (6 epochs, dermoscopy augmentation, flip TTA)
+# paired with it, run for run
+HAM_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-size 128 --batch-size 32 --cache cache --workers 1 \
+	--benign-limit 1500 0 0 --save-every 100000
+bench-ham-seeds: install
+	$(PY) compare.py --project runs/ham-2ep --data data/ham10000 $(HAM_FLAGS) --epochs 2 --seeds 0 1 2 \
+		--runs bce:transfer ce:transfer
+
+bench-ham-long: bench-ham-seeds
+	$(PY) compare.py --project runs/ham-6ep --data data/ham10000 $(HAM_FLAGS) --epochs 6 --augment dermoscopy --tta \
+		--seeds 0 1 2 --runs bce:transfer --against runs/ham-2ep
+
+# A HAM10000 model meets ISIC 2017 as a new clinic with k labelled images per class
+bench-new-clinic: bench-ham-seeds
+	$(PY) new_clinic.py --siamese runs/ham-2ep/bce-transfer-seed0 --classifier runs/ham-2ep/ce-transfer-seed0 \
+		--clinic data/isic2017 --out runs/new_clinic
 
 bench-frozen: install
 	$(PY) frozen.py --data data/isic2017 --image-size 224 --cache cache
