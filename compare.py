@@ -104,6 +104,7 @@ def rows_of(metrics, history):
     """One table row per image-level score: (score, {auc, ci, balanced accuracy, ...})."""
     prefix = metrics["evaluated_split"] + "_"
     main = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
+    main["retrieval"] = metrics.get("retrieval", {})
     # "classify" and "other_classifiers": metrics.json written before --classify became --score
     rows = ([(metrics.get("score", metrics.get("classify")), main)] +
             list(metrics.get("other_scores", metrics.get("other_classifiers", {})).items()))
@@ -122,6 +123,27 @@ def read_scores(folder):
                  if not name.endswith("_probability")})  # the calibrated columns rank as their scores do
     except (OSError, ValueError, IndexError) as error:
         sys.exit(f"compare.py: error: {path}: unreadable ({error}); delete {folder} to train that run again")
+
+
+def calibration_lines(table):
+    """Each run's headline score: ECE and Brier score of its raw score and of its calibrated
+    P(malignant), and the share of same-class images among the 5 nearest gallery images by each
+    similarity (metrics.json; '-' for results written before they were measured)."""
+    lines = ["", "P(malignant) and the nearest gallery images, each run's own score (ECE over 10 bins of equal counts; "
+                 "nearest 5: the share of the query's class, benign / melanoma):", "",
+             "| loss | recipe | seed | score | ECE raw | ECE calibrated | Brier raw | Brier calibrated | nearest 5, "
+             "cosine | nearest 5, head |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    headline = {}
+    for loss, recipe, seed, score, m, *_ in table:  # each run's first row is its own score
+        headline.setdefault((loss, recipe, seed), (score, m))
+    for (loss, recipe, seed), (score, m) in headline.items():
+        if "ece" not in m:  # written before calibration was measured
+            continue
+        near = [f"{r['precision_at_5_benign']:.2f} / {r['precision_at_5_malignant']:.2f}" if r else "-"
+                for r in (m.get("retrieval", {}).get(name) for name in ("cosine", "head"))]
+        lines.append(f"| {loss} | {recipe} | {seed} | {score} | {m['raw_ece']:.3f} | {m['ece']:.3f} | "
+                     f"{m['raw_brier']:.3f} | {m['brier']:.3f} | {' | '.join(near)} |")
+    return lines
 
 
 def signed(difference, low, high):
@@ -224,10 +246,11 @@ def main(argv=None):
                   f"| loss | recipe | score | {split} AUC | balanced acc. | sensitivity | specificity |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for key in dict.fromkeys((loss, recipe, score) for loss, recipe, _, score, *_ in table):
-            runs = [m for loss, recipe, _, score, m, *_ in table if (loss, recipe, score) == key]
-            cells = [f"{statistics.mean(r[name] for r in runs):.3f} ± {statistics.stdev(r[name] for r in runs):.3f}"
+            seeds = [m for loss, recipe, _, score, m, *_ in table if (loss, recipe, score) == key]
+            cells = [f"{statistics.mean(r[name] for r in seeds):.3f} ± {statistics.stdev(r[name] for r in seeds):.3f}"
                      for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")]
             lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
+    lines += calibration_lines(table)
     if args.against:
         def twin(loss, recipe, seed, score):
             folder = Path(args.against) / f"{loss}-{recipe}-seed{seed}"

@@ -38,26 +38,35 @@ def paired_row(table, loss, score):
 def test_compare_reports_each_row_paired_with_the_baseline_and_with_its_twin_elsewhere(tiny_data_dir, tmp_path,
                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
-    compare.main(["--project", "cmp", "--data", str(tiny_data_dir), "--runs", "bce:study", "ce:study", *TINY])
+    compare.main(["--project", "cmp", "--data", str(tiny_data_dir), "--runs", "bce:study", "ce:study",
+                  "--seeds", "0", "1", *TINY])
     table = (tmp_path / "cmp" / "results" / "comparison.md").read_text()
     assert "from ce:study (its own score)" in table
-    # the gallery row against the classifier's own score, recomputed from the two scores.csv files
-    bce_images, labels, bce = compare.read_scores(tmp_path / "cmp" / "bce-study-seed0")
-    ce_images, _, ce = compare.read_scores(tmp_path / "cmp" / "ce-study-seed0")
-    assert bce_images == ce_images
-    expected = compare.signed(*paired_auc_difference(labels, bce["gallery"], ce["direct"]))
-    assert paired_row(table, "bce", "gallery") == f"| bce | study | gallery | {expected} | {expected} |"
+    # the gallery row against the classifier's own score, recomputed from the scores.csv files:
+    # per seed, and pooled over both seeds
+    scores = {(loss, seed): compare.read_scores(tmp_path / "cmp" / f"{loss}-study-seed{seed}")
+              for loss in ("bce", "ce") for seed in (0, 1)}
+    labels = scores["bce", 0][1]
+    assert scores["bce", 0][0] == scores["ce", 1][0]
+    per_seed = [compare.signed(*paired_auc_difference(labels, scores["bce", s][2]["gallery"], scores["ce", s][2]["direct"]))
+                for s in (0, 1)]
+    pooled = compare.signed(*paired_auc_difference(labels, np.stack([scores["bce", s][2]["gallery"] for s in (0, 1)]),
+                                                   np.stack([scores["ce", s][2]["direct"] for s in (0, 1)])))
+    assert paired_row(table, "bce", "gallery") == f"| bce | study | gallery | {' | '.join(per_seed)} | {pooled} |"
+    assert "Mean ± standard deviation over the 2 seeds" in table
+    calibrated = [line for line in table.splitlines() if line.startswith("| bce | study | 0 | gallery | 0.")]
+    assert len(calibrated) == 2  # the AUC row and the calibration row of the run's own score
     assert "| ce | study | direct |" not in table.split("Paired AUC difference")[1]  # not with itself
 
     # the same runs elsewhere (reused, not trained again): every twin differs by exactly zero
     shutil.copytree(tmp_path / "cmp", tmp_path / "twin")
     compare.main(["--project", "twin", "--data", str(tiny_data_dir), "--runs", "bce:study", "ce:study",
-                  "--against", "cmp", *TINY])
+                  "--seeds", "0", "1", "--against", "cmp", *TINY])
     table = (tmp_path / "twin" / "results" / "comparison.md").read_text()
     assert "from the same run in cmp" in table
     zero = compare.signed(0.0, 0.0, 0.0)
-    assert paired_row(table, "bce", "gallery") == f"| bce | study | gallery | {zero} | {zero} |"
-    assert paired_row(table, "ce", "direct") == f"| ce | study | direct | {zero} | {zero} |"
+    assert paired_row(table, "bce", "gallery") == f"| bce | study | gallery | {zero} | {zero} | {zero} |"
+    assert paired_row(table, "ce", "direct") == f"| ce | study | direct | {zero} | {zero} | {zero} |"
 
 
 @pytest.mark.parametrize("argv, message", [
