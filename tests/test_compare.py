@@ -14,6 +14,8 @@ import compare
 from helpers import ROOT, SUBPROCESS_ENV, TINY, tiny
 from metrics import paired_auc_difference
 
+ONE_EPOCH = tiny(1)  # four runs: one epoch each is enough to pair them
+
 
 def test_compare_trains_each_run_and_writes_one_table(tiny_data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # paths resolve against the caller's folder, not the repository's
@@ -39,7 +41,7 @@ def test_compare_reports_each_row_paired_with_the_baseline_and_with_its_twin_els
                                                                                        monkeypatch):
     monkeypatch.chdir(tmp_path)
     compare.main(["--project", "cmp", "--data", str(tiny_data_dir), "--runs", "bce:study", "ce:study",
-                  "--seeds", "0", "1", *TINY])
+                  "--seeds", "0", "1", *ONE_EPOCH])
     table = (tmp_path / "cmp" / "results" / "comparison.md").read_text()
     assert "from ce:study (its own score)" in table
     # the gallery row against the classifier's own score, recomputed from the scores.csv files:
@@ -61,7 +63,7 @@ def test_compare_reports_each_row_paired_with_the_baseline_and_with_its_twin_els
     # the same runs elsewhere (reused, not trained again): every twin differs by exactly zero
     shutil.copytree(tmp_path / "cmp", tmp_path / "twin")
     compare.main(["--project", "twin", "--data", str(tiny_data_dir), "--runs", "bce:study", "ce:study",
-                  "--seeds", "0", "1", "--against", "cmp", *TINY])
+                  "--seeds", "0", "1", "--against", "cmp", *ONE_EPOCH])
     table = (tmp_path / "twin" / "results" / "comparison.md").read_text()
     assert "from the same run in cmp" in table
     zero = compare.signed(0.0, 0.0, 0.0)
