@@ -16,8 +16,8 @@ Two models scored on the same images are compared by their paired difference: a 
 every row's AUC minus the baseline's (--baseline, default the ce run: the plain classifier), per
 seed and averaged over the seeds, each with a 95 % interval from 1,000 resamples of the images
 that score both models (metrics.paired_auc_difference). With --against OTHER_PROJECT (another
-compare.py project on the same data, e.g. trained without --extra-train) every row is compared
-with the same loss, recipe, seed and score there instead.
+compare.py project on the same data, e.g. trained without --extra-train) a fourth table compares
+every row with the same loss, recipe, seed and score there.
 """
 import csv
 import json
@@ -251,15 +251,7 @@ def main(argv=None):
                      for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")]
             lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
     lines += calibration_lines(table)
-    if args.against:
-        def twin(loss, recipe, seed, score):
-            folder = Path(args.against) / f"{loss}-{recipe}-seed{seed}"
-            if not (folder / "results" / "scores.csv").is_file():
-                return None
-            images, labels, scores = read_scores(folder)
-            return (images, labels, scores[score]) if score in scores else None
-        lines += paired_lines(runs, args.seeds, twin, f"the same run in {args.against}")
-    elif baseline:
+    if baseline:
         base_loss, base_recipe = baseline.split(":", 1)
 
         def baseline_run(loss, recipe, seed, score):
@@ -268,6 +260,14 @@ def main(argv=None):
             images, labels, scores = runs[base_loss, base_recipe, seed]
             return images, labels, scores[next(iter(scores))]  # its own score: scores.csv's first column
         lines += paired_lines(runs, args.seeds, baseline_run, f"{baseline} (its own score)")
+    if args.against:
+        def twin(loss, recipe, seed, score):
+            folder = Path(args.against) / f"{loss}-{recipe}-seed{seed}"
+            if not (folder / "results" / "scores.csv").is_file():
+                return None
+            images, labels, scores = read_scores(folder)
+            return (images, labels, scores[score]) if score in scores else None
+        lines += paired_lines(runs, args.seeds, twin, f"the same run in {args.against}")
     (project / "results").mkdir(parents=True, exist_ok=True)
     write_text_atomic(project / "results" / "comparison.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
