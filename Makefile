@@ -19,7 +19,7 @@ PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-siz
 SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
 .PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch \
-	bench-ham-seeds bench-ham-long bench-isic2017-extra bench-new-clinic figure clean
+	bench-ham-seeds bench-ham-long bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
 
 install: $(VENV)/installed
 
@@ -67,6 +67,11 @@ bench-isic2017: install
 bench-isic2017-extra: install
 	$(PY) compare.py --project runs/isic2017-extra --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
 		--extra-train data/ham10000 --seeds 0 1 2 --runs bce:transfer ce:transfer --against runs/isic2017
+
+# The longer recipe HAM10000 chose (bench-ham-long), on ISIC 2017, paired with the 2-epoch runs
+bench-isic2017-long: install
+	$(PY) compare.py --project runs/isic2017-long --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
+		--epochs 6 --augment dermoscopy --tta --seeds 0 --runs bce:transfer --against runs/isic2017
 
 # HAM10000 validation over 3 seeds, and a longer recipe (6 epochs, dermoscopy augmentation, flip TTA)
 # paired with it, run for run
