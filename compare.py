@@ -54,14 +54,18 @@ def run(script, *args):
                              start_new_session=True)
     received = []
 
-    def forward(signum, _frame):
+    def forward(signum, _frame):  # a closed terminal (SIGHUP) stops the run as kill does
         received.append(signum)
-        child.send_signal(signum)
-    signals = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        child.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+    signals = ((signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if threading.current_thread() is threading.main_thread()
+               else ())
     previous = {s: signal.signal(s, forward) for s in signals}
     try:
         code = child.wait()
     finally:
+        if child.poll() is None:  # compare.py is leaving some other way: its run leaves with it
+            child.terminate()
+            child.wait()
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:
@@ -91,7 +95,8 @@ def train_and_score(project, data, loss, recipe, seed, train_flags):
         if json.loads(flags_path.read_text()) != train_flags:
             sys.exit(f"compare.py: error: {project} began with other train.py flags; choose another --project, or "
                      f"delete {project} to train it again")
-        run("train.py", "--project", project, "--data", data, "--resume")
+        run("train.py", "--project", project, "--data", data, "--loss", loss, "--recipe", recipe, "--seed", seed,
+            "--resume", *train_flags)  # the flags last.pth does not keep (--cache, --workers ...) too
     else:
         project.mkdir(parents=True, exist_ok=True)
         write_text_atomic(flags_path, json.dumps(train_flags) + "\n")

@@ -33,6 +33,7 @@ CLASSES = ("0", "1")  # folder names: 0 benign, 1 malignant
 CLASS_NAMES = ("benign", "malignant")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+READER = 2  # read_rgb's version, part of the cache key: a cache holds images as read_rgb reads them
 MAX_PIXELS = 64_000_000  # larger files are excluded: decoding them would stall a worker for seconds
 EXPECTED_TREE = """expected layout:
   DATA/train_data/0/*.jpg        benign
@@ -281,8 +282,9 @@ class _ResizedImages(Dataset):
 def attach_cache(split, cache_dir, image_size, workers=0):
     """Attach a memory-mapped uint8 copy of the split, building it when it is missing or stale."""
     size = cached_side(image_size)
-    # The key changes when any file, its size or its time, or the cache size changes.
-    digest = hashlib.sha1(str(size).encode())
+    # The key changes when any file, its size or its time, the cache size, or how images are read
+    # (READER: 2 since EXIF orientation and first frames) changes.
+    digest = hashlib.sha1(f"{size} reader {READER}".encode())
     for path in split.paths:
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

@@ -58,7 +58,7 @@ def result(labels, scores, calibration):
 
 def shot_results(model, config, features, labels, test_features, test_labels, method, seed):
     """{way: result} of one draw (features, labels: its k + k images) for one model and score."""
-    gallery = {"features": features, "labels": torch.as_tensor(labels), "cross_fitted": True}
+    gallery = {"features": features, "labels": torch.as_tensor(labels, device=features.device), "cross_fitted": True}
     scores = score_images(model, test_features, features, gallery["labels"], method, config.k).cpu().numpy()
     calibration = fit_calibration(validation_scores(model, method, config.k, gallery, features, seed), labels)
     return result(test_labels, scores, calibration)

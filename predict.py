@@ -73,7 +73,7 @@ def checkpoint_stamp(path):
     return digest.hexdigest()
 
 
-def writes_gallery(checkpoint, data, results, config):
+def writes_gallery(checkpoint, data, results, config, clinic=None):
     """Whether this evaluation replaces the gallery.pt next to the checkpoint that single-image
     predictions use: only when it evaluates the checkpoint's own training data into its project's
     results folder. Evaluation on other data, or into --out, never writes to the project."""
@@ -81,7 +81,7 @@ def writes_gallery(checkpoint, data, results, config):
     same_data = bool(config.data) and Path(data).resolve() == Path(config.data).resolve()
     # best.pth only: evaluating last.pth must not replace the gallery best.pth predicts with
     own_results = Path(results).resolve() == checkpoint.parent.parent / "results"
-    return checkpoint.name == "best.pth" and own_results and same_data
+    return checkpoint.name == "best.pth" and own_results and same_data and clinic is None
 
 
 def check_finite(features, checkpoint):
@@ -310,6 +310,9 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
     k = config.k if k is None else k
     seed, size = config.seed, config.image_size
     stored, embed = None, embedder(model, size, batch_size, device, workers, amp, tta=tta)
+    if clinic is not None and overlaps(clinic, data):  # its images would meet themselves in the gallery
+        raise ValueError(f"--gallery {clinic}: overlaps --data {data}; the clinic's gallery must not hold the "
+                         f"images it scores: point --data at other images")
     if clinic is not None:
         stored, gallery_size = clinic_gallery(clinic, embed, tta, workers), 0
     elif splits is None and is_labelled_folder(data):  # another clinic's images: gallery.pt, where it fits
@@ -359,7 +362,7 @@ def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=No
             curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
         save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
         plot_reliability(test.labels, evaluated.scores, probabilities, results)
-        save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config))
+        save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config, clinic))
         # every image left out (unreadable, truncated, not an image) is counted and listed beside the results
         excluded = write_excluded(read, results / "excluded_images.txt")
         print_metrics(metrics)
@@ -452,6 +455,16 @@ def prediction_gallery(model, config, checkpoint, data, device, width, clinic=No
         return gallery
     gallery_path = Path(checkpoint).with_name("gallery.pt")
     gallery, problem = load_gallery(gallery_path, checkpoint, width)
+    if not problem and "calibration" not in gallery:  # written before galleries kept the map
+        if "validation_features" in gallery:
+            on_device = {**gallery, "features": gallery["features"].to(device), "labels": gallery["labels"].to(device)}
+            scores = validation_scores(model, gallery["score"], gallery["k"], on_device,
+                                       gallery["validation_features"].to(device), config.seed)
+            gallery["calibration"] = fit_calibration(scores, gallery["validation_labels"].numpy())
+            print(f"{gallery_path}: no map from score to probability (an older gallery.pt); fitted now from its "
+                  f"validation features")
+        else:
+            problem = "it was written before galleries kept what calibrating P(malignant) needs"
     if problem:
         if data is None:
             raise DataError(f"{gallery_path}: {problem}; pass --data DATA to rebuild it from the training and "
@@ -566,7 +579,10 @@ def probability_text(prediction, gallery, short=False):
     calibration = gallery["calibration"]
     threshold = float(calibrated(calibration, [gallery["threshold"]])[0])
     digits = digits_to_agree(prediction.probability, threshold)
-    text = f"P(malignant) {prediction.probability:.{digits}f}  {prediction.verdict}  (malignant from {threshold:.{digits}f}"
+    shown = f"{prediction.probability:.{digits}f}"
+    if prediction.verdict == "benign" and shown == f"{threshold:.{digits}f}":  # a map flat there (isotonic)
+        shown = "<" + shown
+    text = f"P(malignant) {shown}  {prediction.verdict}  (malignant from {threshold:.{digits}f}"
     return text + (")" if short else f"; calibrated where {calibration['prevalence']:.0%} are melanomas)")
 
 
@@ -664,9 +680,7 @@ def gallery_problem(gallery, width, evaluation=False):
     problem = setting_problem(gallery, ("score", "k"))
     if problem:
         return problem
-    if "calibration" not in gallery:
-        return "it was written before galleries kept the map from score to probability"
-    problem = calibration_problem(gallery["calibration"])
+    problem = "calibration" in gallery and calibration_problem(gallery["calibration"])
     if problem:
         return problem
     paths = gallery.get("paths")

@@ -54,7 +54,7 @@ VALIDATION_GALLERY_CAP = 256  # gallery images per class when validating each ep
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc",
                    "active_fraction", "embedding_spread", "lr", "seconds"]
 OUTPUT_FILES = ("best.pth", "last.pth", "history.csv", "training_validation_metrics.png", "gallery.pt",
-                "excluded_images.txt")
+                "excluded_images.txt", "near_copies.txt", "near_copies_left_out.txt")
 RESUME_KEYS = ("model", "optimizer", "scaler", "config", "epoch", "step", "partial", "best", "history", "rng")
 
 

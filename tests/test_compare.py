@@ -115,5 +115,7 @@ def test_a_signal_to_compare_reaches_its_train_py_which_saves_and_the_next_compa
         return
     again = subprocess.run(argv, cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "--resume" in again.stdout and "resuming" in again.stdout
+    resumed = next(line for line in again.stdout.splitlines() if line.startswith("$ train.py"))
+    assert "--resume" in resumed and "--save-every 5" in resumed  # the flags last.pth does not keep, too
+    assert "resuming" in again.stdout
     assert (run / "results" / "metrics.json").is_file()

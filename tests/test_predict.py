@@ -254,7 +254,8 @@ def test_a_clinics_gallery_with_fewer_than_two_of_a_class_or_without_out_is_one_
     for argv, message in (
             (["--gallery", str(small), "--out", str(tmp_path / "X")],
              f"--gallery {small}: 5 benign and 1 malignant image(s); a clinic's gallery needs at least 2 of each"),
-            (["--gallery", str(clinic)], "--gallery: pass --out FOLDER")):
+            (["--gallery", str(clinic)], "--gallery: pass --out FOLDER"),
+            (["--gallery", str(data), "--out", str(tmp_path / "Y")], f"--gallery {data}: overlaps --data {data}")):
         with pytest.raises(SystemExit) as stop:
             predict.main(["--project", str(project), "--data", str(data), *argv])
         assert str(stop.value.code).startswith(f"predict.py: error: {message}")
@@ -294,3 +295,34 @@ def test_a_run_stopped_in_its_first_epoch_points_at_last_pth_and_says_what_it_ho
     predict.main(["--project", str(project), "--checkpoint", str(last), "--data", str(data), "--out", str(tmp_path / "X"),
                   "--batch-size", "8"])
     assert f"{last} (0 complete epoch(s) and 3 steps of epoch 1)" in capsys.readouterr().out
+
+
+def test_an_older_gallery_pt_without_a_probability_map_gets_one_fitted_for_single_images(movable_project, tmp_path,
+                                                                                        capsys):
+    trained, data, clinic = movable_project
+    project = tmp_path / "exp"
+    shutil.copytree(trained / "outputs", project / "outputs")
+    path = project / "outputs" / "gallery.pt"
+    gallery = torch.load(path, weights_only=True)
+    calibration = gallery.pop("calibration")  # as written before galleries kept the map
+    torch.save(gallery, path)
+    image = str(sorted((clinic / "1").glob("*.jpg"))[0])
+    predict.main(["--project", str(project), "--image", image, "--out", str(tmp_path / "f")])
+    out = capsys.readouterr().out
+    assert f"{path}: no map from score to probability (an older gallery.pt); fitted now" in out
+    assert f"calibrated where {calibration['prevalence']:.0%} are melanomas" in out
+
+
+def test_a_benign_verdict_never_prints_its_thresholds_probability():
+    flat = {"calibration": {"method": "platt", "coef": 0.0, "intercept": 0.0, "prevalence": 0.5}, "threshold": 0.6}
+    benign = predict.Prediction(score=0.55, probability=0.5, verdict="benign")
+    assert predict.probability_text(benign, flat).startswith("P(malignant) <0.50  benign  (malignant from 0.50;")
+    malignant = predict.Prediction(score=0.65, probability=0.5, verdict="malignant")
+    assert predict.probability_text(malignant, flat).startswith("P(malignant) 0.50  malignant  (malignant from 0.50;")
+
+
+def test_a_clinics_gallery_never_replaces_the_projects_gallery_pt(movable_project):
+    project, data, clinic = movable_project
+    config = predict.load_checkpoint(project / "outputs" / "best.pth")[1]
+    own = (project / "outputs" / "best.pth", data, project / "results", config)
+    assert predict.writes_gallery(*own) and not predict.writes_gallery(*own, clinic=clinic)
