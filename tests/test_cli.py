@@ -206,10 +206,12 @@ def test_image_prints_the_verdict_and_writes_a_figure_with_grad_cam(trained, tin
     predict.main(["--checkpoint", str(project / "outputs" / "best.pth"), "--image", str(image)])
     lines = capsys.readouterr().out.strip().splitlines()
     gallery = load_state(project / "outputs" / "gallery.pt")
-    printed = re.match(r"P\(malignant\) (\d\.\d{2,6})  (benign|malignant)  \(malignant from (\d\.\d{2,6}); "
+    printed = re.match(r"P\(malignant\) (<?\d\.\d{2,6})  (benign|malignant)  \(malignant from (\d\.\d{2,6}); "
                        r"calibrated where (\d+)% are melanomas\)", lines[0])
     p, verdict, threshold, prevalence = printed.groups()
-    assert verdict == ("malignant" if float(p) >= float(threshold) else "benign")  # as printed, so as read
+    below = p.startswith("<") or float(p) < float(threshold)  # '<': printed as the threshold, and under it
+    assert verdict == ("benign" if below else "malignant")  # as printed, so as read
+    p = p.lstrip("<")
     assert len(p) == len(threshold) and float(threshold) == pytest.approx(
         calibrated(gallery["calibration"], [gallery["threshold"]])[0], abs=0.51 * 10 ** (2 - len(threshold)))
     assert int(prevalence) == round(100 * gallery["calibration"]["prevalence"])

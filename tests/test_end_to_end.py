@@ -100,7 +100,7 @@ def test_predict_single_images_from_the_command_line(trained_project, tiny_data_
     assert len(lines) == 6  # two images are two predictions, never a pair
     for image, (verdict, nearest, figure) in zip(images, (lines[:3], lines[3:])):
         assert re.fullmatch(r"  \d of the 5 nearest gallery images (is a melanoma|are melanomas)", nearest), nearest
-        assert re.fullmatch(rf"P\(malignant\) [01]\.\d{{2,6}}  (benign|malignant)  \(malignant from [01]\.\d{{2,6}}; "
+        assert re.fullmatch(rf"P\(malignant\) <?[01]\.\d{{2,6}}  (benign|malignant)  \(malignant from [01]\.\d{{2,6}}; "
                             rf"calibrated where \d+% are melanomas\)  {re.escape(str(image))}", verdict), verdict
         assert figure == f"  figure: {project / 'predictions' / (image.stem + '_prediction.png')}"
         assert (project / "predictions" / (image.stem + "_prediction.png")).stat().st_size > 0

@@ -1193,7 +1193,7 @@ def test_damaged_gallery_is_one_line_naming_it_and_rebuilt_with_data(evaluated, 
     assert what in message and "--data" in message
     assert call_main(predict.main, [*argv, "--data", data_dir]) == (0, "")
     printed = capsys.readouterr().out
-    assert "rebuilding" in printed and "P(malignant) 0." in printed
+    assert "rebuilding" in printed and re.search(r"P\(malignant\) <?0\.", printed)  # '<': a flat map, tiny model
 
 
 def test_gallery_still_fits_a_project_copied_with_new_file_times(evaluated, tmp_path, image, capsys):
