@@ -35,7 +35,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from cli import ArgumentParser
 from files import left_by_an_ended_process
-from near_duplicates import NEAR_BITS, image_hashes, near_pairs
+from near_duplicates import NEAR_BITS, leaks
 
 SPLITS = ("train_data", "validation_data", "test_data")
 CLASS_NAMES = ("benign", "malignant")  # target 0, target 1; also the folder names "0" and "1"
@@ -504,17 +504,19 @@ def find_near_copies(rows, assignment, images):
     """(assignment without the training images that are near copies of a validation or test image,
     report): a patient-grouped split cannot see two files of one photo under two patients or
     names, and an official split may hold such copies itself (ISIC 2017 does). The report counts
-    the near copies between each two splits and names the training images left out."""
-    hashes, readable = image_hashes([os.path.join(images, row["name"]) for row in rows])
-    members = {split: np.flatnonzero(np.asarray(assignment) == split) for split in SPLITS}
-    pairs, left_out = {}, set()
-    for i, first in enumerate(SPLITS):
-        for second in SPLITS[i + 1:]:
-            a, b = members[first], members[second]
-            found = near_pairs(hashes[a], readable[a], hashes[b], readable[b])
-            pairs[f"{first}/{second}"] = len(found)
-            if first == "train_data":
-                left_out |= {int(a[j]) for j, _, _ in found}
+    the near copies between each two splits (near_duplicates.leaks) and names the training images
+    left out."""
+    paths = [os.path.join(images, row["name"]) for row in rows]
+    members = {split: [i for i, s in enumerate(assignment) if s == split] for split in SPLITS}
+    found = leaks({split: ([paths[i] for i in indices], [rows[i]["target"] for i in indices])
+                   for split, indices in members.items()})
+    pairs = {f"{first}/{second}": 0 for i, first in enumerate(SPLITS) for second in SPLITS[i + 1:]}
+    row_of, left_out = {path: i for i, path in enumerate(paths)}, set()
+    for what, path, _, _ in found:
+        if what in pairs:  # across splits; "both classes in ..." is train.py's to say
+            pairs[what] += 1
+            if what.startswith("train_data/"):
+                left_out.add(row_of[path])
     names = sorted(rows[i]["name"] for i in left_out)
     if any(pairs.values()):
         counts = ", ".join(f"{name} {n}" for name, n in pairs.items() if n)
