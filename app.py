@@ -32,8 +32,9 @@ import numpy as np
 from PIL import Image
 
 from cli import ArgumentParser
-from dataset import CLASS_NAMES, DataError, check_image, has_split, list_split
+from dataset import CLASS_NAMES, has_split, list_split
 from files import write_atomic
+from images import DataError, check_image
 from modules import WeightsError
 from plots import gallery_thumbnail, heat_overlay
 from predict import compare_pair, load_predictor, nearest_text, predict_files, probability_text

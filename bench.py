@@ -34,11 +34,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cli import ArgumentParser
-from dataset import DataError, eval_transform, load_split, make_synthetic, attach_cache
+from dataset import eval_transform, load_split
+from images import DataError, attach_cache
 from metrics import bootstrap_auc
 from modules import BACKBONES, LOSSES, SiameseNetwork, build_model
 from predict import build_gallery
 from scoring import autocast, embed_images, embedder, pick_device, similarity_matrix, to_device
+from synthetic import make_synthetic
 from train import (RunContext, default_workers, make_config, make_train_loader, parse_args as train_args,
                    training_loss)
 

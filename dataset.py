@@ -1,31 +1,24 @@
-"""Data for the Siamese melanoma study.
+"""The paired-image data of the Siamese melanoma study.
 
 Reads the split layout that to_subdirectories.py writes,
 
     DATA/{train_data,validation_data,test_data}/{0,1}/*.jpg     (0 benign, 1 malignant)
 
-checks the image files once, decodes them with torchvision (libjpeg-turbo) or reads them from a
-uint8 cache, applies the study's transforms, and serves them either as the design's pairs (two
-images and a same-class target) or as single images in batches from which pairs are drawn
-(embed-once training and the metric-learning losses).
-
-    python dataset.py --synthetic data/demo      # writes the synthetic demo data set
+keeps the usable images of a split (images.py checks and reads them, and caches them as uint8),
+applies the study's transforms, and serves them either as the design's pairs (two images and a
+same-class target) or as single images in batches from which pairs are drawn (embed-once
+training and the metric-learning losses). synthetic.py writes a synthetic data set in this layout.
 """
-import hashlib
-import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from cli import ArgumentParser
-from files import overlaps, remove_stale_temporaries, write_atomic, write_text_atomic
+from files import overlaps, write_text_atomic
+from images import DataError, cached_side, check_images, read_rgb
 from near_duplicates import near_copies
 
 SPLITS = {"train": "train_data", "validation": "validation_data", "test": "test_data"}
@@ -33,8 +26,6 @@ CLASSES = ("0", "1")  # folder names: 0 benign, 1 malignant
 CLASS_NAMES = ("benign", "malignant")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-READER = 2  # read_rgb's version, part of the cache key: a cache holds images as read_rgb reads them
-MAX_PIXELS = 64_000_000  # larger files are excluded: decoding them would stall a worker for seconds
 EXPECTED_TREE = """expected layout:
   DATA/train_data/0/*.jpg        benign
   DATA/train_data/1/*.jpg        malignant
@@ -44,12 +35,8 @@ make it from the ISIC download with:
   python to_subdirectories.py --csv train-metadata.csv --images train-image/image --out DATA"""
 
 
-class DataError(Exception):
-    """A problem with the user's data; the message names the file or folder and the fix."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Finding and checking the images
+# Finding the split folders
 
 
 def split_folder(data_dir, split):
@@ -107,57 +94,8 @@ def check_unexpected(folder, data_dir):
     raise DataError(f"{path}: {what}")
 
 
-def check_image(path):
-    """Why the file cannot be used, or None. Header-level: fast enough for 33k files at start-up."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with Image.open(path) as image:
-            width, height = image.size
-            image_format = image.format
-            if width * height > MAX_PIXELS:
-                return f"too large ({width}x{height}); resize it below {MAX_PIXELS:,} pixels"
-            # Decoding at 1/8 scale (JPEG DCT scaling) reads all the compressed data for a
-            # fraction of a full decode, so damaged data is found now and not hours into a run.
-            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except UnidentifiedImageError:
-        return "not an image"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return f"unreadable ({error.__class__.__name__}: {error})"
-    if image_format == "JPEG":
-        # A truncated download lacks the end-of-image marker; decoding it would fail mid-epoch.
-        with open(path, "rb") as file:
-            file.seek(max(0, path.stat().st_size - 64))
-            if b"\xff\xd9" not in file.read():
-                return "truncated JPEG (no end-of-image marker)"
-    return None
-
-
-def check_images(paths, workers=8):
-    """[(path, reason)] for the files that cannot be used, checked in parallel threads."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(check_image, paths))
-    return [(path, reason) for path, reason in zip(paths, reasons) if reason]
-
-
-def read_rgb(path):
-    """A uint8 RGB tensor (3, H, W) from any image file: JPEG, PNG, grayscale, CMYK, RGBA; of an
-    animated image (GIF, WebP, also under a .jpg name) its first frame. Turned upright by its EXIF
-    orientation (a phone photo is stored sideways with a tag saying so), in training, evaluation
-    and on the page alike: this is the one function that reads an image."""
-    try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        image = image[0] if image.ndim == 4 else image  # (frames, 3, H, W): the first frame
-        return image if image.dtype == torch.uint8 else v2.functional.to_dtype(image, torch.uint8, scale=True)
-    except (RuntimeError, ValueError):
-        pass  # torchvision does not decode every variant (CMYK JPEG, some PNG); PIL does
-    try:
-        with Image.open(path) as image:
-            upright = ImageOps.exif_transpose(image)
-            return torch.from_numpy(np.array(upright.convert("RGB"))).permute(2, 0, 1).contiguous()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path}: cannot decode the image ({error}); delete or replace the file") from None
+# ---------------------------------------------------------------------------------------------
+# The usable images of a split
 
 
 class ImageSplit:
@@ -256,76 +194,6 @@ def write_excluded(splits, path):
     if rows:
         write_text_atomic(path, "\n".join(rows) + "\n")
     return len(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# The uint8 cache: images decoded and resized once, memory-mapped by every later epoch and run
-
-
-def cached_side(image_size):
-    """Images are cached a little above the training size so the random crop still has room."""
-    return int(math.ceil(image_size * 8 / 7))
-
-
-class _ResizedImages(Dataset):
-    def __init__(self, split, size):
-        self.split, self.size = split, size
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, index):
-        image = read_rgb(self.split.paths[index])
-        return v2.functional.resize(image, [self.size, self.size], antialias=True)
-
-
-def attach_cache(split, cache_dir, image_size, workers=0):
-    """Attach a memory-mapped uint8 copy of the split, building it when it is missing or stale."""
-    size = cached_side(image_size)
-    # The key changes when any file, its size or its time, the cache size, or how images are read
-    # (READER: 2 since EXIF orientation and first frames) changes.
-    digest = hashlib.sha1(f"{size} reader {READER}".encode())
-    for path in split.paths:
-        stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    key = f"{split.name}-{size}px-{digest.hexdigest()[:16]}"
-    cache_dir = Path(cache_dir)
-    array_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
-    shape = (len(split), 3, size, size)
-    split.cache = read_cache(array_path, meta_path, shape)
-    if split.cache is None:  # missing, or damaged (a killed copy, a full disk): built again
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        stale = remove_stale_temporaries(cache_dir)  # half-built caches of killed runs (gigabytes at full size)
-        if stale:
-            print(f"removed {len(stale)} half-built cache file(s) a killed run left in {cache_dir}")
-
-        def build(tmp):
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            # its own generator: a run that builds the cache must draw the same random stream
-            # (initialisation, dropout) as one that finds it built
-            loader = DataLoader(_ResizedImages(split, size), batch_size=64, num_workers=workers,
-                                generator=torch.Generator())
-            start = 0
-            for batch in loader:
-                array[start:start + len(batch)] = batch.numpy()
-                start += len(batch)
-            array.flush()
-        write_atomic(array_path, build)  # only a complete cache ever has the final name
-        write_text_atomic(meta_path, json.dumps({"split": split.name, "images": len(split), "size": size}))
-        split.cache = np.load(array_path, mmap_mode="r")
-    return array_path
-
-
-def read_cache(array_path, meta_path, shape):
-    """The memory-mapped cache, or None when it is missing, unreadable or of another shape than
-    its split and its metadata say."""
-    try:
-        meta = json.loads(meta_path.read_text())
-        array = np.load(array_path, mmap_mode="r")
-    except (OSError, ValueError):
-        return None
-    fits = (isinstance(meta, dict) and meta.get("images") == shape[0] and meta.get("size") == shape[2])
-    return array if fits and array.shape == shape and array.dtype == np.uint8 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,64 +421,3 @@ class BalancedBatches(_EpochBatches):
 def collate_images(batch):
     images, labels, is_anchor = zip(*batch)
     return torch.stack(images), torch.tensor(labels), torch.tensor(is_anchor)
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic demo data: benign = round, symmetric, one even colour; malignant = irregular border,
-# asymmetric, several colours (the ABCD rule of dermoscopy, exaggerated so a CPU can learn it).
-
-SYNTHETIC_COUNTS = {"train": (160, 80), "validation": (40, 20), "test": (60, 30)}  # benign, malignant
-
-
-def synthetic_lesion(rng, malignant, size):
-    """One (size, size, 3) uint8 image of a lesion on skin."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    skin = np.array([0.93, 0.76, 0.65]) + rng.normal(0, 0.03, 3)
-    image = skin + rng.normal(0, 0.02, (size, size, 3))
-    cx, cy = 0.5 + rng.normal(0, 0.04, 2)
-    radius = rng.uniform(0.2, 0.3)
-    angle = np.arctan2(yy - cy, xx - cx)
-    distance = np.hypot(xx - cx, yy - cy)
-    if malignant:
-        # Irregular border: a few random harmonics on the radius, and an off-centre bulge.
-        harmonics = sum(rng.uniform(0.06, 0.16) * np.cos(k * angle + rng.uniform(0, 2 * np.pi))
-                        for k in rng.choice(np.arange(2, 9), 3, replace=False))
-        border = radius * (1 + harmonics + 0.25 * np.cos(angle - rng.uniform(0, 2 * np.pi)))
-    else:
-        border = radius * (1 + 0.03 * np.cos(2 * angle + rng.uniform(0, np.pi)))
-    inside = distance < border
-    brown = np.array([0.55, 0.35, 0.22]) + rng.normal(0, 0.03, 3)
-    image[inside] = brown + rng.normal(0, 0.015, (inside.sum(), 3))
-    if malignant:
-        # Several colours: dark brown, black and blue-grey blotches inside the lesion.
-        for colour in ([0.3, 0.18, 0.1], [0.08, 0.06, 0.06], [0.45, 0.5, 0.6], [0.7, 0.3, 0.3]):
-            bx, by = cx + rng.normal(0, radius / 2, 2)
-            blotch = inside & (np.hypot(xx - bx, yy - by) < rng.uniform(0.3, 0.6) * radius)
-            image[blotch] = np.array(colour) + rng.normal(0, 0.03, (blotch.sum(), 3))
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
-
-
-def make_synthetic(out, size=96, seed=0, counts=None):
-    """Writes the synthetic data set in the split layout; returns the number of images."""
-    out, rng, total = Path(out), np.random.default_rng(seed), 0
-    for split, per_class in (counts or SYNTHETIC_COUNTS).items():
-        for label, count in enumerate(per_class):
-            folder = out / SPLITS[split] / CLASSES[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                Image.fromarray(synthetic_lesion(rng, label == 1, size)).save(
-                    folder / f"SYN_{split}_{label}_{i:04d}.jpg", quality=92)
-                total += 1
-    return total
-
-
-if __name__ == "__main__":
-    parser = ArgumentParser("dataset.py", description="Write the synthetic demo data set in the split layout.")
-    parser.add_argument("--synthetic", required=True, metavar="DIR", help="output folder (the --data of train.py)")
-    parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args()
-    if Path(args.synthetic).exists() and any(Path(args.synthetic).iterdir()):
-        raise SystemExit(f"dataset.py: error: --synthetic {args.synthetic} is not empty; choose a new folder")
-    n = make_synthetic(args.synthetic, args.size, args.seed)
-    print(f"wrote {n} synthetic images to {args.synthetic}")

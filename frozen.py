@@ -16,8 +16,9 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 
 from cli import ArgumentParser, Interrupted, interrupts_raise
-from dataset import DataError, attach_cache, has_split, load_split
+from dataset import has_split, load_split
 from files import file_problem, write_text_atomic
+from images import DataError, attach_cache
 from metrics import auc_or_nan, bootstrap_auc
 from modules import BACKBONES, FEATURES, ImageClassifier, WeightsError
 from scoring import embed_images, logistic_probe, pick_device

@@ -24,8 +24,9 @@ import torch
 
 from calibration import calibrated, calibration_metrics, fit_calibration
 from cli import ArgumentParser
-from dataset import DataError, load_split
+from dataset import load_split
 from files import write_text_atomic
+from images import DataError
 from metrics import auc_or_nan
 from modules import WeightsError, load_checkpoint, load_state
 from plots import plot_shots

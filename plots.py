@@ -16,8 +16,9 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 from torchvision.transforms import v2
 
-from dataset import CLASS_NAMES, read_rgb
+from dataset import CLASS_NAMES
 from files import write_atomic
+from images import read_rgb
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 from calibration import (CALIBRATIONS, calibrated, calibration_metrics, calibration_problem, digits_to_agree,
                          fit_calibration)
 from cli import ArgumentParser, Interrupted, interrupts_raise
-from dataset import (DataError, attach_cache, check_image, denormalize, eval_transform, has_split,
-                     is_labelled_folder, load_labelled_folder, load_split, load_train_split, read_rgb, write_excluded)
+from dataset import (denormalize, eval_transform, has_split, is_labelled_folder, load_labelled_folder, load_split,
+                     load_train_split, write_excluded)
 from files import folder_problem, overlaps, write_atomic, write_text_atomic
+from images import DataError, attach_cache, check_image, read_rgb
 from metrics import auc_or_nan, choose_threshold, image_metrics, retrieval_metrics
 from modules import (CONFIG_RULES, WeightsError, describe_checkpoint, last_stage, load_checkpoint, load_state,
                      save_atomic)
@@ -587,8 +588,8 @@ def probability_text(prediction, gallery, short=False):
 
 
 def check_inputs(paths, flag):
-    """Each file checked as training checks it (dataset.check_image: decodable, within
-    dataset.MAX_PIXELS from its header) before anything is decoded."""
+    """Each file checked as training checks it (images.check_image: decodable, within
+    images.MAX_PIXELS from its header) before anything is decoded."""
     for path in paths:
         reason = check_image(Path(path))
         if reason:

@@ -7,9 +7,9 @@ the rest of the project reads:
 
 When the CSV has a split column (`split`, values train / val / test, as in ISIC 2017 and
 HAM10000; --split-column names another) that official split is used. Otherwise the split is
-drawn: 70/15/15 per class by default, grouped by patient (no patient in two splits) when the
-CSV has a patient_id column; the Kaggle "256x256 RESIZED" metadata has none, so then it is per
-image, and the script says so. Images are hard-linked (no extra disk space) unless
+drawn (stratified_split.py): 70/15/15 per class by default, grouped by patient (no patient in two
+splits) when the CSV has a patient_id column; the Kaggle "256x256 RESIZED" metadata has none, so
+then it is per image, and the script says so. Images are hard-linked (no extra disk space) unless
 --copy is given or linking is impossible (another file system), in which case they are copied.
 Near copies of one photo across splits (a perceptual hash, near_duplicates.py) are counted, and a
 training image that is a near copy of a validation or test image is left out of train_data;
@@ -26,28 +26,21 @@ import os
 import shutil
 import signal
 import sys
-import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-from cli import ArgumentParser
-from files import left_by_an_ended_process
+from cli import ArgumentParser, interrupts_raise
+from dataset import CLASS_NAMES, SPLITS
+from files import left_by_an_ended_process, overlaps
 from near_duplicates import NEAR_BITS, leaks
+from stratified_split import draw_split_names
 
-SPLITS = ("train_data", "validation_data", "test_data")
-CLASS_NAMES = ("benign", "malignant")  # target 0, target 1; also the folder names "0" and "1"
-HELD_OUT = ("validation_data", "test_data")  # the splits a model is judged on: none of their images is trained on
 NAME_COLUMNS = ("isic_id", "image_name")  # Kaggle metadata has isic_id, the ISIC 2020 csv image_name
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MAX_FOLDS = 100  # folds are the unit the splits are built from: 100 folds = 1 % steps
-ASSIGNMENT_TRIES = 1000  # random fold -> split assignments tried; the best one is kept
 SHOW = 5  # how many example names a warning lists
 # An official split column (ISIC 2017, HAM10000): its values, case-insensitive, -> our folders.
-SPLIT_VALUES = {"train": "train_data", "training": "train_data", "val": "validation_data",
-                "valid": "validation_data", "validation": "validation_data", "test": "test_data"}
+SPLIT_VALUES = {"train": SPLITS["train"], "training": SPLITS["train"], "val": SPLITS["validation"],
+                "valid": SPLITS["validation"], "validation": SPLITS["validation"], "test": SPLITS["test"]}
 
 
 def die(message):
@@ -156,7 +149,7 @@ def read_metadata(csv_path, split_column="split"):
     """Usable rows of the metadata CSV and a report of what was skipped and why.
 
     rows: [{"name": file name on disk, "target": 0 or 1, "patient_id": str, or None if blank,
-            "split": one of SPLITS from the split column, or None when the CSV has none}]
+            "split": a folder of SPLITS from the split column, or None when the CSV has none}]
     report: columns, name_column, has_patient_id, split_column (or None), rows_read and the
     lists of skipped rows.
     """
@@ -194,72 +187,6 @@ def print_report(report, csv_path):
 
 # ---------------------------------------------------------------------------------------------
 # Splitting
-
-
-def choose_folds(ratios):
-    """The fewest folds that represent the ratios exactly (0.7/0.15/0.15 -> 20 folds: 14/3/3).
-    Fewer folds = bigger folds = smaller relative imbalance between them, and a faster
-    StratifiedGroupKFold (its greedy search costs folds^2 per patient)."""
-    for k in range(len(ratios), MAX_FOLDS + 1):
-        exact = np.asarray(ratios) * k
-        if np.all(np.abs(exact - np.round(exact)) < 1e-6) and np.all(np.round(exact) >= 1):
-            return k
-    return MAX_FOLDS
-
-
-def folds_per_split(ratios, k):
-    """Split k folds by ratio (largest remainder), at least one fold per split."""
-    exact = np.asarray(ratios, dtype=float) * k
-    n = np.maximum(np.floor(exact + 1e-9).astype(int), 1)
-    while n.sum() < k:
-        n[np.argmax(exact - n)] += 1
-    while n.sum() > k:
-        n[np.argmax(np.where(n > 1, n - exact, -np.inf))] -= 1
-    return n
-
-
-def draw_split_names(labels, groups, ratios, seed):
-    """The split name (one of SPLITS) of each image.
-
-    Stratified per class; with groups (patient ids), no group is in two splits. The images are
-    cut into k folds with scikit-learn's Stratified(Group)KFold, then whole folds are given to the
-    splits by ratio. Of ASSIGNMENT_TRIES random fold -> split assignments the one closest to the
-    ratios in every class is kept: with patients of many images the folds are not exactly equal,
-    and a lucky assignment fixes most of that (at full ISIC scale, worst class off by ~0.1 %
-    instead of up to ~1 %).
-    """
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    k = choose_folds(ratios)
-    if groups is None:
-        k = min(k, int(np.bincount(labels).max()))  # StratifiedKFold needs k <= the biggest class
-        cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    else:
-        _, groups = np.unique(np.asarray(groups), return_inverse=True)
-        k = min(k, int(groups.max()) + 1)  # StratifiedGroupKFold needs k <= number of groups
-        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    if k < len(ratios):
-        raise ValueError(f"only {k} {'patients' if groups is not None else 'images'}: "
-                         f"cannot split into {len(ratios)} parts")
-    fold = np.empty(len(labels), dtype=int)
-    with warnings.catch_warnings():  # "least populated class has only n members": checked by the caller
-        warnings.simplefilter("ignore", UserWarning)
-        for i, (_, test) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
-            fold[test] = i
-
-    # Try random assignments of folds to splits; keep the one with the smallest worst deviation
-    # from the target ratio (fraction of the class) over all classes and splits.
-    per_fold = np.stack([np.bincount(fold[labels == c], minlength=k) for c in classes], axis=1)  # k x C
-    position_split = np.repeat(np.arange(len(ratios)), folds_per_split(ratios, k))
-    rng = np.random.default_rng(seed)
-    perms = np.stack([rng.permutation(k) for _ in range(ASSIGNMENT_TRIES)])  # [try, position] = fold
-    split_of_fold = np.empty_like(perms)
-    np.put_along_axis(split_of_fold, perms, np.broadcast_to(position_split, perms.shape), axis=1)
-    counts = np.einsum("tks,kc->tsc", np.eye(len(ratios))[split_of_fold], per_fold)  # try x split x class
-    deviation = np.abs(counts / per_fold.sum(0) - np.asarray(ratios)[None, :, None]).max(axis=(1, 2))
-    empty = (counts == 0).sum(axis=(1, 2))  # a split without a class is worse than any deviation
-    best = split_of_fold[np.argmin(empty * 10 + deviation)]
-    return [SPLITS[s] for s in best[fold]]
 
 
 def check_splittable(labels, groups, n_splits):
@@ -322,17 +249,6 @@ def place(src, dst, copy):
     return "copy"
 
 
-def inside(folder, other):
-    """Whether folder is other or lies inside it (symlinks resolved)."""
-    folder, other = Path(folder).resolve(), Path(other).resolve()
-    return folder == other or other in folder.parents
-
-
-def interrupt_on_sigterm(signum, _frame):
-    """SIGTERM (kill, a job scheduler) ends the run like Ctrl-C, so the unfinished split is removed."""
-    raise KeyboardInterrupt(signum)
-
-
 def remove(path):
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -354,7 +270,7 @@ def move_into_place(tmp, out):
     try:
         if (out / "split.json").exists():
             os.rename(out / "split.json", trash / "split.json")
-        for split in SPLITS:
+        for split in SPLITS.values():
             if (out / split).exists() or (out / split).is_symlink():
                 os.rename(out / split, trash / split)
             if (tmp / split).exists():  # an official split may lack one (HAM10000 has no test)
@@ -433,8 +349,9 @@ def check_folders(images, out, force):
             f"(train-image/image in the Kaggle download)")
     if out.exists() and not out.is_dir():
         die(f"--out {out}: is a file, not a folder; choose another --out")
-    # --force replaces folders in --out: never where the source images are, nor inside their folder
-    if inside(images, out) or (force and inside(out, images)):
+    # --force replaces folders in --out: never where the source images are, nor inside their folder;
+    # without it, only a new --out inside the image folder is harmless
+    if overlaps(images, out) and (force or images.resolve() not in out.resolve().parents):
         die(f"--out {out} and --images {images} overlap (one folder is inside the other), so --force "
             f"could delete source images; choose an --out outside the image folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -507,15 +424,16 @@ def find_near_copies(rows, assignment, images):
     the near copies between each two splits (near_duplicates.leaks) and names the training images
     left out."""
     paths = [os.path.join(images, row["name"]) for row in rows]
-    members = {split: [i for i, s in enumerate(assignment) if s == split] for split in SPLITS}
+    members = {split: [i for i, s in enumerate(assignment) if s == split] for split in SPLITS.values()}
     found = leaks({split: ([paths[i] for i in indices], [rows[i]["target"] for i in indices])
                    for split, indices in members.items()})
-    pairs = {f"{first}/{second}": 0 for i, first in enumerate(SPLITS) for second in SPLITS[i + 1:]}
+    folders = list(SPLITS.values())
+    pairs = {f"{first}/{second}": 0 for i, first in enumerate(folders) for second in folders[i + 1:]}
     row_of, left_out = {path: i for i, path in enumerate(paths)}, set()
     for what, path, _, _ in found:
         if what in pairs:  # across splits; "both classes in ..." is train.py's to say
             pairs[what] += 1
-            if what.startswith("train_data/"):
+            if what.startswith(f"{SPLITS['train']}/"):
                 left_out.add(row_of[path])
     names = sorted(rows[i]["name"] for i in left_out)
     if any(pairs.values()):
@@ -533,7 +451,7 @@ def count_splits(rows, assignment, grouped, from_column, csv_path, out):
     has images; a split without one of the classes is an error."""
     labels = [row["target"] for row in rows]
     counts = {}
-    for split in SPLITS:
+    for split in SPLITS.values():
         members = [i for i, s in enumerate(assignment) if s == split]
         if not members:
             print(f"note: no {split} images in {csv_path}; {out / split} is not created")
@@ -550,12 +468,12 @@ def count_splits(rows, assignment, grouped, from_column, csv_path, out):
     return counts
 
 
-def split_info(args, ratios, report, grouped, csv_path, images, counts, n_patients, n_missing):
+def split_info(args, ratios, report, grouped, counts, n_patients, n_missing):
     """What split.json records; "files" (how many were linked or copied) is filled in by write_split."""
-    drawn = {"seed": args.seed, "ratios": dict(zip(SPLITS, ratios)),
+    drawn = {"seed": args.seed, "ratios": dict(zip(SPLITS.values(), ratios)),
              "grouping": "patient_id" if grouped else "image"}
     return {**({"split_column": report["split_column"]} if report["split_column"] else drawn),
-            "source_csv": str(csv_path.resolve()), "images": str(images.resolve()),
+            "source_csv": str(Path(args.csv).resolve()), "images": str(Path(args.images).resolve()),
             "counts": counts, "patients": n_patients, "files": {},
             "skipped": {"missing_images": n_missing, "bad_names": len(report["bad_names"]),
                         "bad_targets": len(report["bad_targets"]), "bad_splits": len(report["bad_splits"]),
@@ -586,29 +504,27 @@ def write_split(out, rows, assignment, images, copy, info, csv_path):
     for leftover in leftovers:  # from a run killed with SIGKILL; not one still running
         if left_by_an_ended_process(leftover, ".partial-"):
             remove(leftover)
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
-    try:
-        remove(tmp)
-        methods = place_images(tmp, rows, assignment, info["counts"], images, copy)
-        info["files"] = dict(methods)
-        (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
-        move_into_place(tmp, out)
-    except KeyboardInterrupt as interrupt:
-        remove(tmp)
-        print(f"to_subdirectories.py: interrupted; removed the unfinished split (--out {out})", file=sys.stderr)
-        raise SystemExit(128 + (interrupt.args[0] if interrupt.args else signal.SIGINT))
-    except UnreadableSource as e:
-        remove(tmp)
-        source, reason = e.args
-        die(f"--images: cannot read {source} ({reason}); fix its permissions, or remove its row from {csv_path}")
-    except OSError as e:
-        remove(tmp)
-        die(f"--out {out}: cannot write the split ({e}); check the free space and permissions there")
-    except BaseException:
-        remove(tmp)
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    with interrupts_raise():  # Ctrl-C and SIGTERM (kill, a job scheduler) alike; a second one cannot cut the clean-up
+        try:
+            remove(tmp)
+            methods = place_images(tmp, rows, assignment, info["counts"], images, copy)
+            info["files"] = dict(methods)
+            (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
+            move_into_place(tmp, out)
+        except KeyboardInterrupt as interrupt:  # cli.Interrupted carries the signal
+            remove(tmp)
+            print(f"to_subdirectories.py: interrupted; removed the unfinished split (--out {out})", file=sys.stderr)
+            raise SystemExit(128 + getattr(interrupt, "signum", signal.SIGINT))
+        except UnreadableSource as e:
+            remove(tmp)
+            source, reason = e.args
+            die(f"--images: cannot read {source} ({reason}); fix its permissions, or remove its row from {csv_path}")
+        except OSError as e:
+            remove(tmp)
+            die(f"--out {out}: cannot write the split ({e}); check the free space and permissions there")
+        except BaseException:
+            remove(tmp)
+            raise
     return methods
 
 
@@ -635,7 +551,7 @@ def main(argv=None):
     n_patients = len({row["patient_id"] for row in rows} - {None}) if grouped else None
     counts = count_splits(rows, assignment, grouped, report["split_column"], csv_path, out)
     # 3. Write the folders and split.json.
-    info = split_info(args, ratios, report, grouped, csv_path, images, counts, n_patients, len(missing))
+    info = split_info(args, ratios, report, grouped, counts, n_patients, len(missing))
     info["near_copies"] = near_copies
     methods = write_split(out, rows, assignment, images, args.copy, info, csv_path)
     print_summary(out, methods, args.copy, counts, grouped, n_patients)

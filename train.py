@@ -34,10 +34,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from cli import ArgumentParser, Interrupted, interrupt_handler, progress
-from dataset import (AUGMENTATIONS, BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches,
-                     batch_pairs, collate_images, has_split, load_split, load_train_split, sample_seed,
-                     train_transform, attach_cache, write_excluded)
+from dataset import (AUGMENTATIONS, BalancedBatches, ImageDataset, PairDataset, ShuffledBatches, batch_pairs,
+                     collate_images, has_split, load_split, load_train_split, sample_seed, train_transform,
+                     write_excluded)
 from files import folder_problem, overlaps, remove_stale_temporaries, write_atomic, write_text_atomic
+from images import DataError, attach_cache
 from metrics import auc_or_nan
 from near_duplicates import leaks
 from modules import (BACKBONES, CONFIG_RULES, FEATURES, LOSSES, MINERS, OPTIMIZERS, PAIRINGS, RECIPES, RUN_KEYS,
@@ -216,7 +217,7 @@ def check_args(args):
     does not keep, the combinations of flags, then every setting by its own rule (check_settings)."""
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py "
-                         f"or `python dataset.py --synthetic {args.data}`")
+                         f"or `python synthetic.py --synthetic {args.data}`")
     for folder in args.extra_train:
         if not Path(folder).is_dir():
             raise ValueError(f"--extra-train {folder}: no such folder; make it with to_subdirectories.py")

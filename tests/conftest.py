@@ -22,10 +22,10 @@ TINY_COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}  # (benign
 def tiny_data_dir(tmp_path_factory):
     """DATA/{train,validation,test}_data/{0,1}/*.jpg with TINY_COUNTS images of 48 px. Read-only:
     a test that changes files copies it first."""
-    import dataset
+    import synthetic
 
     out = tmp_path_factory.mktemp("tiny_data")
-    dataset.make_synthetic(out, size=48, seed=0, counts=TINY_COUNTS)
+    synthetic.make_synthetic(out, size=48, seed=0, counts=TINY_COUNTS)
     return out
 
 

@@ -33,7 +33,7 @@ def run_script(script, *args, timeout=600):
 def make_clinic(folder, seed=7):
     """FOLDER/clinic/{0,1}/*.jpg: another clinic's labelled folder (5 benign, 4 malignant, 40 px,
     drawn unlike tiny_data_dir's). Returns its path."""
-    from dataset import make_synthetic
+    from synthetic import make_synthetic
 
     make_synthetic(Path(folder) / "other", size=40, seed=seed, counts={"test": (5, 4)})
     return (Path(folder) / "other" / "test_data").rename(Path(folder) / "clinic")

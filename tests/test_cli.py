@@ -50,9 +50,9 @@ def trained(trained_project):
 # Flags: no abbreviations, one line per mistake
 
 
-def run_dataset_main(argv):
-    sys.argv = ["dataset.py", *argv]
-    runpy.run_path(str(REPO / "dataset.py"), run_name="__main__")
+def run_synthetic_main(argv):
+    sys.argv = ["synthetic.py", *argv]
+    runpy.run_path(str(REPO / "synthetic.py"), run_name="__main__")
 
 
 def run_compare_main(argv):
@@ -65,11 +65,11 @@ def run_compare_main(argv):
     ("predict.py", predict.main, ["--proj", "{tmp}/p", "--data", "{tmp}"], "--proj"),
     ("to_subdirectories.py", to_subdirectories.main, ["--cs", "{tmp}/x.csv"], "--cs"),
     ("bench.py", bench.main, ["--quic"], "--quic"),
-    ("dataset.py", run_dataset_main, ["--synth", "{tmp}/demo"], "--synthetic"),
+    ("synthetic.py", run_synthetic_main, ["--synth", "{tmp}/demo"], "--synthetic"),
     ("compare.py", run_compare_main, ["--proj", "{tmp}/p", "--data", "{tmp}"], "--project"),
 ])
 def test_abbreviated_flag_is_refused_in_one_line(script, main, argv, flag, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", sys.argv[:])  # the dataset and compare mains read sys.argv
+    monkeypatch.setattr(sys, "argv", sys.argv[:])  # the synthetic and compare mains read sys.argv
     code, stderr = exit_of(main, [a.replace("{tmp}", str(tmp_path)) for a in argv])
     lines = stderr.strip().splitlines()
     assert code == 2

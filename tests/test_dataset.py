@@ -1,10 +1,6 @@
-"""Tests of dataset.py: finding the split folders, reading images, the benign cap, the design's
-pairs, the batch samplers, transforms, datasets, the uint8 cache and the synthetic generator."""
-import json
-import os
+"""Tests of dataset.py: finding the split folders, loading a split (broken files, the benign cap,
+--extra-train folders), the design's pairs, the batch samplers, transforms and datasets."""
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +10,11 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import dataset
-from dataset import (BalancedBatches, DataError, ImageDataset, PairDataset, ShuffledBatches, batch_pairs,
-                     eval_transform, list_split, load_split, load_train_split, make_pairs, read_rgb, train_transform,
-                     attach_cache)
+import synthetic
+from dataset import (BalancedBatches, ImageDataset, PairDataset, ShuffledBatches, batch_pairs, eval_transform,
+                     list_split, load_split, load_train_split, make_pairs, train_transform)
+from images import DataError, cached_side, read_rgb
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -201,7 +196,7 @@ def extra_folder(tiny_data_dir, tmp_path):
     """Another data set (a split folder with train and validation) holding a resized, re-encoded
     copy of one of tiny_data_dir's test images among its malignant training images."""
     extra = tmp_path / "extra"
-    dataset.make_synthetic(extra, size=40, seed=3, counts={"train": (5, 4), "validation": (3, 3)})
+    synthetic.make_synthetic(extra, size=40, seed=3, counts={"train": (5, 4), "validation": (3, 3)})
     test_image = sorted((tiny_data_dir / "test_data" / "1").iterdir())[0]
     Image.open(test_image).resize((40, 40)).save(extra / "train_data" / "1" / "copy.jpg", quality=80)
     return extra, test_image
@@ -442,7 +437,7 @@ def test_balanced_batches_are_seeded_and_change_with_epoch():
 
 @pytest.fixture(scope="module")
 def uint8_image():
-    return torch.from_numpy(dataset.synthetic_lesion(np.random.default_rng(0), True, 48)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(synthetic.synthetic_lesion(np.random.default_rng(0), True, 48)).permute(2, 0, 1).contiguous()
 
 
 NORMALISED_LOW = min((0 - m) / s for m, s in zip(dataset.IMAGENET_MEAN, dataset.IMAGENET_STD))
@@ -489,7 +484,7 @@ def test_eval_transform_is_deterministic_and_is_resize_then_normalise(uint8_imag
     transform = eval_transform(32)
     first, second = transform(uint8_image), transform(uint8_image)
     assert torch.equal(first, second) and first.shape == (3, 32, 32) and first.dtype == torch.float32
-    cached = v2.functional.resize(uint8_image, [dataset.cached_side(32)] * 2, antialias=True)  # as the cache stores it
+    cached = v2.functional.resize(uint8_image, [cached_side(32)] * 2, antialias=True)  # as the cache stores it
     resized = v2.functional.resize(cached, [32, 32], antialias=True).float() / 255
     mean = torch.tensor(dataset.IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(dataset.IMAGENET_STD)[:, None, None]
@@ -562,222 +557,3 @@ def test_pair_dataset_augments_each_image_as_image_dataset_does(train_split):
     first, second, _ = pairs[(6, 1, True)]
     assert torch.equal(first, images[(6, 1, True)][0])
     assert torch.equal(second, images[(int(partners[6]), 1, True)][0])
-
-
-# ---------------------------------------------------------------------------------------------
-# The uint8 cache
-
-
-def test_use_cache_builds_once_and_reuses_the_file(tiny_data_dir, tmp_path):
-    cache = tmp_path / "cache"
-    split = load_split(tiny_data_dir, "validation")
-    path = attach_cache(split, cache, 32)
-    size = dataset.cached_side(32)
-    assert size == 37 and path.exists() and path.name.startswith(f"validation-{size}px-")
-    assert split.cache.shape == (len(split), 3, size, size) and split.cache.dtype == np.uint8
-    meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta == {"split": "validation", "images": len(split), "size": size}
-    assert sorted(p.name for p in cache.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
-    stamp = path.stat().st_mtime_ns
-    again = load_split(tiny_data_dir, "validation")
-    assert attach_cache(again, cache, 32) == path
-    assert path.stat().st_mtime_ns == stamp  # reused, not rewritten
-    assert attach_cache(load_split(tiny_data_dir, "validation"), cache, 64) != path  # another size, another key
-
-
-def test_cache_reads_equal_the_resized_jpeg(tiny_data_dir, tmp_path):
-    split = load_split(tiny_data_dir, "test")
-    attach_cache(split, tmp_path / "cache", 32)
-    size = dataset.cached_side(32)
-    for index in range(len(split)):
-        cached = split.read(index)
-        assert cached.dtype == torch.uint8
-        expected = v2.functional.resize(read_rgb(split.paths[index]), [size, size], antialias=True)
-        assert torch.equal(cached, expected)
-
-
-def test_cache_key_changes_when_a_file_is_touched_or_added(tiny_data_dir, tmp_path):
-    data = copy_of(tiny_data_dir, tmp_path)
-    cache = tmp_path / "cache"
-    first = attach_cache(load_split(data, "train"), cache, 32)
-    target = load_split(data, "train").paths[2]
-    stat = target.stat()
-    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
-    touched = attach_cache(load_split(data, "train"), cache, 32)
-    assert touched != first and touched.exists()
-    shutil.copy(target, target.with_name("added.jpg"))
-    split = load_split(data, "train")
-    added = attach_cache(split, cache, 32)
-    assert added not in (first, touched) and split.cache.shape[0] == sum(TINY_COUNTS["train"]) + 1
-
-
-def test_building_the_cache_leaves_the_global_random_stream_alone(tiny_data_dir, tmp_path):
-    """A run that builds the cache must initialise and train as one that finds it built."""
-    torch.manual_seed(0)
-    attach_cache(load_split(tiny_data_dir, "test"), tmp_path / "cache", 32)
-    after_building = torch.rand(4)
-    torch.manual_seed(0)
-    attach_cache(load_split(tiny_data_dir, "test"), tmp_path / "cache", 32)  # found built
-    after_reading = torch.rand(4)
-    torch.manual_seed(0)
-    untouched = torch.rand(4)
-    assert torch.equal(after_building, untouched) and torch.equal(after_reading, untouched)
-
-
-def test_a_half_built_cache_of_a_killed_run_is_removed_when_the_cache_is_built(tiny_data_dir, tmp_path):
-    killed = subprocess.Popen([sys.executable, "-c", "pass"])
-    killed.wait()
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    stale = cache / f".test-37px-0123456789abcdef.tmp-{killed.pid}.u8"
-    stale.write_bytes(b"\x93NUMPY half an array")
-    path = attach_cache(load_split(tiny_data_dir, "test"), cache, 32)
-    assert sorted(p.name for p in cache.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
-
-
-@pytest.mark.parametrize("damage", ["truncated", "other count in its metadata", "metadata not json"])
-def test_a_damaged_cache_is_built_again(damage, tiny_data_dir, tmp_path):
-    path = attach_cache(load_split(tiny_data_dir, "test"), tmp_path / "cache", 32)
-    meta = path.with_suffix(".json")
-    if damage == "truncated":  # a copy killed half-way, or a full disk
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    elif damage == "other count in its metadata":
-        meta.write_text(json.dumps({"split": "test", "images": 3, "size": dataset.cached_side(32)}))
-    else:
-        meta.write_text("{not json")
-    split = load_split(tiny_data_dir, "test")
-    assert attach_cache(split, tmp_path / "cache", 32) == path
-    assert json.loads(meta.read_text())["images"] == len(split)
-    size = dataset.cached_side(32)
-    for index in range(len(split)):
-        expected = v2.functional.resize(read_rgb(split.paths[index]), [size, size], antialias=True)
-        assert torch.equal(split.read(index), expected)
-
-
-# ---------------------------------------------------------------------------------------------
-# read_rgb
-
-
-def colour_image(h=20, w=24):
-    array = np.zeros((h, w, 3), np.uint8)
-    array[..., 0], array[..., 1], array[..., 2] = 200, 60, 30
-    array[: h // 2, :, 2] = 150
-    return array
-
-
-def test_read_rgb_grayscale_png_gives_three_equal_channels(tmp_path):
-    gray = (np.arange(20 * 24).reshape(20, 24) % 256).astype(np.uint8)
-    Image.fromarray(gray, "L").save(tmp_path / "gray.png")
-    image = read_rgb(tmp_path / "gray.png")
-    assert image.shape == (3, 20, 24) and image.dtype == torch.uint8
-    assert all(torch.equal(image[c], torch.from_numpy(gray)) for c in range(3))
-
-
-def test_read_rgb_rgba_png_under_a_jpg_name_drops_alpha(tmp_path):
-    rgba = np.concatenate([colour_image(), np.full((20, 24, 1), 100, np.uint8)], axis=2)
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "really_png.jpg", format="PNG")
-    image = read_rgb(tmp_path / "really_png.jpg")
-    assert image.shape == (3, 20, 24) and image.dtype == torch.uint8
-    assert torch.equal(image.permute(1, 2, 0), torch.from_numpy(colour_image()))
-
-
-def test_read_rgb_cmyk_jpeg_gives_the_rgb_colours(tmp_path):
-    Image.fromarray(colour_image()).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
-    image = read_rgb(tmp_path / "cmyk.jpg")
-    assert image.shape == (3, 20, 24) and image.dtype == torch.uint8
-    difference = (image.permute(1, 2, 0).int() - torch.from_numpy(colour_image()).int()).abs()
-    assert difference.float().mean() < 8  # JPEG is lossy; inverted or swapped channels would be ~100
-
-
-def test_read_rgb_of_a_file_that_is_no_image_raises_data_error_naming_it(tmp_path):
-    bad = tmp_path / "bad.jpg"
-    bad.write_text("hello")
-    with pytest.raises(DataError, match="bad.jpg"):
-        read_rgb(bad)
-
-
-def test_read_rgb_reads_real_isic_jpegs_like_pil(isic_sample_dir):
-    for path in sorted((isic_sample_dir / "train-image" / "image").glob("*.jpg"))[:3]:
-        assert dataset.check_image(path) is None
-        image = read_rgb(path)
-        assert image.shape == (3, 256, 256) and image.dtype == torch.uint8
-        with Image.open(path) as pil:
-            reference = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
-        assert (image.int() - reference.int()).abs().float().mean() < 2
-
-
-# ---------------------------------------------------------------------------------------------
-# The synthetic generator and its command line
-
-
-def test_make_synthetic_writes_the_layout_with_the_requested_counts(tmp_path):
-    counts = {"train": (3, 2), "validation": (2, 1), "test": (1, 2)}
-    assert dataset.make_synthetic(tmp_path, size=32, seed=1, counts=counts) == 11
-    for split, (benign, malignant) in counts.items():
-        for label, count in ((0, benign), (1, malignant)):
-            files = sorted((tmp_path / dataset.SPLITS[split] / str(label)).iterdir())
-            assert len(files) == count and all(f.suffix == ".jpg" for f in files)
-            with Image.open(files[0]) as image:
-                assert image.size == (32, 32) and image.mode == "RGB" and image.format == "JPEG"
-    assert load_split(tmp_path, "test").counts() == [1, 2]
-
-
-def test_make_synthetic_is_seeded(tmp_path):
-    counts = {"train": (1, 1)}
-    dataset.make_synthetic(tmp_path / "a", size=32, seed=3, counts=counts)
-    dataset.make_synthetic(tmp_path / "b", size=32, seed=3, counts=counts)
-    dataset.make_synthetic(tmp_path / "c", size=32, seed=4, counts=counts)
-    name = Path("train_data") / "1" / "SYN_train_1_0000.jpg"
-    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
-
-
-def test_synthetic_command_refuses_a_non_empty_folder(tmp_path):
-    out = tmp_path / "demo"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
-    result = subprocess.run([sys.executable, "dataset.py", "--synthetic", str(out)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "not empty" in result.stderr and str(out) in result.stderr
-    assert "Traceback" not in result.stderr
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Animated images: their first frame, wherever they are read
-
-
-def animated(path, frames=3, size=40):
-    images = [Image.fromarray((np.random.default_rng(i).random((size, size, 3)) * 255).astype(np.uint8))
-              for i in range(frames)]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:])
-    return path
-
-
-@pytest.mark.parametrize("name", ["anim.gif", "anim.jpg"])  # also under a .jpg name
-def test_an_animated_image_is_read_as_its_first_frame_and_trains(name, tiny_data_dir, tmp_path):
-    data = copy_of(tiny_data_dir, tmp_path)
-    path = animated(data / "train_data" / "1" / name)
-    with Image.open(path) as image:
-        first = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    assert torch.equal(read_rgb(path), first)
-    train = load_split(data, "train")
-    assert path in train.paths and train.excluded == []  # the start-up check passes what training reads
-    batch = dataset.collate_images([ImageDataset(train, train_transform(32))[i] for i in range(len(train))])
-    assert batch[0].shape == (len(train), 3, 32, 32)  # the stack that failed on a (frames, 3, H, W) image
-
-
-@pytest.mark.parametrize("mode", ["RGB", "CMYK"])  # torchvision's decoder, and PIL's for what it cannot read
-def test_an_image_is_read_upright_by_its_exif_orientation(mode, tmp_path):
-    pixels = (np.random.default_rng(0).random((24, 40, 3)) * 255).astype(np.uint8)  # 40 wide, 24 high
-    image = Image.fromarray(pixels).convert(mode)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # orientation: the stored picture is to be turned 90 degrees clockwise
-    path = tmp_path / "phone.jpg"
-    image.save(path, exif=exif, quality=95)
-    read = read_rgb(path)
-    assert read.shape == (3, 40, 24)  # turned upright: 24 wide, 40 high
-    with Image.open(path) as stored:
-        upright = np.array(stored.convert("RGB").transpose(Image.Transpose.ROTATE_270))
-    assert np.abs(read.permute(1, 2, 0).numpy().astype(int) - upright.astype(int)).mean() < 2

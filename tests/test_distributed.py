@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset import make_synthetic
+from synthetic import make_synthetic
 from helpers import SUBPROCESS_ENV
 
 REPO = Path(__file__).resolve().parents[1]

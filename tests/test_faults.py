@@ -45,14 +45,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
+import images  # noqa: E402
 import metrics  # noqa: E402
 import modules  # noqa: E402
 import predict  # noqa: E402
 import scoring  # noqa: E402
 import train  # noqa: E402
-from dataset import DataError, make_synthetic  # noqa: E402
 from helpers import SUBPROCESS_ENV  # noqa: E402
+from images import DataError  # noqa: E402
 from modules import WeightsError  # noqa: E402
+from synthetic import make_synthetic  # noqa: E402
 
 COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -261,13 +263,13 @@ def data_copy(data_dir, tmp_path):
 def test_broken_file_is_excluded_at_start_up_with_a_reason(tmp_path, name, content, reason):
     path = tmp_path / name
     path.write_bytes(content())
-    found = dataset.check_image(path)
+    found = images.check_image(path)
     assert found is not None and re.fullmatch(reason, found), found
 
 
 def test_huge_images_are_excluded_without_decoding_them(tmp_path, monkeypatch):
     big = tmp_path / "big.jpg"
-    Image.new("1", (10_000, 7_000)).save(big, format="PNG")  # above dataset.MAX_PIXELS
+    Image.new("1", (10_000, 7_000)).save(big, format="PNG")  # above images.MAX_PIXELS
     bomb = tmp_path / "bomb.jpg"
     Image.new("1", (15_000, 13_000)).save(bomb, format="PNG")  # above PIL's decompression-bomb limit
     decoded = []
@@ -276,7 +278,7 @@ def test_huge_images_are_excluded_without_decoding_them(tmp_path, monkeypatch):
     from PIL import ImageFile
     real_file_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_file_load(self))
-    reasons = dict((p.name, r) for p, r in dataset.check_images([big, bomb, big], workers=2))
+    reasons = dict((p.name, r) for p, r in images.check_images([big, bomb, big], workers=2))
     assert decoded == []  # judged from the header alone
     assert "too large" in reasons["big.jpg"] and "10000x7000" in reasons["big.jpg"]
     assert reasons["bomb.jpg"].startswith("unreadable (DecompressionBombError: ")  # PIL refuses to open it
@@ -289,7 +291,7 @@ def test_unreadable_file_is_excluded(tmp_path):
     path.write_bytes(jpeg_bytes())
     path.chmod(0)
     try:
-        reason = dataset.check_image(path)
+        reason = images.check_image(path)
         assert reason and "unreadable" in reason
     finally:
         path.chmod(0o644)
@@ -312,8 +314,8 @@ def test_decodable_variants_pass_the_check_and_read_as_rgb_uint8(tmp_path, name,
     image = Image.fromarray(rgb).convert(mode) if mode != "I;16" else \
         Image.fromarray((rgb[..., 0].astype(np.uint16) * 257))
     image.save(path, format=fmt)
-    assert dataset.check_image(path) is None
-    tensor = dataset.read_rgb(path)
+    assert images.check_image(path) is None
+    tensor = images.read_rgb(path)
     assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, 36, 40)
     if fmt in ("PNG", "BMP") and mode in ("RGB", "RGBA"):  # lossless: exactly the RGB pixels
         assert torch.equal(tensor, torch.from_numpy(rgb).permute(2, 0, 1))
@@ -1230,7 +1232,7 @@ def test_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(fl
                                                "--device", "cpu"])
     assert status != 0
     assert_one_line(message, f"predict.py: error: {flag} {bomb}: too large (12000x12000)")
-    assert f"{dataset.MAX_PIXELS:,}" in message
+    assert f"{images.MAX_PIXELS:,}" in message
 
 
 @pytest.mark.parametrize("flag, value", [("--target-sensitivity", "1.5"), ("--target-sensitivity", "nan"),

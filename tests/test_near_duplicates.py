@@ -4,7 +4,7 @@ of differing bits gives."""
 import numpy as np
 from PIL import Image
 
-from dataset import make_synthetic
+from synthetic import make_synthetic
 from near_duplicates import NEAR_BITS, image_hashes, near_copies, near_pairs
 
 

@@ -7,7 +7,7 @@ import pytest
 import new_clinic
 import predict
 import train
-from dataset import make_synthetic
+from synthetic import make_synthetic
 from helpers import tiny
 
 

@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import to_subdirectories as tsd  # noqa: E402
+from dataset import SPLITS  # noqa: E402
+from stratified_split import draw_split_names  # noqa: E402
 
 SHARED = (Path(__file__).parents[1] / ".." / "shared" / "data").resolve()
 ISIC2020_CSV = SHARED / "isic2020_train.csv"
@@ -26,7 +28,7 @@ RATIOS = (0.70, 0.15, 0.15)
 def layout(out):
     """{file name: (split, label)} of a written split; fails if a file is in two places."""
     placed = {}
-    for split in tsd.SPLITS:
+    for split in SPLITS.values():
         for label in (0, 1):
             for path in (out / split / str(label)).iterdir():
                 assert path.name not in placed, f"{path.name} placed twice"
@@ -115,7 +117,7 @@ def test_full_scale_isic2020_split(isic2020, tmp_path, capsys):
 
     # per class within 1 % (of the class) of 70/15/15
     for label, n_class in ((0, 32542), (1, 584)):
-        for split, ratio in zip(tsd.SPLITS, RATIOS):
+        for split, ratio in zip(SPLITS.values(), RATIOS):
             n = sum(1 for s, lab in placed.values() if s == split and lab == label)
             assert abs(n / n_class - ratio) <= 0.01, (split, label, n, n_class)
 
@@ -130,9 +132,9 @@ def test_full_scale_isic2020_split(isic2020, tmp_path, capsys):
     # same seed twice -> the identical split; another seed -> another split
     rows, _ = tsd.read_metadata(ISIC2020_CSV)
     labels, groups = [r["target"] for r in rows], [r["patient_id"] for r in rows]
-    again = tsd.draw_split_names(labels, groups, RATIOS, seed=0)
+    again = draw_split_names(labels, groups, RATIOS, seed=0)
     assert again == [placed[r["name"]][0] for r in rows]
-    other = tsd.draw_split_names(labels, groups, RATIOS, seed=1)
+    other = draw_split_names(labels, groups, RATIOS, seed=1)
     assert other != again
     shutil.rmtree(tmp_path / "DATA")
 
@@ -161,9 +163,9 @@ def test_sample_per_image_fallback_with_hard_links(sample, tmp_path, capsys):
     assert info["near_copies"]["left_out_of_train"] == ["ISIC_0000279.jpg", "ISIC_0000512.jpg"]
     assert len(placed) == 557 - 2
     assert info["grouping"] == "image" and info["patients"] is None
-    assert [info["counts"][s]["patients"] for s in tsd.SPLITS] == [None] * 3
+    assert [info["counts"][s]["patients"] for s in SPLITS.values()] == [None] * 3
     for label, n_class in ((0, 398), (1, 159)):
-        for split, ratio in zip(tsd.SPLITS, RATIOS):
+        for split, ratio in zip(SPLITS.values(), RATIOS):
             n = sum(1 for s, lab in placed.values() if s == split and lab == label)
             assert abs(n - ratio * n_class) <= 3, (split, label, n)
     # the table shows '-' for patients in a per-image split
@@ -553,33 +555,12 @@ def test_bad_ratios(tmp_path, ratios):
 def test_other_ratios(tmp_path):
     csv_path, images = make_data(tmp_path, simple_rows(100, 40))
     info = run_main(csv_path, images, tmp_path / "DATA", "--ratios", "0.6", "0.2", "0.2")
-    assert [info["counts"][s]["benign"] for s in tsd.SPLITS] == [60, 20, 20]
-    assert [info["counts"][s]["malignant"] for s in tsd.SPLITS] == [24, 8, 8]
+    assert [info["counts"][s]["benign"] for s in SPLITS.values()] == [60, 20, 20]
+    assert [info["counts"][s]["malignant"] for s in SPLITS.values()] == [24, 8, 8]
 
 
 # ---------------------------------------------------------------------------------------------
-# The split function and the command line
-
-
-def test_draw_split_names_grouped_and_repeatable():
-    labels = [int(i % 7 == 0) for i in range(700)]
-    groups = [f"P{i // 4}" for i in range(700)]
-    first = tsd.draw_split_names(labels, groups, RATIOS, seed=5)
-    assert first == tsd.draw_split_names(labels, groups, RATIOS, seed=5)
-    assert first != tsd.draw_split_names(labels, groups, RATIOS, seed=6)
-    seen = {}
-    for split, group in zip(first, groups):
-        assert seen.setdefault(group, split) == split
-    assert set(first) == set(tsd.SPLITS)
-
-
-def test_fold_arithmetic():
-    assert tsd.choose_folds((0.7, 0.15, 0.15)) == 20
-    assert tsd.choose_folds((0.8, 0.1, 0.1)) == 10
-    assert tsd.choose_folds((0.333, 0.333, 0.334)) == 100
-    assert list(tsd.folds_per_split((0.7, 0.15, 0.15), 20)) == [14, 3, 3]
-    assert list(tsd.folds_per_split((0.7, 0.15, 0.15), 5)) == [3, 1, 1]
-    assert list(tsd.folds_per_split((0.9, 0.05, 0.05), 3)) == [1, 1, 1]
+# The command line
 
 
 def test_command_line_error_is_one_line(tmp_path):
@@ -614,7 +595,7 @@ def test_help_documents_every_flag(parse_help, capsys):
 def official_counts(out):
     """{split folder: (benign, malignant)} of a written split; only the folders that exist."""
     return {split: tuple(len(list((out / split / str(label)).iterdir())) for label in (0, 1))
-            for split in tsd.SPLITS if (out / split).is_dir()}
+            for split in SPLITS.values() if (out / split).is_dir()}
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -674,7 +655,7 @@ def test_split_column_that_leaves_a_split_without_a_class_is_refused(tmp_path):
 
 
 def test_a_training_near_copy_of_a_test_image_is_left_out_and_every_cross_split_copy_counted(tmp_path, capsys):
-    from dataset import make_synthetic
+    from synthetic import make_synthetic
     from PIL import Image
 
     lesions = tmp_path / "lesions"
