@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cli import ArgumentParser
+from checkpoints import best_path
+from config import make_parser
 from dataset import CLASS_NAMES, has_split, list_split
 from files import write_atomic
 from images import DataError, check_image
-from modules import WeightsError
 from plots import gallery_thumbnail, heat_overlay
 from predict import compare_pair, load_predictor, nearest_text, predict_files, probability_text
 
@@ -162,7 +162,7 @@ class LesionChecker:
 
 def failure(error):
     """A request's unexpected error as one line for the page; the traceback goes to the terminal."""
-    if not isinstance(error, (DataError, WeightsError, ValueError, OSError)):
+    if not isinstance(error, (ValueError, OSError)):  # DataError and WeightsError are ValueErrors
         traceback.print_exc()
     return " ".join(str(error).split()) or error.__class__.__name__
 
@@ -269,16 +269,13 @@ def check_address(host, port):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser("app.py", description=__doc__)
-    parser.add_argument("--project", help="project folder written by train.py (serves PROJECT/outputs/best.pth)")
-    parser.add_argument("--checkpoint", help="checkpoint to serve (default PROJECT/outputs/best.pth); its "
-                                             "gallery.pt beside it holds the gallery and the threshold")
-    parser.add_argument("--data", help="split folder to rebuild the gallery and threshold from when "
-                                       "gallery.pt is missing or unusable (as predict.py --data)")
-    parser.add_argument("--gallery", metavar="FOLDER",
-                        help="a clinic's own labelled images (FOLDER/0 and FOLDER/1, or a split folder) as the "
-                             "gallery, setting the threshold and calibration too (as predict.py --gallery)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
+    parser = make_parser(
+        "app.py", __doc__, ("project", "checkpoint", "data", "gallery", "device"),
+        helps={"project": "project folder written by train.py (serves PROJECT/outputs/best.pth)",
+               "checkpoint": "checkpoint to serve (default PROJECT/outputs/best.pth); its gallery.pt beside it "
+                             "holds the gallery and the threshold",
+               "data": "split folder to rebuild the gallery and threshold from when gallery.pt is missing or "
+                       "unusable (as predict.py --data)"})
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 opens it "
                              "to the network)")
@@ -292,7 +289,7 @@ def main(argv=None):
     try:
         if not 1 <= args.port <= 65535:
             raise ValueError(f"--port {args.port}: must be 1-65535")
-        checkpoint = args.checkpoint or (args.project and Path(args.project) / "outputs" / "best.pth")
+        checkpoint = args.checkpoint or (args.project and best_path(args.project))
         if not checkpoint:
             raise ValueError("pass --project P or --checkpoint PATH")
         if not Path(checkpoint).is_file():
@@ -310,7 +307,7 @@ def main(argv=None):
         build_page(gr, checker).launch(server_name=args.host, server_port=args.port, share=False,
                                        run_history=False, footer_links=[], max_file_size="100mb",
                                        allowed_paths=sorted({str(Path(path).parent) for path, _ in checker.examples}))
-    except (ValueError, DataError, WeightsError) as error:
+    except ValueError as error:  # DataError and WeightsError too
         sys.exit(f"app.py: error: {error}")
     except OSError as error:  # the port was taken while the model loaded
         sys.exit(f"app.py: error: --port {args.port}: {error.strerror or error}")

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +32,19 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cli import ArgumentParser
+from cli import one_line_errors
+from config import make_parser
 from dataset import eval_transform, load_split
-from images import DataError, attach_cache
+from devices import autocast, pick_device, to_device
+from distributed import RunContext, default_workers
+from gallery import Scoring, build_gallery
+from images import attach_cache
+from losses import LOSSES, build_model
 from metrics import bootstrap_auc
-from modules import BACKBONES, LOSSES, SiameseNetwork, build_model
-from predict import build_gallery
-from scoring import autocast, embed_images, embedder, pick_device, similarity_matrix, to_device
+from modules import SiameseNetwork
+from scoring import Embedding, embed_images, embedder, similarity_matrix
 from synthetic import make_synthetic
-from train import (RunContext, default_workers, make_config, make_train_loader, parse_args as train_args,
-                   training_loss)
+from train import make_config, make_train_loader, on_device, parse_args as train_args
 
 
 def peak_rss_mb():
@@ -93,8 +95,7 @@ def timed(device, run, warmup, steps):
 def train_step(model, optimizer, batch, config, device, amp):
     generator = torch.Generator().manual_seed(0)
     with autocast(device, amp):
-        criterion = LOSSES[config.loss].criterion(config)  # None for bce: its pair BCE is built in
-        loss, *_ = training_loss(model, batch, config, device, generator, criterion, torch.tensor(1.0, device=device))
+        loss, *_ = LOSSES[config.loss](config)(model, on_device(batch, config, device, generator))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -166,7 +167,7 @@ def measure_evaluation(args, device, data):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     amp, size, results = not args.no_amp, args.image_size, {}
-    workers = 0  # predict.py's default: evaluation decodes each image once, no worker start-up to pay
+    how = Embedding(size, args.batch_size, device, 0, amp)  # predict.py's 0 workers: each image is decoded once
     test = load_split(data, "test", 0, 0)
     train = load_split(data, "train", 0, 0)
     n, gallery_indices = len(test), torch.arange(min(len(train), 2 * args.gallery_size))
@@ -183,7 +184,7 @@ def measure_evaluation(args, device, data):
     loop_seconds = timed(device, lambda: per_pair_loop(loop_count), 1, 1) / loop_count
 
     def stored_pairs():
-        features = embed_images(model, test, size, args.batch_size, device, workers, amp=amp)
+        features = embed_images(model, test, how)
         model.pair_similarity(features, features.roll(1, 0)).sum().item()
     stored_seconds = timed(device, stored_pairs, 1, 1) / n
     results["eval_pairs"] = {"loop_pairs_per_s": 1 / loop_seconds, "stored_pairs_per_s": 1 / stored_seconds, **peaks(device)}
@@ -201,31 +202,32 @@ def measure_evaluation(args, device, data):
     naive_seconds = timed(device, lambda: naive(naive_count), 0, 1) / naive_count
 
     def scored_from_embeddings():
-        features = embed_images(model, test, size, args.batch_size, device, workers, amp=amp)
-        gallery_features = embed_images(model, train, size, args.batch_size, device, workers,
-                                        gallery_indices.tolist(), amp)
+        features = embed_images(model, test, how)
+        gallery_features = embed_images(model, train, how, gallery_indices.tolist())
         with autocast(device, amp):
             similarity_matrix(model, features, gallery_features).mean().item()
     stored_seconds = timed(device, scored_from_embeddings, 1, 1) / n
     results["gallery"] = {"naive_images_per_s": 1 / naive_seconds, "stored_images_per_s": 1 / stored_seconds,
                           "gallery_images": len(gallery), **peaks(device)}
+    results["external"] = measure_external(model, train, test, how, args, data)
+    return results
 
-    # another clinic's folder: gallery and validation rebuilt from the training data vs gallery.pt's
-    validation = load_split(data, "validation", 0, 0)
-    embed = embedder(model, size, args.batch_size, device, workers, amp)
-    settings = dict(gallery_size=args.gallery_size, method="gallery", k=10, target_sensitivity=None, seed=0)
-    kept = {}
+
+def measure_external(model, train, test, how, args, data):
+    """Another clinic's folder: its gallery and validation rebuilt from the training data, or read
+    from gallery.pt's stored features."""
+    device, validation = how.device, load_split(data, "validation", 0, 0)
+    embed, scoring, kept = embedder(model, how), Scoring(args.gallery_size, "gallery", 10), {}
 
     def rebuilt():
         kept["gallery"], _ = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
-                                           **settings)
+                                           scoring, 0)
     reset_peak(device)
-    rebuilt_seconds = timed(device, rebuilt, 0, 1) / n
+    rebuilt_seconds = timed(device, rebuilt, 0, 1) / len(test)
     stored_seconds = timed(device, lambda: build_gallery(model, None, {"validation": None, "evaluated": test}, embed,
-                                                         **settings, stored=kept["gallery"]), 0, 1) / n
-    results["external"] = {"rebuilt_images_per_s": 1 / rebuilt_seconds, "stored_images_per_s": 1 / stored_seconds,
-                           "validation_images": len(validation), **peaks(device)}
-    return results
+                                                         scoring, 0, stored=kept["gallery"]), 0, 1) / len(test)
+    return {"rebuilt_images_per_s": 1 / rebuilt_seconds, "stored_images_per_s": 1 / stored_seconds,
+            "validation_images": len(validation), **peaks(device)}
 
 
 def measure_bootstrap(args):
@@ -253,24 +255,24 @@ def test_batch(split, indices, size):
     return torch.stack([transform(split.read(i)) for i in indices])
 
 
-def main(argv=None):
-    parser = ArgumentParser("bench.py", description=__doc__)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    parser.add_argument("--backbone", choices=BACKBONES, default="resnet18", help="the network measured (default resnet18)")
-    parser.add_argument("--image-size", type=int, default=None, help="default 128 on the CPU, 224 on a GPU")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 32 on the CPU, 256 on a GPU")
-    parser.add_argument("--data", help="split folder to read (default: synthetic 256 px JPEGs in a temp folder)")
+def parse_args(argv=None):
+    parser = make_parser("bench.py", __doc__, ("device", "backbone", "image_size", "batch_size", "data", "workers",
+                                               "gallery_size", "no_amp"),
+                         defaults={"backbone": "resnet18", "image_size": None, "batch_size": None, "workers": None},
+                         helps={"backbone": "the network measured", "image_size": "default 128 on the CPU, 224 on a GPU",
+                                "batch_size": "default 32 on the CPU, 256 on a GPU",
+                                "data": "split folder to read (default: synthetic 256 px JPEGs in a temp folder)",
+                                "workers": "DataLoader workers (default: train.py's rule)"})
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per mode (default 8, quick 4)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.py's rule)")
-    parser.add_argument("--gallery-size", type=int, default=64, help="gallery images per class (default 64)")
-    parser.add_argument("--no-amp", action="store_true", help="fp32 on CUDA")
     parser.add_argument("--quick", action="store_true", help="fewer steps and images: under 2 minutes on 2 CPU cores")
-    args = parser.parse_args(argv)
-    try:
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with one_line_errors("bench.py"):
         device = pick_device(args.device)
-    except ValueError as error:
-        sys.exit(f"bench.py: error: {error}")
     gpu = device.type == "cuda"
     args.image_size = args.image_size or (224 if gpu else 128)
     args.batch_size = args.batch_size or (256 if gpu else 32)
@@ -293,12 +295,10 @@ def main(argv=None):
                                                            "validation": (n_test // 2, n_test // 2),
                                                            "test": (n_test // 2, n_test // 2)})
         started = time.perf_counter()
-        try:
+        with one_line_errors("bench.py"):
             results = measure_training(args, device, data)
             results.update(measure_evaluation(args, device, data))
             results.update(measure_bootstrap(args))
-        except DataError as error:
-            sys.exit(f"bench.py: error: {error}")
     print_report(args, device, results, time.perf_counter() - started)
 
 

@@ -1,6 +1,7 @@
 """What every script's command line shares: a parser that refuses abbreviated flags and reports a
-bad one in one line, an interrupt (Ctrl-C, kill) that ends a command cleanly, and progress bars
-that suit both a terminal and a log file."""
+bad one in one line, the one way a command ends on an error or an interrupt (Ctrl-C, kill): one
+line and an exit code (one_line_errors), and progress bars that suit both a terminal and a log
+file."""
 import argparse
 import contextlib
 import os
@@ -81,3 +82,40 @@ def interrupts_raise():
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
+
+
+def stop_after_step(stop):
+    """train.py's handler: the first SIGINT / SIGTERM is noted in stop["signal"] (the loop finishes
+    its step, saves last.pth and exits); a second one stops at once."""
+    main_pid = os.getpid()
+
+    def request_stop(signum, _frame):
+        if os.getpid() != main_pid:
+            return  # a DataLoader worker inherited this handler; the main process does the work
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving last.pth ...", flush=True)
+    return request_stop
+
+
+@contextlib.contextmanager
+def one_line_errors(prog, write_advice="free disk space or fix permissions", interrupts=True):
+    """A command's body: what a user can cause ends it in one line and an exit code. A ValueError
+    (a bad flag, DataError, WeightsError) exits 1 with its message; an OSError (a full disk, a
+    folder without write permission) names the file and `write_advice` (a string, or a function
+    giving one); with `interrupts`, SIGINT and SIGTERM raise Interrupted and exit 128 + the signal,
+    as a process killed by it would, saying what was put back."""
+    try:
+        with interrupts_raise() if interrupts else contextlib.nullcontext():
+            yield
+    except Interrupted as stopped:
+        note = getattr(stopped, "note", None) or "nothing was written"
+        print(f"{prog}: stopped by {signal.Signals(stopped.signum).name}; {note}", file=sys.stderr)
+        sys.exit(128 + stopped.signum)
+    except ValueError as error:
+        sys.exit(f"{prog}: error: {error}")
+    except OSError as error:
+        advice = write_advice() if callable(write_advice) else write_advice
+        sys.exit(f"{prog}: error: could not write {error.filename or 'a file'} ({error.strerror or error}); {advice}")

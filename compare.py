@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import ArgumentParser
+from config import CONFIG_FILE, RECIPES, make_parser, read_config
 from files import folder_problem, write_text_atomic
+from losses import LOSSES
 from metrics import paired_auc_difference
-from modules import LOSSES, RECIPES
+from train import make_config, parse_args as train_args
 
 
 class Stopped(Exception):
@@ -75,33 +76,32 @@ def run(script, *args):
 
 
 # A row's own settings: passing one of these through to train.py would make the row lie.
-ROW_FLAGS = ("--project", "--data", "--loss", "--recipe", "--seed", "--force", "--resume")
+ROW_FLAGS = ("--project", "--data", "--loss", "--recipe", "--seed", "--force", "--resume", "--config")
 
 
-def train_and_score(project, data, loss, recipe, seed, train_flags):
-    """metrics.json of one run (train.py computes every score the model supports); trains only
-    when the run has no results yet, and refuses results made with other train.py flags."""
-    metrics_path, flags_path = project / "results" / "metrics.json", project / "compare_flags.json"
-    if metrics_path.exists():
+def train_and_score(folder, data, loss, recipe, seed, train_flags):
+    """metrics.json of one run (train.py computes every score the model supports). Trains only when
+    the run has no results yet, continues one stopped before (its last.pth), and refuses a run
+    whose outputs/config.yaml holds other settings than these flags give."""
+    row = [str(value) for value in ("--project", folder, "--data", data, "--loss", loss, "--recipe", recipe,
+                                    "--seed", seed, *train_flags)]
+    wanted, saved = make_config(train_args(row)).as_dict(), folder / "outputs" / CONFIG_FILE
+    metrics_path = folder / "results" / "metrics.json"
+    if saved.is_file():
         try:
-            made_with = json.loads(flags_path.read_text())
-        except (OSError, ValueError):
-            sys.exit(f"compare.py: error: {project} has results but no readable {flags_path.name} (the train.py "
-                     f"flags that made them); choose another --project, or delete {project} to train it again")
-        if made_with != train_flags:
-            sys.exit(f"compare.py: error: {project} was trained with train.py flags {made_with}, not "
-                     f"{train_flags}; choose another --project, or delete {project} to train it again")
-    elif (project / "outputs" / "last.pth").is_file() and flags_path.is_file():  # stopped earlier: continue it
-        if json.loads(flags_path.read_text()) != train_flags:
-            sys.exit(f"compare.py: error: {project} began with other train.py flags; choose another --project, or "
-                     f"delete {project} to train it again")
-        run("train.py", "--project", project, "--data", data, "--loss", loss, "--recipe", recipe, "--seed", seed,
-            "--resume", *train_flags)  # the flags last.pth does not keep (--cache, --workers ...) too
-    else:
-        project.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(flags_path, json.dumps(train_flags) + "\n")
-        run("train.py", "--project", project, "--data", data, "--loss", loss, "--recipe", recipe,
-            "--seed", seed, "--force", *train_flags)
+            made_with = read_config(saved).as_dict()
+        except ValueError as error:
+            sys.exit(f"compare.py: error: {error}")
+        changed = [f"{key} {made_with[key]!r}, not {wanted[key]!r}" for key in wanted if made_with[key] != wanted[key]]
+        if changed:
+            sys.exit(f"compare.py: error: {folder} was trained with other settings ({'; '.join(changed[:3])}); "
+                     f"choose another --project, or delete {folder} to train it again")
+    elif metrics_path.exists():
+        sys.exit(f"compare.py: error: {folder} has results but no {saved} (the settings that made them); choose "
+                 f"another --project, or delete {folder} to train it again")
+    if not metrics_path.exists():  # stopped earlier (its last.pth): continue it, with the flags it does not keep
+        run("train.py", *row, "--resume" if (folder / "outputs" / "last.pth").is_file() and saved.is_file()
+            else "--force")
     return json.loads(metrics_path.read_text())
 
 
@@ -110,9 +110,7 @@ def rows_of(metrics, history):
     prefix = metrics["evaluated_split"] + "_"
     main = {key.removeprefix(prefix): value for key, value in metrics.items() if key.startswith(prefix)}
     main["retrieval"] = metrics.get("retrieval", {})
-    # "classify" and "other_classifiers": metrics.json written before --classify became --score
-    rows = ([(metrics.get("score", metrics.get("classify")), main)] +
-            list(metrics.get("other_scores", metrics.get("other_classifiers", {})).items()))
+    rows = [(metrics["score"], main), *metrics["other_scores"].items()]
     seconds = sum(float(row["seconds"]) for row in history)
     return [(name, m, seconds, len(history)) for name, m in rows]
 
@@ -182,10 +180,10 @@ def paired_lines(runs, seeds, baseline_of, baseline_name):
     return lines
 
 
-def main(argv=None):
-    parser = ArgumentParser("compare.py", description=__doc__)
-    parser.add_argument("--project", required=True, help="folder for one sub-project per run and the comparison")
-    parser.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
+def parse_args(argv=None):
+    """compare.py's flags, and the train.py flags it passes on to every run."""
+    parser = make_parser("compare.py", __doc__, ("project", "data"), required=("project", "data"),
+                         helps={"project": "folder for one sub-project per run and the comparison"})
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=tuple(LOSSES),
                         help="losses to train (default: all four)")
     parser.add_argument("--recipes", nargs="+", default=["study"], choices=tuple(RECIPES),
@@ -204,29 +202,42 @@ def main(argv=None):
     if refused:
         parser.error(f"{refused[0]}: set by compare.py for each row (--losses, --recipes, --runs, --seeds); "
                      f"drop it")
+    try:
+        args.pairs = run_pairs(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args, train_flags
+
+
+def run_pairs(args):
+    """The (loss, recipe) pairs to run, each flag checked."""
     problem = folder_problem(args.project)
     if problem:
-        parser.error(f"--project {args.project}: {problem}; choose another --project")
+        raise ValueError(f"--project {args.project}: {problem}; choose another --project")
     if len(set(args.seeds)) != len(args.seeds) or (args.runs and len(set(args.runs)) != len(args.runs)):
-        parser.error("--seeds and --runs must not repeat a value")
+        raise ValueError("--seeds and --runs must not repeat a value")
     pairs = [(loss, recipe) for recipe in args.recipes for loss in args.losses]
     if args.runs:
         pairs = [tuple(run.split(":", 1)) for run in args.runs]
         bad = [":".join(pair) for pair in pairs if len(pair) != 2 or pair[0] not in LOSSES or pair[1] not in RECIPES]
         if bad:
-            parser.error(f"--runs {' '.join(bad)}: each is LOSS:RECIPE, e.g. bce:tuned")
-    baseline = args.baseline or next((f"{loss}:{recipe}" for loss, recipe in pairs if loss == "ce"), None)
+            raise ValueError(f"--runs {' '.join(bad)}: each is LOSS:RECIPE, e.g. bce:tuned")
     if args.baseline and tuple(args.baseline.split(":", 1)) not in pairs:
-        parser.error(f"--baseline {args.baseline}: not one of the runs ({' '.join(':'.join(p) for p in pairs)})")
+        raise ValueError(f"--baseline {args.baseline}: not one of the runs ({' '.join(':'.join(p) for p in pairs)})")
     if args.against and not (Path(args.against) / "results" / "comparison.md").is_file():
-        parser.error(f"--against {args.against}: no compare.py results there (results/comparison.md); run "
-                     f"compare.py with that --project first")
-    project, table, data, runs = Path(args.project), [], args.data, {}
-    for loss, recipe in pairs:
+        raise ValueError(f"--against {args.against}: no compare.py results there (results/comparison.md); run "
+                         f"compare.py with that --project first")
+    return pairs
+
+
+def train_all(args, train_flags):
+    """(table rows, {(loss, recipe, seed): scores}, the last metrics) of every run, trained as needed."""
+    table, runs, metrics = [], {}, None
+    for loss, recipe in args.pairs:
         for seed in args.seeds:
-            folder = project / f"{loss}-{recipe}-seed{seed}"
+            folder = Path(args.project) / f"{loss}-{recipe}-seed{seed}"
             try:
-                metrics = train_and_score(folder, data, loss, recipe, seed, train_flags)
+                metrics = train_and_score(folder, args.data, loss, recipe, seed, train_flags)
             except Stopped as stopped:
                 print(f"compare.py: stopped by {signal.Signals(stopped.signum).name} while {folder} trained; the "
                       f"runs done so far are kept, and its last.pth where train.py saved one: run the same "
@@ -235,8 +246,11 @@ def main(argv=None):
             history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
             table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
             runs[loss, recipe, seed] = read_scores(folder)
+    return table, runs, metrics
 
-    split = metrics["evaluated_split"]
+
+def results_lines(args, train_flags, table, split):
+    """The comparison's first tables: every run's rows, and with several seeds their mean ± sd."""
     lines = [f"Data: `{args.data}` ({split} split); seeds {' '.join(map(str, args.seeds))}; "
              f"train.py flags: `{' '.join(train_flags) or '(defaults)'}`\n",
              f"| loss | recipe | seed | score | {split} AUC (95% CI) | balanced acc. | sensitivity | "
@@ -255,7 +269,14 @@ def main(argv=None):
             cells = [f"{statistics.mean(r[name] for r in seeds):.3f} ± {statistics.stdev(r[name] for r in seeds):.3f}"
                      for name in ("auc", "balanced_accuracy", "sensitivity", "specificity")]
             lines.append(f"| {' | '.join(key)} | {' | '.join(cells)} |")
-    lines += calibration_lines(table)
+    return lines
+
+
+def difference_lines(args, runs):
+    """The paired-difference tables: from --baseline (default the first ce run), and from each
+    run's twin in --against."""
+    lines = []
+    baseline = args.baseline or next((f"{loss}:{recipe}" for loss, recipe in args.pairs if loss == "ce"), None)
     if baseline:
         base_loss, base_recipe = baseline.split(":", 1)
 
@@ -273,10 +294,19 @@ def main(argv=None):
             images, labels, scores = read_scores(folder)
             return (images, labels, scores[score]) if score in scores else None
         lines += paired_lines(runs, args.seeds, twin, f"the same run in {args.against}")
-    (project / "results").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(project / "results" / "comparison.md", "\n".join(lines) + "\n")
+    return lines
+
+
+def main(argv=None):
+    args, train_flags = parse_args(argv)
+    table, runs, metrics = train_all(args, train_flags)
+    lines = (results_lines(args, train_flags, table, metrics["evaluated_split"]) + calibration_lines(table)
+             + difference_lines(args, runs))
+    results = Path(args.project) / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(results / "comparison.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwrote {project / 'results' / 'comparison.md'}")
+    print(f"\nwrote {results / 'comparison.md'}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,22 @@
 """How every file the project writes reaches the disk: atomically. The content goes to a
 temporary file beside the target, which is then renamed over it, so a crash, a signal or a full
-disk never leaves a half-written checkpoint, table or figure where the previous good one was."""
+disk never leaves a half-written checkpoint, table or figure where the previous good one was.
+Tensors are read back with weights_only=True: a file that carries pickled code is refused, unrun."""
 import os
 from pathlib import Path
+
+try:
+    import fcntl  # advisory file locks (POSIX)
+except ImportError:  # Windows: folders are not locked against other processes
+    fcntl = None
+
+import torch
+
+
+class WeightsError(ValueError):
+    """A weights or checkpoint file that cannot be used (missing, unreadable, refused, of another
+    network, or diverged); its message is one line naming the file and what to do. A ValueError:
+    a command reports it as it reports a bad flag (cli.one_line_errors)."""
 
 
 def write_atomic(path, write):
@@ -17,6 +31,32 @@ def write_atomic(path, write):
         raise OSError(error.errno, error.strerror or str(error), str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path):
+    """torch.save through write_atomic. torch.save's zip writer reports a full disk as a
+    RuntimeError; it becomes an OSError naming the file, as every other failed write."""
+    try:
+        write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(None, f"torch.save failed: {reason}", str(path)) from error
+
+
+def load_state(path, what="checkpoint"):
+    """torch.load with weights_only=True, else one WeightsError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if "Unsupported global" in str(error):
+            raise WeightsError(f"{what} {path}: refused, the file holds pickled Python objects, not "
+                               f"just tensors (it could run code); use a checkpoint written by this "
+                               f"repo or a plain state_dict") from None
+        raise WeightsError(f"{what} {path}: not a readable checkpoint ({error.__class__.__name__}); "
+                           f"the file is truncated or corrupt, re-copy it or train again") from None
 
 
 def remove_stale_temporaries(folder):
@@ -81,3 +121,33 @@ def overlaps(a, b):
     not touch the other."""
     a, b = Path(a).resolve(), Path(b).resolve()
     return a == b or a in b.parents or b in a.parents
+
+
+def lock_folder(folder):
+    """(the open lock file, None), or (None, the pid holding it): an advisory lock on FOLDER/.lock
+    that the OS releases when the process ends, even after kill -9. Without fcntl: (None, None)."""
+    path, holder = Path(folder) / ".lock", None
+    if fcntl is None:
+        return None, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = open(path, "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        return file, None
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "unknown"
+        file.close()
+        return None, holder
+
+
+def first_missing_folder(path):
+    """The outermost folder on the way to `path` that does not exist yet, i.e. the one a command
+    creates (None when `path` exists): what to remove if it fails before it starts."""
+    path, missing = Path(path).absolute(), None
+    while not path.exists():
+        path, missing = path.parent, path
+    return missing

@@ -7,21 +7,21 @@ setting (C, k) chosen on validation. A fine-tuned model has to beat these to be 
 Prints validation and test AUC (95% bootstrap interval) of each and writes them to --out as JSON.
 """
 import json
-import signal
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from cli import ArgumentParser, Interrupted, interrupts_raise
+from cli import one_line_errors
+from config import at_least, check_flags, make_parser
 from dataset import has_split, load_split
 from files import file_problem, write_text_atomic
-from images import DataError, attach_cache
+from images import attach_cache
 from metrics import auc_or_nan, bootstrap_auc
-from modules import BACKBONES, FEATURES, ImageClassifier, WeightsError
-from scoring import embed_images, logistic_probe, pick_device
+from devices import pick_device
+from modules import ImageClassifier
+from scoring import Embedding, embed_images, logistic_probe
 
 # The one setting each is allowed, chosen on validation.
 LOGISTIC_C = (0.001, 0.01, 0.1, 1.0)  # inverse L2 strength on standardised features
@@ -41,62 +41,58 @@ def fit_on_validation(make, settings, train, validation):
     return max(fitted, key=lambda pair: auc_or_nan(validation[1], pair[0].predict_proba(validation[0])[:, 1]))
 
 
+FROZEN_FLAGS = ("data", "backbone", "features", "weights", "image_size", "benign_limit", "batch_size", "workers",
+                "cache", "device", "out")
+
+
 def parse_args(argv=None):
-    p = ArgumentParser("frozen.py", description=__doc__)
-    p.add_argument("--data", required=True, help="split folder made by to_subdirectories.py")
-    p.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0", help="the frozen network")
-    p.add_argument("--features", choices=FEATURES, default="pooled",
-                   help="imagenet: its 1000-d ImageNet output; pooled: the pooled features before it (default)")
-    p.add_argument("--weights", default="imagenet", help="imagenet (default), none (random: a floor), or a .pth path")
-    p.add_argument("--image-size", type=int, default=224, help="network input side in pixels (default 224)")
-    p.add_argument("--benign-limit", type=int, default=0, metavar="N",
-                   help="cap on benign training images (a seeded subset, as train.py --benign-limit); 0 = all")
-    p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    p.add_argument("--cache", metavar="DIR", help="uint8 image cache folder (see train.py --cache)")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--out", help="JSON file for the results (default: print only)")
-    return p.parse_args(argv)
+    return make_parser("frozen.py", __doc__, FROZEN_FLAGS, required=("data",),
+                       defaults={"backbone": "efficientnet_lite0", "features": "pooled", "image_size": 224,
+                                 "benign_limit": [0], "batch_size": 64, "workers": 2},
+                       helps={"backbone": "the frozen network", "weights": "imagenet, none (random: a floor), or "
+                                                                           "a .pth path",
+                              "benign_limit": "cap on benign training images (a seeded subset, as train.py "
+                                              "--benign-limit); 0 = all",
+                              "batch_size": "images per embedding batch", "out": "JSON file for the results "
+                                                                                 "(default: print only)"}
+                       ).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        with interrupts_raise():
-            return run(args)
-    except Interrupted as stopped:  # one line and 128 + the signal, as a process killed by it
-        print(f"frozen.py: stopped by {signal.Signals(stopped.signum).name}; nothing was written", file=sys.stderr)
-        sys.exit(128 + stopped.signum)
+    with one_line_errors("frozen.py"):
+        return run(args)
+
+
+def embed_splits(args):
+    """{split: (features, labels)} of every split, embedded once by the frozen network."""
+    if not Path(args.data).is_dir():
+        raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py")
+    problem = args.out and file_problem(args.out)
+    if problem:
+        raise ValueError(f"--out {args.out}: {problem}")
+    check_flags(args, FROZEN_FLAGS, rules={"batch_size": at_least(1)})
+    device = pick_device(args.device)
+    model = ImageClassifier(args.weights, args.backbone, args.features).to(device).eval()
+    names = ["train", "validation"] + (["test"] if has_split(args.data, "test") else [])
+    splits = {name: load_split(args.data, name, args.benign_limit[0] if name == "train" else 0, 0,
+                               max(1, args.workers)) for name in names}
+    features = {}
+    for name, split in splits.items():
+        if args.cache:
+            attach_cache(split, args.cache, args.image_size, args.workers)
+        rows = embed_images(model, split, Embedding(args.image_size, args.batch_size, device, args.workers, amp=False),
+                            desc=f"embedding {name}")
+        features[name] = (rows.cpu().numpy(), np.asarray(split.labels))
+    return features
 
 
 def run(args):
     """Embed every split once with the frozen network, fit each baseline, print and write its rows."""
-    try:
-        if not Path(args.data).is_dir():
-            raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py")
-        problem = args.out and file_problem(args.out)
-        if problem:
-            raise ValueError(f"--out {args.out}: {problem}")
-        if args.image_size < 32 or args.batch_size < 1 or args.workers < 0 or args.benign_limit < 0:
-            raise ValueError("--image-size must be at least 32, --batch-size at least 1, --workers and "
-                             "--benign-limit 0 or more")
-        device = pick_device(args.device)
-        model = ImageClassifier(args.weights, args.backbone, args.features).to(device).eval()
-        names = ["train", "validation"] + (["test"] if has_split(args.data, "test") else [])
-        splits = {name: load_split(args.data, name, args.benign_limit if name == "train" else 0, 0,
-                                   max(1, args.workers)) for name in names}
-        features = {}
-        for name, split in splits.items():
-            if args.cache:
-                attach_cache(split, args.cache, args.image_size, args.workers)
-            rows = embed_images(model, split, args.image_size, args.batch_size, device, args.workers, amp=False,
-                                desc=f"embedding {name}")
-            features[name] = (rows.cpu().numpy(), np.asarray(split.labels))
-    except (ValueError, DataError, WeightsError) as error:
-        sys.exit(f"frozen.py: error: {error}")
-
+    features = embed_splits(args)
+    names = list(features)
     results = {"data": str(Path(args.data).resolve()), "backbone": args.backbone, "features": args.features,
-               "weights": args.weights, "image_size": args.image_size, "benign_limit": args.benign_limit, "rows": {}}
+               "weights": args.weights, "image_size": args.image_size, "benign_limit": args.benign_limit[0], "rows": {}}
     print(f"\nfrozen {args.backbone} ({args.weights} weights, {args.features} features, {args.image_size} px)")
     for baseline, (make, setting, values) in BASELINES.items():
         fitted, chosen = fit_on_validation(make, values, features["train"], features["validation"])

@@ -23,27 +23,31 @@ import numpy as np
 import torch
 
 from calibration import calibrated, calibration_metrics, fit_calibration
-from cli import ArgumentParser
+from checkpoints import best_path, gallery_path, load_checkpoint, load_gallery
+from cli import one_line_errors
+from config import make_parser
 from dataset import load_split
-from files import write_text_atomic
-from images import DataError
+from devices import pick_device
+from files import WeightsError, write_text_atomic
+from gallery import feature_width, validation_scores
 from metrics import auc_or_nan
-from modules import WeightsError, load_checkpoint, load_state
 from plots import plot_shots
-from predict import validation_scores
-from scoring import embed_images, pick_device, score_images
+from scoring import Embedding, embed_images, score_images
 
 
 def embedded_model(project, clinic, device):
     """(model, config, own gallery, {train, test}: (features, labels)) of a project on the clinic."""
-    checkpoint = Path(project) / "outputs" / "best.pth"
+    checkpoint = best_path(project)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device).eval()
-    gallery = load_state(checkpoint.with_name("gallery.pt"), "gallery")
+    gallery, problem = load_gallery(checkpoint, feature_width(model, config, device))
+    if problem:
+        raise WeightsError(f"{gallery_path(checkpoint)}: {problem}; evaluate {project} on its own data again "
+                           f"(predict.py) to write it")
     splits = {}
     for name in ("train", "test"):
         split = load_split(clinic, name)
-        splits[name] = (embed_images(model, split, config.image_size, 64, device, tta=config.tta,
+        splits[name] = (embed_images(model, split, Embedding(config.image_size, 64, device, tta=config.tta),
                                      desc=f"embedding {name}"), split.labels)
     return model, config, gallery, splits
 
@@ -65,45 +69,53 @@ def shot_results(model, config, features, labels, test_features, test_labels, me
     return result(test_labels, scores, calibration)
 
 
+def parse_args(argv=None):
+    parser = make_parser("new_clinic.py", __doc__, ("device", "out"), required=("out",),
+                         helps={"out": "folder for new_clinic.md, .json and .png"})
+    parser.add_argument("--siamese", required=True, help="project of a --loss bce model trained elsewhere")
+    parser.add_argument("--classifier", required=True, help="project of a --loss ce model trained on the same data")
+    parser.add_argument("--clinic", required=True,
+                        help="the new clinic's split folder (train_data to draw from, test_data)")
+    parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 20, 50], help="labelled images per class")
+    parser.add_argument("--draws", type=int, default=20, help="draws of the k images for each k (default 20)")
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def model_rows(name, model, config, gallery, splits, args):
+    """{way: {k: [result of each draw]}} of one model: its own gallery (or map), and for each k the
+    k labelled images per class as a probe, as the gallery (Siamese) or refitting the map."""
+    device = next(model.parameters()).device
+    (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
+    own = "direct" if name == "classifier" else config.score
+    own_scores = score_images(model, test, gallery["features"].to(device), gallery["labels"].to(device), own,
+                              config.k).cpu().numpy()
+    rows = {f"{name}, own {'map' if name == 'classifier' else 'gallery'}":
+            {k: [result(test_labels, own_scores, gallery["calibration"])] for k in args.shots}}
+    for k in args.shots:
+        rng = np.random.default_rng(k)  # the same draws for both models
+        for d in range(args.draws):
+            picks = draw(train_labels, k, rng)
+            features, labels = train[picks], train_labels[picks]
+            ways = {"probe": shot_results(model, config, features, labels, test, test_labels, "probe", d)}
+            if name == "siamese":
+                ways["clinic gallery"] = shot_results(model, config, features, labels, test, test_labels,
+                                                      config.score, d)
+            else:
+                refitted = fit_calibration(model.malignant_probability(features).cpu().numpy(), labels)
+                ways["refitted map"] = result(test_labels, own_scores, refitted)
+            for way, found in ways.items():
+                rows.setdefault(f"{name}, {way}", {}).setdefault(k, []).append(found)
+    return rows
+
+
 def main(argv=None):
-    p = ArgumentParser("new_clinic.py", description=__doc__)
-    p.add_argument("--siamese", required=True, help="project of a --loss bce model trained elsewhere")
-    p.add_argument("--classifier", required=True, help="project of a --loss ce model trained on the same data")
-    p.add_argument("--clinic", required=True, help="the new clinic's split folder (train_data to draw from, test_data)")
-    p.add_argument("--shots", type=int, nargs="+", default=[5, 10, 20, 50], help="labelled images per class")
-    p.add_argument("--draws", type=int, default=20, help="draws of the k images for each k (default 20)")
-    p.add_argument("--out", required=True, help="folder for new_clinic.md, .json and .png")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    args = p.parse_args(argv)
-    try:
+    args = parse_args(argv)
+    with one_line_errors("new_clinic.py"):
         device = pick_device(args.device)
-        models = {name: embedded_model(project, args.clinic, device)
-                  for name, project in (("siamese", args.siamese), ("classifier", args.classifier))}
-    except (ValueError, DataError, WeightsError) as error:
-        raise SystemExit(f"new_clinic.py: error: {error}")
-    rows = {}
-    with torch.no_grad():
-        for name, (model, config, gallery, splits) in models.items():
-            (train, train_labels), (test, test_labels) = splits["train"], splits["test"]
-            own = "direct" if name == "classifier" else config.score
-            own_scores = score_images(model, test, gallery["features"].to(device), gallery["labels"].to(device), own,
-                                      config.k).cpu().numpy()
-            rows[f"{name}, own {'map' if name == 'classifier' else 'gallery'}"] = {
-                k: [result(test_labels, own_scores, gallery["calibration"])] for k in args.shots}
-            for k in args.shots:
-                rng = np.random.default_rng(k)  # the same draws for both models
-                for d in range(args.draws):
-                    picks = draw(train_labels, k, rng)
-                    features, labels = train[picks], train_labels[picks]
-                    ways = {"probe": shot_results(model, config, features, labels, test, test_labels, "probe", d)}
-                    if name == "siamese":
-                        ways["clinic gallery"] = shot_results(model, config, features, labels, test, test_labels,
-                                                              config.score, d)
-                    else:
-                        refitted = fit_calibration(model.malignant_probability(features).cpu().numpy(), labels)
-                        ways["refitted map"] = result(test_labels, own_scores, refitted)
-                    for way, found in ways.items():
-                        rows.setdefault(f"{name}, {way}", {}).setdefault(k, []).append(found)
+        rows = {}
+        for name, project in (("siamese", args.siamese), ("classifier", args.classifier)):
+            rows |= model_rows(name, *embedded_model(project, args.clinic, device), args)
     summary = {row: {k: {m: (float(np.mean([r[m] for r in runs])), float(np.std([r[m] for r in runs])))
                          for m in ("auc", "ece")} for k, runs in by_k.items()} for row, by_k in rows.items()}
     lines = [f"Clinic `{args.clinic}` (test split), models `{args.siamese}` and `{args.classifier}`; k images per "

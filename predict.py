@@ -24,150 +24,37 @@ embeddings by the model's head. P(malignant) of an image (--score):
 The gallery is a seeded, class-balanced sample of the training split (--gallery-size per
 class; 0 = every training image). --tta averages each image's features over its four flips.
 """
-import argparse
 import contextlib
 import csv
-import hashlib
 import json
-import math
-import os
 import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 
-from calibration import (CALIBRATIONS, calibrated, calibration_metrics, calibration_problem, digits_to_agree,
-                         fit_calibration)
-from cli import ArgumentParser, Interrupted, interrupts_raise
-from dataset import (denormalize, eval_transform, has_split, is_labelled_folder, load_labelled_folder, load_split,
-                     load_train_split, write_excluded)
+from calibration import CALIBRATIONS, calibrated, calibration_metrics, digits_to_agree, fit_calibration
+from checkpoints import best_path, describe_checkpoint, gallery_path, load_checkpoint, save_gallery
+from cli import one_line_errors
+from config import COMMAND_FLAGS, at_least, check_flags, make_parser
+from dataset import denormalize, eval_transform, has_split, is_labelled_folder, load_split, load_train_split, write_excluded
+from devices import describe_device, pick_device, to_device
 from files import folder_problem, overlaps, write_atomic, write_text_atomic
+from gallery import (Scoring, build_gallery, check_finite, clinic_gallery, feature_width, prediction_gallery,
+                     stored_gallery, validation_scores, writes_gallery)
 from images import DataError, attach_cache, check_image, read_rgb
 from metrics import auc_or_nan, choose_threshold, image_metrics, retrieval_metrics
-from modules import (CONFIG_RULES, WeightsError, describe_checkpoint, last_stage, load_checkpoint, load_state,
-                     save_atomic)
+from modules import last_stage
 from plots import (plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, plot_reliability,
                    save_pair_figures)
-from scoring import (SCORES, describe_device, embed_and_score, embedder, flip_views, pick_device, resolve_score,
-                     score_images, cosine_similarity, retrieval_similarities, to_device)
-
+from scoring import Embedding, cosine_similarity, embedder, flip_views, resolve_score, retrieval_similarities, score_images
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation of a checkpoint on the test split
-
-
-def checkpoint_stamp(path):
-    """sha256 of the checkpoint's bytes: ties a gallery to its checkpoint through copies (cp -r,
-    rsync) that change file times. A gallery with an older size-and-time stamp is rebuilt."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def writes_gallery(checkpoint, data, results, config, clinic=None):
-    """Whether this evaluation replaces the gallery.pt next to the checkpoint that single-image
-    predictions use: only when it evaluates the checkpoint's own training data into its project's
-    results folder. Evaluation on other data, or into --out, never writes to the project."""
-    checkpoint = Path(checkpoint).resolve()
-    same_data = bool(config.data) and Path(data).resolve() == Path(config.data).resolve()
-    # best.pth only: evaluating last.pth must not replace the gallery best.pth predicts with
-    own_results = Path(results).resolve() == checkpoint.parent.parent / "results"
-    return checkpoint.name == "best.pth" and own_results and same_data and clinic is None
-
-
-def check_finite(features, checkpoint):
-    """Non-finite features (diverged weights that passed the load check) would score every image alike."""
-    if not torch.isfinite(features).all():
-        raise WeightsError(f"checkpoint {checkpoint}: the model's outputs are not finite (NaN or inf); the run "
-                           f"diverged, use an earlier checkpoint or train again with a lower --lr")
-
-
-def build_gallery(model, train, splits, embed, *, gallery_size, method, k, target_sensitivity, seed, tta=False,
-                  stored=None, calibration="platt"):
-    """A gallery from the training split, and the threshold chosen and the probability map
-    (calibration.py) fitted on splits["validation"]
-    (embed_and_score; `splits` may hold more splits to score with the same gallery). A `stored`
-    gallery (stored_gallery) gives the gallery and the validation features instead, scored and
-    thresholded the same way, so only the other splits are embedded; the gallery keeps the
-    validation features and labels for that. Returns (gallery, {name: ScoredSplit})."""
-    embedded = None
-    if stored is not None:
-        device = next(model.parameters()).device
-        embedded = {"features": stored["features"].to(device), "labels": stored["labels"].to(device),
-                    "paths": stored.get("paths")}
-        splits = {**splits, "validation": (stored["validation_features"].to(device),
-                                           stored["validation_labels"].numpy())}
-    embedded, scored = embed_and_score(model, train, splits, gallery_size, method, k, seed, embed, embedded)
-    validation = scored["validation"]
-    if stored is not None and stored.get("cross_fitted"):  # a clinic's gallery is its own validation split
-        validation.scores = validation_scores(model, method, k, stored, validation.features, seed)
-    threshold = choose_threshold(validation.labels, validation.scores, target_sensitivity)
-    gallery = {**embedded, "gallery_size": gallery_size, "score": method, "k": k,
-               "cross_fitted": bool(stored and stored.get("cross_fitted")),
-               "target_sensitivity": target_sensitivity, "tta": tta, "threshold": threshold,
-               "calibration": fit_calibration(validation.scores, validation.labels, calibration),
-               "validation_features": validation.features, "validation_labels": torch.as_tensor(validation.labels)}
-    return gallery, scored
-
-
-def validation_scores(model, method, k, gallery, features, seed):
-    """The validation images' scores against the gallery; for a gallery that is its own
-    validation split (a clinic's images, clinic_gallery) cross-fitted: the images split into
-    stratified folds, each scored against a gallery of the others, so none meets itself."""
-    if not gallery.get("cross_fitted"):
-        return score_images(model, features, gallery["features"], gallery["labels"], method, k).cpu().numpy()
-    labels = gallery["labels"].cpu().numpy()
-    scores = np.empty(len(labels))
-    folds = StratifiedKFold(min(5, np.bincount(labels, minlength=2).min()), shuffle=True, random_state=seed)
-    for rest, held in folds.split(labels, labels):
-        scores[held] = score_images(model, features[held], gallery["features"][rest], gallery["labels"][rest],
-                                    method, k).cpu().numpy()
-    return scores
-
-
-def clinic_gallery(folder, embed, tta, workers):
-    """A clinic's own labelled images (--gallery FOLDER: its 0/ and 1/, or its splits pooled) as
-    the gallery, every image of them; they are its validation split too, scored by cross-fitting
-    (validation_scores), so their labels set the threshold and the probability map. Nothing is
-    trained and the project is not touched."""
-    images = load_labelled_folder(folder, "--gallery", max(1, workers))
-    counts = images.counts()
-    if min(counts) < 2:
-        raise DataError(f"--gallery {folder}: {counts[0]} benign and {counts[1]} malignant image(s); a clinic's "
-                        f"gallery needs at least 2 of each class to set a threshold, add images")
-    features = embed(images, None, "embedding the clinic's gallery")
-    labels = torch.as_tensor(images.labels, device=features.device)
-    return {"features": features, "labels": labels, "paths": [str(Path(p).resolve()) for p in images.paths],
-            "validation_features": features, "validation_labels": labels.cpu(), "gallery_size": 0, "tta": tta,
-            "cross_fitted": True}
-
-
-def stored_gallery(checkpoint, width, gallery_size, tta):
-    """gallery.pt when it can stand in for the training data in an evaluation of other images:
-    valid for this checkpoint (gallery_problem) and embedded as this evaluation embeds (its
-    --gallery-size and --tta; the score, k and threshold are computed again from its validation
-    features). Otherwise None, and one line says that the training data is read instead, and why."""
-    path = Path(checkpoint).with_name("gallery.pt")
-    gallery, problem = load_gallery(path, checkpoint, width, evaluation=True)
-    flag = {True: "--tta", False: "--no-tta"}
-    if not problem and (gallery["gallery_size"], gallery["tta"]) != (gallery_size, tta):
-        problem = (f"made with --gallery-size {gallery['gallery_size']} {flag[gallery['tta']]}, this evaluation "
-                   f"asks for --gallery-size {gallery_size} {flag[tta]}")
-    if problem:
-        print(f"{path}: {problem}; rebuilding the gallery and threshold from the training data")
-        return None
-    print(f"gallery and validation features from {path}; the training and validation images are not read")
-    return gallery
 
 
 def prepare_results(results, aside=None):
@@ -182,21 +69,6 @@ def prepare_results(results, aside=None):
         print(f"earlier results moved to {moved}")
     results.mkdir(parents=True, exist_ok=True)
     return results
-
-
-def other_score_metrics(model, method, k, gallery, validation, evaluated, labels, target_sensitivity, seed,
-                        calibration):
-    """(image-level metrics, scores, probabilities of the evaluated images) of one more way of
-    scoring the stored features (ScoredSplit.features of validation and of the evaluated split),
-    its threshold chosen and its probability map fitted on validation like the main one's."""
-    val_scores = validation_scores(model, method, k, gallery, validation.features, seed)
-    scores = score_images(model, evaluated.features, gallery["features"], gallery["labels"], method, k).cpu().numpy()
-    threshold = choose_threshold(labels["validation"], val_scores, target_sensitivity)
-    fitted = fit_calibration(val_scores, labels["validation"], calibration)
-    probabilities = calibrated(fitted, scores)
-    return {"val_auc": auc_or_nan(labels["validation"], val_scores),
-            **image_metrics(labels["evaluated"], scores, threshold, seed),
-            **probability_metrics(labels["evaluated"], scores, probabilities)}, scores, probabilities
 
 
 def probability_metrics(labels, scores, probabilities):
@@ -280,100 +152,6 @@ def fresh_results(results):
         raise
 
 
-def evaluate(checkpoint, data, results, *, gallery_size=None, score="auto", k=None,
-             target_sensitivity=None, save_every=100, batch_size=16, device="auto", workers=0,
-             cache=None, splits=None, amp=True, tta=None, started=None, summary_rows=(), calibration="platt",
-             clinic=None):
-    """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
-    metrics.json, the figures and the saved pairs, and (only for the project's own data and
-    results folder) the gallery next to the checkpoint for single-image prediction; ends with the
-    run's summary (wall time since `started`, plus the caller's `summary_rows`). tta None: as the
-    checkpoint was trained (--tta). `calibration`: the probability map's method
-    (calibration.CALIBRATIONS). `clinic`: a labelled folder whose images are the gallery and
-    set the threshold and the map instead of the training data (clinic_gallery). Returns the
-    metrics dict."""
-    started = started or time.time()
-    device = pick_device(device) if isinstance(device, str) else device
-    if Path(results).exists() and not Path(results).is_dir():
-        raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
-    # an earlier results folder is moved aside: it must not be, hold or lie inside what it reads
-    for what, path in (("--data", data), ("the checkpoint", checkpoint), ("--gallery", clinic)):
-        if path is not None and overlaps(results, path):
-            raise ValueError(f"--out {results}: overlaps {what} {path}, which moving earlier results aside "
-                             f"would move too; choose a folder of its own for --out")
-    model, config, saved = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
-    model.to(device)
-    methods = [resolve_score(config, name) for name in ([score] if isinstance(score, str) else score)]
-    method = methods[0]
-    # None: as the model was trained (train.py --tta, --gallery-size, --k)
-    tta = config.tta if tta is None else tta
-    gallery_size = config.gallery_size if gallery_size is None else gallery_size
-    k = config.k if k is None else k
-    seed, size = config.seed, config.image_size
-    stored, embed = None, embedder(model, size, batch_size, device, workers, amp, tta=tta)
-    if clinic is not None and overlaps(clinic, data):  # its images would meet themselves in the gallery
-        raise ValueError(f"--gallery {clinic}: overlaps --data {data}; the clinic's gallery must not hold the "
-                         f"images it scores: point --data at other images")
-    if clinic is not None:
-        stored, gallery_size = clinic_gallery(clinic, embed, tta, workers), 0
-    elif splits is None and is_labelled_folder(data):  # another clinic's images: gallery.pt, where it fits
-        stored = stored_gallery(checkpoint, feature_width(model, config, device), gallery_size, tta)
-    splits = splits or load_evaluation_splits(data, config, workers, cache, from_gallery=stored is not None)
-    train, validation, test = splits.get("train"), splits.get("validation"), splits["evaluated"]
-    read = list({id(split): split for split in splits.values()}.values())  # test may be validation
-    prefix = "test" if test.name == "test" else "val" if test is validation else "external"
-    with fresh_results(results) as results:  # put back as it was if a signal stops the evaluation
-        gallery, scored = build_gallery(model, train, {"validation": validation, "evaluated": test}, embed,
-                                        gallery_size=gallery_size, method=method, k=k,
-                                        target_sensitivity=target_sensitivity, seed=seed, tta=tta, stored=stored,
-                                        calibration=calibration)
-        val, evaluated = scored["validation"], scored["evaluated"]
-        probabilities = calibrated(gallery["calibration"], evaluated.scores)
-        image = {**image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed),
-                 **probability_metrics(test.labels, evaluated.scores, probabilities)}
-
-        metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "loss": config.loss,
-                   "score": method, "recipe": config.recipe, "aux_weight": config.aux_weight,
-                   "evaluated_split": prefix, "data": str(data), "tta": tta,
-                   "gallery": str(clinic) if clinic is not None else "training split",
-                   f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test), "gallery_size": gallery_size,
-                   "threshold_rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity}",
-                   "val_auc": auc_or_nan(val.labels, val.scores),
-                   "calibration": calibration, "calibration_prevalence": gallery["calibration"]["prevalence"],
-                   "n_excluded_images": sum(len(split.excluded) for split in read)}
-        metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
-        metrics.update({f"{prefix}_{key}": value for key, value in image.items()})
-        labels = {"validation": val.labels, "evaluated": test.labels}
-        others = {  # the same embeddings scored other ways, each thresholded on validation
-            name: other_score_metrics(model, name, k, gallery, val, evaluated, labels, target_sensitivity, seed,
-                                      calibration)
-            for name in dict.fromkeys(methods[1:]) if name != method}
-        metrics["other_scores"] = {name: other_metrics for name, (other_metrics, _, _) in others.items()}
-        # how well each similarity finds same-class gallery images (the nearest cases --image shows)
-        metrics["retrieval"] = {name: retrieval_metrics(similarity.cpu().numpy(), test.labels, gallery["labels"].cpu())
-                                for name, similarity in retrieval_similarities(model, evaluated.features,
-                                                                               gallery["features"]).items()}
-        write_scores(test, {method: evaluated.scores, **{name: scores for name, (_, scores, _) in others.items()}},
-                     {method: probabilities, **{name: p for name, (_, _, p) in others.items()}},
-                     results / "scores.csv")
-        write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
-        curves = {"validation": (val.labels, val.scores)}
-        if test is not validation:
-            curves[{"test": "test", "external": Path(data).name}[prefix]] = (test.labels, evaluated.scores)
-        save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
-        plot_reliability(test.labels, evaluated.scores, probabilities, results)
-        save_gallery(gallery, checkpoint, writes_gallery(checkpoint, data, results, config, clinic))
-        # every image left out (unreadable, truncated, not an image) is counted and listed beside the results
-        excluded = write_excluded(read, results / "excluded_images.txt")
-        print_metrics(metrics)
-        print_summary(metrics, results, device, time.time() - started,
-                      [("checkpoint", describe_checkpoint(checkpoint, saved)), *summary_rows,
-                       *([("excluded images", f"{excluded}, listed in {results / 'excluded_images.txt'}")]
-                         if excluded else [])])
-    return metrics
-
-
 def save_figures(results, curves, split, scored, threshold, save_every, size):
     """The evaluated split's figures: ROC and PR curves (of every split in `curves`), confusion
     matrix, embedding PCA, every save_every-th pair, the pair grid and the confident mistakes."""
@@ -382,17 +160,6 @@ def save_figures(results, curves, split, scored, threshold, save_every, size):
     plot_embeddings(scored.features, split.labels, results)
     save_pair_figures(split, scored.pairs, save_every, results, size)
     plot_pair_overview(split, scored.pairs, results)
-
-
-def save_gallery(gallery, checkpoint, allowed):
-    """gallery.pt next to the checkpoint, stamped with its sha256, when `allowed` (writes_gallery)."""
-    gallery_path = Path(checkpoint).with_name("gallery.pt")
-    if not allowed:
-        print(f"{gallery_path} not updated: only an evaluation of the training data into the project's results "
-              f"folder replaces it")
-        return
-    gallery = {key: value.cpu() if torch.is_tensor(value) else value for key, value in gallery.items()}
-    save_atomic({**gallery, "checkpoint_stamp": checkpoint_stamp(checkpoint)}, gallery_path)
 
 
 def print_metrics(metrics):
@@ -440,45 +207,160 @@ def print_summary(metrics, results, device, seconds, rows=()):
         print(f"  {name:<28} {value}")
 
 
+@dataclass
+class EvaluationSettings:
+    """predict.py's evaluation flags. None: as the checkpoint was trained (train.py's --gallery-size,
+    --k, --tta). `clinic`: a labelled folder whose images are the gallery and set the threshold
+    and the map instead of the training data (gallery.clinic_gallery)."""
+    gallery_size: int | None = None
+    score: list = field(default_factory=lambda: ["auto"])  # the first gives the figures and main metrics
+    k: int | None = None
+    target_sensitivity: float | None = None
+    tta: bool | None = None
+    calibration: str = "platt"
+    clinic: str | None = None
+    save_every: int = 100
+    batch_size: int = 16
+    device: str | torch.device = "auto"
+    workers: int = 0
+    cache: str | None = None
+    amp: bool = True
+
+
+def check_results_folder(results, inputs):
+    """--out must be a folder that is not, holds no and lies in none of `inputs` ({what: path}): an
+    earlier results folder is moved aside, and must not take what the evaluation reads with it."""
+    if Path(results).exists() and not Path(results).is_dir():
+        raise ValueError(f"--out {results}: is a file, not a folder; choose another --out")
+    for what, path in inputs.items():
+        if path is not None and overlaps(results, path):
+            raise ValueError(f"--out {results}: overlaps {what} {path}, which moving earlier results aside "
+                             f"would move too; choose a folder of its own for --out")
+    if inputs.get("--gallery") is not None and overlaps(inputs["--gallery"], inputs["--data"]):
+        raise ValueError(f"--gallery {inputs['--gallery']}: overlaps --data {inputs['--data']}; the clinic's "
+                         f"gallery must not hold the images it scores: point --data at other images")
+
+
+def scoring_of(settings, config):
+    """gallery.Scoring from the flags, each left out as the model was trained."""
+    return Scoring(config.gallery_size if settings.gallery_size is None else settings.gallery_size,
+                   resolve_score(config, settings.score[0]), config.k if settings.k is None else settings.k,
+                   settings.target_sensitivity, config.tta if settings.tta is None else settings.tta,
+                   settings.calibration)
+
+
+def evaluate(checkpoint, data, results, settings=None, splits=None, started=None, summary_rows=()):
+    """Metrics of a checkpoint on the test split (or see load_evaluation_splits); writes
+    metrics.json, scores.csv, the figures and the saved pairs, and (only for the project's own
+    data and results folder, gallery.writes_gallery) the gallery next to the checkpoint for
+    single-image prediction; ends with the run's summary (wall time since `started`, plus the
+    caller's `summary_rows`). Returns the metrics dict."""
+    settings, started = settings or EvaluationSettings(), started or time.time()
+    check_results_folder(results, {"--data": data, "the checkpoint": checkpoint, "--gallery": settings.clinic})
+    model, config, saved = load_checkpoint(checkpoint)  # validated (config, finite weights) before anything is moved
+    device = pick_device(settings.device) if isinstance(settings.device, str) else settings.device
+    model.to(device)
+    scoring = scoring_of(settings, config)
+    embed = embedder(model, Embedding(config.image_size, settings.batch_size, device, settings.workers, settings.amp,
+                                      tta=scoring.tta))
+    stored = None
+    if settings.clinic is not None:
+        stored, scoring.gallery_size = clinic_gallery(settings.clinic, embed, scoring.tta, settings.workers), 0
+    elif splits is None and is_labelled_folder(data):  # another clinic's images: gallery.pt, where it fits
+        stored = stored_gallery(checkpoint, feature_width(model, config, device), scoring.gallery_size, scoring.tta)
+    splits = splits or load_evaluation_splits(data, config, settings.workers, settings.cache,
+                                              from_gallery=stored is not None)
+    others = [resolve_score(config, name) for name in dict.fromkeys(settings.score[1:]) if name != scoring.method]
+    with fresh_results(results) as results:  # put back as it was if a signal stops the evaluation
+        gallery, scored = build_gallery(model, splits.get("train"), {"validation": splits.get("validation"),
+                                                                      "evaluated": splits["evaluated"]},
+                                        embed, scoring, config.seed, stored)
+        test = splits["evaluated"]
+        prefix = "test" if test.name == "test" else "val" if test is splits.get("validation") else "external"
+        metrics, scores = measure(model, config, gallery, scored, test, others, prefix)
+        metrics = {"checkpoint": str(checkpoint), "checkpoint_epoch": saved.get("epoch"), "data": str(data),
+                   "gallery": str(settings.clinic) if settings.clinic is not None else "training split",
+                   "n_excluded_images": sum(len(split.excluded) for split in unique(splits)), **metrics}
+        write_evaluation(results, metrics, scores, splits, scored, gallery, settings.save_every, config.image_size)
+        if writes_gallery(checkpoint, data, results, config, settings.clinic):
+            save_gallery(gallery, checkpoint)
+        else:
+            print(f"{gallery_path(checkpoint)} not updated: only an evaluation of the training data into the "
+                  f"project's results folder replaces it")
+        excluded = write_excluded(unique(splits), results / "excluded_images.txt")
+        print_metrics(metrics)
+        print_summary(metrics, results, device, time.time() - started,
+                      [("checkpoint", describe_checkpoint(checkpoint, saved)), *summary_rows,
+                       *([("excluded images", f"{excluded}, listed in {results / 'excluded_images.txt'}")]
+                         if excluded else [])])
+    return metrics
+
+
+def unique(splits):
+    """The splits read, each once (the evaluated split may be the validation split)."""
+    return list({id(split): split for split in splits.values()}.values())
+
+
+def measure(model, config, gallery, scored, test, others, prefix):
+    """(metrics, {method: (scores, probabilities)}) of the evaluated split: the main score's image,
+    pair, calibration and retrieval metrics, and each of `others` (more score methods) scored
+    from the same embeddings, thresholded and calibrated on validation alike."""
+    val, evaluated, seed = scored["validation"], scored["evaluated"], config.seed
+    probabilities = calibrated(gallery["calibration"], evaluated.scores)
+    metrics = {"loss": config.loss, "score": gallery["score"], "recipe": config.recipe,
+               "aux_weight": config.aux_weight, "evaluated_split": prefix, "tta": gallery["tta"],
+               f"n_{prefix}_pairs": len(test), f"n_{prefix}_images": len(test),
+               "gallery_size": gallery["gallery_size"],
+               "threshold_rule": ("youden" if gallery["target_sensitivity"] is None
+                                  else f"sensitivity>={gallery['target_sensitivity']}"),
+               "val_auc": auc_or_nan(val.labels, val.scores), "calibration": gallery["calibration"]["method"],
+               "calibration_prevalence": gallery["calibration"]["prevalence"]}
+    metrics.update({f"{prefix}_{key}": value for key, value in evaluated.pair_summary.items()})
+    metrics.update({f"{prefix}_{key}": value for key, value in {
+        **image_metrics(test.labels, evaluated.scores, gallery["threshold"], seed),
+        **probability_metrics(test.labels, evaluated.scores, probabilities)}.items()})
+    scores = {gallery["score"]: (evaluated.scores, probabilities)}
+    metrics["other_scores"] = {}
+    for method in others:  # the same embeddings scored other ways, each thresholded on validation
+        metrics["other_scores"][method], scores[method] = other_score_metrics(model, method, gallery, val, evaluated,
+                                                                              seed)
+    # how well each similarity finds same-class gallery images (the nearest cases --image shows)
+    metrics["retrieval"] = {name: retrieval_metrics(similarity.cpu().numpy(), test.labels, gallery["labels"].cpu())
+                            for name, similarity in retrieval_similarities(model, evaluated.features,
+                                                                           gallery["features"]).items()}
+    return metrics, scores
+
+
+def other_score_metrics(model, method, gallery, validation, evaluated, seed):
+    """(image-level metrics, (scores, probabilities) of the evaluated images) of one more way of
+    scoring the stored features (ScoredSplit.features of validation and of the evaluated split),
+    its threshold chosen and its probability map fitted on validation like the main one's."""
+    k, labels = gallery["k"], evaluated.labels
+    val_scores = validation_scores(model, method, k, gallery, validation.features, seed)
+    scores = score_images(model, evaluated.features, gallery["features"], gallery["labels"], method, k).cpu().numpy()
+    threshold = choose_threshold(validation.labels, val_scores, gallery["target_sensitivity"])
+    probabilities = calibrated(fit_calibration(val_scores, validation.labels, gallery["calibration"]["method"]),
+                               scores)
+    return {"val_auc": auc_or_nan(validation.labels, val_scores), **image_metrics(labels, scores, threshold, seed),
+            **probability_metrics(labels, scores, probabilities)}, (scores, probabilities)
+
+
+def write_evaluation(results, metrics, scores, splits, scored, gallery, save_every, size):
+    """scores.csv, metrics.json and the figures of an evaluation into `results`."""
+    test, val, evaluated = splits["evaluated"], scored["validation"], scored["evaluated"]
+    write_scores(test, {name: s for name, (s, _) in scores.items()}, {name: p for name, (_, p) in scores.items()},
+                 results / "scores.csv")
+    write_text_atomic(results / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    curves = {"validation": (val.labels, val.scores)}
+    if metrics["evaluated_split"] != "val":
+        name = "test" if metrics["evaluated_split"] == "test" else Path(metrics["data"]).name
+        curves[name] = (test.labels, evaluated.scores)
+    save_figures(results, curves, test, evaluated, gallery["threshold"], save_every, size)
+    plot_reliability(test.labels, evaluated.scores, scores[gallery["score"]][1], results)
+
+
 # ---------------------------------------------------------------------------------------------
 # Single images and pairs
-
-
-def prediction_gallery(model, config, checkpoint, data, device, width, clinic=None):
-    """A clinic's own gallery (--gallery FOLDER, clinic_gallery), or the gallery saved next to the
-    checkpoint, or, when it is missing or unusable, one rebuilt in memory from --data with the
-    run's settings. `width`: the model's feature width."""
-    if clinic is not None:
-        embed = embedder(model, config.image_size, 64, device, tta=config.tta)
-        gallery, _ = build_gallery(model, None, {}, embed, gallery_size=0, method=config.score, k=config.k,
-                                   target_sensitivity=None, seed=config.seed, tta=config.tta,
-                                   stored=clinic_gallery(clinic, embed, config.tta, 0))
-        return gallery
-    gallery_path = Path(checkpoint).with_name("gallery.pt")
-    gallery, problem = load_gallery(gallery_path, checkpoint, width)
-    if not problem and "calibration" not in gallery:  # written before galleries kept the map
-        if "validation_features" in gallery:
-            on_device = {**gallery, "features": gallery["features"].to(device), "labels": gallery["labels"].to(device)}
-            scores = validation_scores(model, gallery["score"], gallery["k"], on_device,
-                                       gallery["validation_features"].to(device), config.seed)
-            gallery["calibration"] = fit_calibration(scores, gallery["validation_labels"].numpy())
-            print(f"{gallery_path}: no map from score to probability (an older gallery.pt); fitted now from its "
-                  f"validation features")
-        else:
-            problem = "it was written before galleries kept what calibrating P(malignant) needs"
-    if problem:
-        if data is None:
-            raise DataError(f"{gallery_path}: {problem}; pass --data DATA to rebuild it from the training and "
-                            f"validation splits (or evaluate the project again)")
-        print(f"{gallery_path}: {problem}; rebuilding the gallery from --data {data}")
-        seed = config.seed
-        train = load_train_split(data, config.extra_train, config.benign_limit[0], seed)
-        validation = load_split(data, "validation", config.benign_limit[1], seed)
-        gallery, _ = build_gallery(model, train, {"validation": validation},
-                                   embedder(model, config.image_size, 64, device, tta=config.tta),
-                                   gallery_size=config.gallery_size, method=config.score, k=config.k,
-                                   target_sensitivity=None, seed=seed, tta=config.tta)
-    return gallery
 
 
 def grad_cam(model, image, malignant_mean):
@@ -518,12 +400,6 @@ class Prediction:
 
 
 @torch.no_grad()
-def feature_width(model, config, device):
-    """The width of the model's features, from one blank image: what a stored gallery is checked against."""
-    return model.embed(torch.zeros(1, 3, config.image_size, config.image_size, device=device)).shape[1]
-
-
-@torch.no_grad()
 def load_predictor(checkpoint, data=None, device="auto", clinic=None):
     """(model, config, gallery, device): what single-image prediction needs, loaded once, so that
     app.py can keep them between requests. The gallery is checked against the model's feature
@@ -531,7 +407,7 @@ def load_predictor(checkpoint, data=None, device="auto", clinic=None):
     device = pick_device(device)
     model, config, _ = load_checkpoint(checkpoint)
     model.to(device)
-    gallery = prediction_gallery(model, config, checkpoint, data, device, feature_width(model, config, device), clinic)
+    gallery = prediction_gallery(model, config, checkpoint, data, device, clinic)
     return model, config, gallery, device
 
 
@@ -644,132 +520,41 @@ def predict_pair(checkpoint, first, second, device="auto"):
     return f"similarity {similarity:.4f} -> {verdict}  {first}  {second}"
 
 
-def table_problem(name, features, labels, width):
-    """What makes stored features and their labels unusable with a model whose features are
-    `width` wide, or None; `name` says whose they are in the message ("" or "validation ")."""
-    if not (torch.is_tensor(features) and features.is_floating_point() and features.ndim == 2):
-        return f"its {name}features are not a table of numbers"
-    if features.shape[1] != width:
-        return f"its {name}features are {features.shape[1]} wide, the checkpoint's are {width}"
-    if not torch.isfinite(features).all():
-        return f"its {name}features are not finite (NaN or inf)"
-    if not (torch.is_tensor(labels) and labels.shape == (len(features),) and set(labels.tolist()) == {0, 1}):
-        return f"its {name}labels are not one 0 or 1 per {name or 'feature '}row, with both classes"
-    return None
-
-
-def setting_problem(gallery, keys):
-    """The first of the gallery's `keys` (settings of the run) that breaks its modules.CONFIG_RULES rule, or None."""
-    for key in keys:
-        valid, what = CONFIG_RULES[key]
-        if not valid(gallery.get(key)):
-            return f"its {key} {gallery.get(key)!r} is not {what}"
-    return None
-
-
-def gallery_problem(gallery, width, evaluation=False):
-    """What makes a loaded gallery unusable with a model whose features are `width` wide, or None.
-    Its validation features and labels and gallery size are checked where present; `evaluation`
-    (of other images without the training data, stored_gallery) needs them: an older gallery.pt
-    without them still serves single images, and evaluations rebuild from the training data."""
-    features, threshold = gallery.get("features"), gallery.get("threshold")
-    problem = table_problem("", features, gallery.get("labels"), width)
-    if problem:
-        return problem
-    if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
-        return f"its threshold {threshold!r} is not a number"
-    problem = setting_problem(gallery, ("score", "k"))
-    if problem:
-        return problem
-    problem = "calibration" in gallery and calibration_problem(gallery["calibration"])
-    if problem:
-        return problem
-    paths = gallery.get("paths")
-    if paths is not None and not (isinstance(paths, list) and len(paths) == len(features)
-                                  and all(isinstance(path, str) for path in paths)):
-        return "its paths are not one file name per feature row"
-    kept = ("validation_features", "validation_labels", "gallery_size")  # what evaluating other images needs
-    if not evaluation and not any(key in gallery for key in kept):
-        return None  # an older gallery.pt: enough for single images
-    if any(key not in gallery for key in (*kept, "tta")):
-        return "it was written before galleries kept the validation features that evaluating other images needs"
-    val_labels = gallery["validation_labels"]
-    problem = table_problem("validation ", gallery["validation_features"], val_labels, width)
-    if problem:
-        return problem
-    if val_labels.dtype != torch.int64:
-        return f"its validation labels are {val_labels.dtype}, not integers"
-    return setting_problem(gallery, ("gallery_size", "tta"))
-
-
-def load_gallery(path, checkpoint, width, evaluation=False):
-    """(the saved gallery, None), or (None, why there is none to use: missing, unreadable, made
-    for another checkpoint, or what gallery_problem finds); the caller says so in one line."""
-    if not path.exists():
-        return None, "missing"
-    try:
-        gallery = load_state(path, "gallery")
-    except WeightsError:
-        return None, "unreadable (truncated, corrupt or not written by this repository)"
-    if not isinstance(gallery, dict):
-        return None, "not a gallery file"
-    if gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
-        return None, "made for another checkpoint"
-    problem = gallery_problem(gallery, width, evaluation)
-    return (None, problem) if problem else (gallery, None)
+PREDICT_FLAGS = ("project", "data", "checkpoint", "out", "gallery_size", "tta", "score", "k", "gallery",
+                 "target_sensitivity", "save_every", "batch_size", "device", "workers", "cache")
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser("predict.py", description=__doc__)
-    parser.add_argument("--project", help="project folder written by train.py (reads outputs/best.pth, "
-                                          "writes results/)")
-    parser.add_argument("--data", help="split folder made by to_subdirectories.py")
-    parser.add_argument("--checkpoint", help="checkpoint to use (default PROJECT/outputs/best.pth)")
-    parser.add_argument("--out", help="evaluation: results folder (default PROJECT/results; an existing one is moved "
-                                      "aside). --image: folder for the figures (default PROJECT/predictions)")
+    """The flags (config.py declares them); None: as the model was trained."""
+    parser = make_parser(
+        "predict.py", __doc__, PREDICT_FLAGS,
+        defaults={"gallery_size": None, "tta": None, "k": None, "batch_size": 16, "workers": 0},
+        helps={"project": "project folder written by train.py (reads outputs/best.pth, writes results/)",
+               "out": "evaluation: results folder (default PROJECT/results; an existing one is moved aside). "
+                      "--image: folder for the figures (default PROJECT/predictions)",
+               "gallery_size": "gallery images per class for image-level scores; 0 = every training image "
+                               "(default: as trained, train.py --gallery-size)",
+               "tta": "average each image's features over its four flips (default: as the model was trained)",
+               "k": "neighbours for --score knn and head-knn (default: as trained, train.py --k)",
+               "gallery": COMMAND_FLAGS["gallery"].help + " (evaluation needs --out)",
+               "batch_size": "images per evaluation batch"})
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="P(malignant) of this image and a figure explaining it (repeat for several images)")
     images.add_argument("--pair", nargs=2, metavar=("A", "B"),
                         help="the model's similarity of two images: same class or not")
-    parser.add_argument("--gallery-size", type=int, default=None,
-                        help="gallery images per class for image-level scores; 0 = every training "
-                             "image (default: as trained, train.py --gallery-size)")
-    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                        help="average each image's features over its four flips (default: as the model "
-                             "was trained, see train.py --tta)")
-    parser.add_argument("--score", "--classify", choices=SCORES, nargs="+", default=["auto"],
-                        help="how P(malignant) is computed (default auto: gallery for bce, contrastive and "
-                             "triplet, direct for ce). Several: the first gives the figures and "
-                             "the main metrics, the others are scored from the same embeddings into "
-                             "metrics.json's other_scores")
-    parser.add_argument("--k", type=int, default=None,
-                        help="neighbours for --score knn and head-knn (default: as trained, train.py --k)")
-    parser.add_argument("--gallery", metavar="FOLDER",
-                        help="a clinic's own labelled images (FOLDER/0 and FOLDER/1, or a split folder, pooled) "
-                             "as the gallery: they set the threshold and P(malignant)'s calibration too, by "
-                             "cross-fitting; nothing is retrained and the project is not touched (evaluation "
-                             "needs --out)")
     parser.add_argument("--calibration", choices=CALIBRATIONS, default="platt",
                         help="the map from score to P(malignant), fitted on the validation split: platt (a "
                              "logistic regression on the score, default) or isotonic")
-    parser.add_argument("--target-sensitivity", type=float, default=None,
-                        help="choose the threshold that reaches this sensitivity on validation "
-                             "(default: maximise Youden's J)")
-    parser.add_argument("--save-every", type=int, default=100,
-                        help="save every N-th test pair as prediction_results_<i>.png (default 100)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per evaluation batch (default 16)")
-    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument("--cache", metavar="DIR", help="uint8 image cache folder (see train.py --cache)")
     return parser.parse_args(argv)
 
 
 def run(args, started):
     """The command the flags ask for: --image, --pair, or an evaluation."""
+    check_flags(args, PREDICT_FLAGS, rules={"batch_size": at_least(1)})
     if args.image or args.pair:
         flag = "--image" if args.image else "--pair"
-        checkpoint = args.checkpoint or (args.project and Path(args.project) / "outputs" / "best.pth")
+        checkpoint = args.checkpoint or (args.project and best_path(args.project))
         if not checkpoint:
             raise ValueError(f"{flag} needs --checkpoint PATH or --project P")
         for path in args.image or args.pair:
@@ -787,44 +572,24 @@ def run(args, started):
         return
     if not args.project or not args.data:
         raise ValueError("pass --project P and --data DATA to evaluate, or --checkpoint C --image X")
-    if args.save_every < 1 or args.batch_size < 1 or (args.k is not None and args.k < 1):
-        raise ValueError("--save-every, --k and --batch-size must be at least 1")
-    if args.gallery_size is not None and args.gallery_size < 0:
-        raise ValueError(f"--gallery-size {args.gallery_size}: must be 0 (every training image) or more")
-    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
-        raise ValueError(f"--target-sensitivity {args.target_sensitivity}: must be in (0, 1]")
-    if args.workers < 0:
-        raise ValueError(f"--workers {args.workers}: must be 0 or more")
     problem = args.out and folder_problem(args.out)
     if problem:
         raise ValueError(f"--out {args.out}: {problem}; choose another --out")
     if args.gallery and not args.out:
         raise ValueError("--gallery: pass --out FOLDER for the results; an evaluation against another gallery "
                          "never writes into the project")
-    checkpoint = Path(args.checkpoint or Path(args.project) / "outputs" / "best.pth")
-    evaluate(checkpoint, args.data, args.out or Path(args.project) / "results", gallery_size=args.gallery_size,
-             score=args.score, k=args.k, target_sensitivity=args.target_sensitivity,
-             save_every=args.save_every, batch_size=args.batch_size, device=args.device,
-             workers=args.workers, cache=args.cache, tta=args.tta, started=started, calibration=args.calibration,
-             clinic=args.gallery)
+    settings = EvaluationSettings(**{name: getattr(args, name) for name in (
+        "gallery_size", "score", "k", "target_sensitivity", "tta", "calibration", "save_every", "batch_size",
+        "device", "workers", "cache")}, clinic=args.gallery)
+    evaluate(args.checkpoint or best_path(args.project), args.data, args.out or Path(args.project) / "results",
+             settings, started=started)
 
 
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
-    try:
-        with interrupts_raise():
-            run(args, started)
-    except Interrupted as stopped:  # one line and 128 + the signal, as a process killed by it
-        note = getattr(stopped, "note", None)
-        print(f"predict.py: stopped by {signal.Signals(stopped.signum).name}" + (f"; {note}" if note else ""),
-              file=sys.stderr)
-        sys.exit(128 + stopped.signum)
-    except (ValueError, DataError, WeightsError) as error:
-        sys.exit(f"predict.py: error: {error}")
-    except OSError as error:  # a full disk or a folder without write permission (--out, gallery.pt)
-        sys.exit(f"predict.py: error: could not write {error.filename or 'a file'} ({error.strerror or error}); "
-                 f"free disk space or fix permissions, or choose another --out")
+    with one_line_errors("predict.py", "free disk space or fix permissions, or choose another --out"):
+        run(args, started)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""Devices and precision, embedding, and image-level scores: the embed-and-score core that
-validation during training (train.py) and evaluation (predict.py) share.
+"""Embedding and image-level scores: the embed-and-score core that validation during training
+(train.py) and evaluation (predict.py) share.
 
     embed_and_score   a gallery from the training split, every split embedded once and scored
     score_images      P(malignant) per image by each --score method (formulas: predict.py's docstring)
     embed_images      features of a split's images (--tta: the mean over the four flips; DDP-aware)
-    pick_device       --device: CUDA, then Apple MPS, then CPU
 """
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,57 +20,13 @@ from torch.utils.data import DataLoader
 from cli import progress
 from dataset import ImageDataset, collate_images, eval_transform, make_pairs
 from metrics import pair_metrics
-from modules import LOSSES, SCORE_METHODS
+from devices import autocast, to_device
+from losses import LOSSES
 
-SCORES = ("auto", *SCORE_METHODS)  # auto: the loss's own (modules.LOSSES)
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and precision (train.py, bench.py and frozen.py use these too)
-
-
-def pick_device(name="auto"):
-    """CUDA, then Apple MPS, then CPU; --device overrides."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: Apple MPS is not available; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda or mps")
-    return device
-
-
-def autocast(device, enabled=True):
-    """Mixed precision on CUDA: bf16 where the GPU has it, else fp16 (train.py adds a scaler)."""
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def to_device(images, device):
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=memory_format)
-
-
-def describe_device(device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    threads = torch.get_num_threads()
-    return f"cpu ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else str(device)
+# --score: how an image's P(malignant) is computed (predict.py's docstring gives each formula);
+# auto: the loss's own (losses.LOSSES)
+SCORE_METHODS = ("gallery", "head-knn", "knn", "prototype", "direct", "probe")
+SCORES = ("auto", *SCORE_METHODS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,24 +38,37 @@ def flip_views(images):
     return [images, images.flip(3), images.flip(2), images.flip(2, 3)]
 
 
+@dataclass(frozen=True)
+class Embedding:
+    """How images are embedded: input size, batch size, device, DataLoader workers, mixed
+    precision, this process's rank of world_size (DDP), and --tta."""
+    image_size: int
+    batch_size: int
+    device: torch.device
+    workers: int = 0
+    amp: bool = True
+    rank: int = 0
+    world_size: int = 1
+    tta: bool = False
+
+
 @torch.no_grad()
-def embed_images(model, split, image_size, batch_size, device, workers=0, indices=None, amp=True,
-                 rank=0, world_size=1, tta=False, desc="embedding"):
+def embed_images(model, split, how, indices=None, desc="embedding"):
     """Features of the split's images (all, or `indices`), one backbone pass per image, in
-    batches (four with tta: the mean over the image and its horizontal, vertical and double
+    batches (four with how.tta: the mean over the image and its horizontal, vertical and double
     flips). Under DDP each rank embeds every world_size-th image and the rows are gathered.
     `desc` labels the progress bar."""
     indices = list(range(len(split))) if indices is None else [int(i) for i in indices]
-    rank_indices = indices[rank::world_size]
-    loader = DataLoader(ImageDataset(split, eval_transform(image_size)), batch_size=batch_size,
-                        sampler=rank_indices, num_workers=workers, collate_fn=collate_images,
+    device, world_size = how.device, how.world_size
+    loader = DataLoader(ImageDataset(split, eval_transform(how.image_size)), batch_size=how.batch_size,
+                        sampler=indices[how.rank::world_size], num_workers=how.workers, collate_fn=collate_images,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
     model.eval()
     rows = []
-    with autocast(device, amp):
-        for images, *_ in progress(loader, desc, disable=rank != 0, leave=False):
+    with autocast(device, how.amp):
+        for images, *_ in progress(loader, desc, disable=how.rank != 0, leave=False):
             images = to_device(images, device)
-            views = flip_views(images) if tta else [images]
+            views = flip_views(images) if how.tta else [images]
             rows.append(torch.stack([model.embed(view).float() for view in views]).mean(0))
     features = torch.cat(rows) if rows else torch.empty(0, device=device)
     if world_size == 1:
@@ -189,15 +156,15 @@ def retrieval_similarities(model, features, gallery_features):
 
 
 def resolve_score(config, method="auto"):
-    """--score auto: the loss's default score (modules.LOSSES); an explicit choice the model
-    cannot compute is refused."""
+    """--score auto: the loss's default score (losses.LOSSES); an explicit choice the model's
+    network cannot compute is refused."""
     loss = LOSSES[config.loss]
     if method == "auto":
         return loss.default_score
-    if method == "direct" and not (loss.classifier or config.aux_weight > 0):
+    if method == "direct" and not (loss.network.classifies or config.aux_weight > 0):
         raise ValueError("--score direct needs a --loss ce model or a bce model trained with --aux-weight; "
                          "use gallery, head-knn, knn or prototype")
-    if method == "head-knn" and not loss.siamese_head:
+    if method == "head-knn" and not loss.network.pair_head:
         raise ValueError("--score head-knn needs the Siamese head of a --loss bce model; use knn")
     return method
 
@@ -247,20 +214,22 @@ def score_split(model, features, labels, gallery, method, k, seed):
                        (partners, targets, similarity))
 
 
+def embed_gallery(train, per_class, seed, embed):
+    """{features, labels, paths} of a seeded, class-balanced sample of the training split
+    (per_class 0: all of it). `embed(split, indices, desc)` returns feature rows."""
+    picks = choose_gallery(train.labels, per_class, seed)
+    features = embed(train, picks, "embedding the gallery")
+    return {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
+            "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
+
+
 @torch.no_grad()
-def embed_and_score(model, train, splits, per_class, method, k, seed, embed, gallery=None):
-    """The evaluation core, shared by validation during training and by evaluate: embed a
-    seeded, class-balanced sample of the training split as the gallery (per_class 0: all of it)
-    and every split of {name: split} once, then score each split against the gallery.
-    `embed(split, indices, desc)` returns feature rows. A `gallery` already embedded (a stored
-    gallery's {features, labels, paths}) stands in for the training split, and a split given as
-    (features, labels) is scored unembedded: other images are then evaluated without the
-    training or validation images. Returns (gallery {features, labels, paths}, {name: ScoredSplit})."""
-    if gallery is None:
-        picks = choose_gallery(train.labels, per_class, seed)
-        features = embed(train, picks, "embedding the gallery")
-        gallery = {"features": features, "labels": torch.as_tensor(train.labels[picks], device=features.device),
-                   "paths": [str(Path(train.paths[i]).resolve()) for i in picks]}
+def embed_and_score(model, splits, gallery, embed, method, k, seed):
+    """The evaluation core, shared by validation during training and by evaluate: embed every
+    split of {name: split} once and score it against the gallery ({features, labels}: from
+    embed_gallery, or a stored one). A split given as (features, labels) is scored unembedded:
+    other images are then evaluated without the training or validation images. Returns
+    {name: ScoredSplit}."""
     scored = {}
     for name, split in splits.items():
         split_features, labels = split if isinstance(split, tuple) else (embed(split, None, f"embedding {split.name}"),
@@ -269,10 +238,9 @@ def embed_and_score(model, train, splits, per_class, method, k, seed, embed, gal
             raise ValueError("the model's outputs became non-finite (the weights diverged); lower --lr or try "
                              "--no-amp")
         scored[name] = score_split(model, split_features, labels, gallery, method, k, seed)
-    return gallery, scored
+    return scored
 
 
-def embedder(model, image_size, batch_size, device, workers=0, amp=True, rank=0, world_size=1, tta=False):
-    """embed(split, indices, desc) for embed_and_score: embed_images with these settings."""
-    return lambda split, indices, desc: embed_images(model, split, image_size, batch_size, device, workers, indices,
-                                                     amp, rank, world_size, tta, desc)
+def embedder(model, how):
+    """embed(split, indices, desc) for embed_gallery and embed_and_score: embed_images as `how` says."""
+    return lambda split, indices, desc: embed_images(model, split, how, indices, desc)

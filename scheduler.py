@@ -1,0 +1,28 @@
+"""The learning rate over a run (--warmup-epochs, --schedule) and the optimizer's parameter groups
+(--backbone-lr-scale)."""
+import math
+
+
+def learning_rate(step, total_steps, config):
+    """The learning rate at a global step: linear warm-up from 0, then constant or cosine decay to 0."""
+    warmup = config.warmup_epochs * total_steps / config.epochs
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
+    progress = (step - warmup) / max(1.0, total_steps - warmup)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def parameter_groups(model, backbone_lr_scale):
+    """The optimizer's parameter groups, each with the fraction of the learning rate it takes
+    ("lr_scale"): the backbone's and the rest. Scale 0 freezes the backbone: it is left out."""
+    if backbone_lr_scale == 1:  # one group, as runs saved before the scale existed
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    backbone = list(model.backbone.parameters())
+    rest = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+    if backbone_lr_scale == 0:
+        for parameter in backbone:
+            parameter.requires_grad_(False)
+        return [{"params": rest, "lr_scale": 1.0}]
+    return [{"params": backbone, "lr_scale": backbone_lr_scale}, {"params": rest, "lr_scale": 1.0}]
