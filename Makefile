@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := assets/isic2017_demo
 DEMO_FLAGS := --backbone efficientnet_lite0 --weights imagenet --recipe transfer --image-size 128 --epochs 5 --batch-size 32 --benign-limit 0
-# Synthetic lesions (synthetic.py --synthetic) for make compare: every loss in a few minutes
+# Synthetic lesions (synthetic.py --out) for make compare: every loss in a few minutes
 SYNTHETIC_DATA := data/synthetic
 SYNTHETIC_FLAGS := --weights none --image-size 64 --epochs 10 --batch-size 16 --lr 5e-4
 
@@ -30,7 +30,7 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 $(SYNTHETIC_DATA): | install
-	$(PY) synthetic.py --synthetic $(SYNTHETIC_DATA)
+	$(PY) synthetic.py --out $(SYNTHETIC_DATA)
 
 demo: install
 	$(PY) train.py --project runs/demo --data $(DEMO_DATA) $(DEMO_FLAGS) --force

@@ -2,14 +2,14 @@
 benign = round, symmetric, one even colour; malignant = irregular border, asymmetric, several
 colours (the ABCD rule of dermoscopy, exaggerated so a CPU can learn it).
 
-    python synthetic.py --synthetic data/demo      # writes the synthetic demo data set
+    python synthetic.py --out data/demo      # writes the synthetic demo data set
 """
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from cli import ArgumentParser
+from config import make_parser
 from dataset import CLASSES, SPLITS
 
 SYNTHETIC_COUNTS = {"train": (160, 80), "validation": (40, 20), "test": (60, 30)}  # benign, malignant
@@ -57,13 +57,18 @@ def make_synthetic(out, size=96, seed=0, counts=None):
     return total
 
 
-if __name__ == "__main__":
-    parser = ArgumentParser("synthetic.py", description="Write the synthetic demo data set in the split layout.")
-    parser.add_argument("--synthetic", required=True, metavar="DIR", help="output folder (the --data of train.py)")
+def main(argv=None):
+    parser = make_parser("synthetic.py", "Write the synthetic demo data set in the split layout:\n\n"
+                                         "    python synthetic.py --out data/synthetic", ("out", "seed"),
+                         required=("out",), helps={"out": "output folder (the --data of train.py)",
+                                                   "seed": "random seed"})
     parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args()
-    if Path(args.synthetic).exists() and any(Path(args.synthetic).iterdir()):
-        raise SystemExit(f"synthetic.py: error: --synthetic {args.synthetic} is not empty; choose a new folder")
-    n = make_synthetic(args.synthetic, args.size, args.seed)
-    print(f"wrote {n} synthetic images to {args.synthetic}")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise SystemExit(f"synthetic.py: error: --out {args.out} is not empty; choose a new folder")
+    n = make_synthetic(args.out, args.size, args.seed)
+    print(f"wrote {n} synthetic images to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,6 @@ split.json lists them.
     python to_subdirectories.py --csv train-metadata.csv --images train-image/image --out DATA
 """
 
-import argparse
 import csv
 import glob
 import json
@@ -29,7 +28,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from cli import ArgumentParser, interrupts_raise
+from cli import interrupts_raise
+from config import make_parser
 from dataset import CLASS_NAMES, SPLITS
 from files import left_by_an_ended_process, overlaps
 from near_duplicates import NEAR_BITS, leaks
@@ -294,17 +294,19 @@ def print_table(counts, grouped, n_patients):
 
 
 def parse_args(argv):
-    parser = ArgumentParser(
-        "to_subdirectories.py", formatter_class=argparse.HelpFormatter,
-        description="Split the ISIC 2020 images into DATA/{train_data,validation_data,test_data}/{0,1}/ "
-                    "(0 benign, 1 malignant), per class and grouped by patient.")
+    parser = make_parser(
+        "to_subdirectories.py", "Split the ISIC 2020 images into DATA/{train_data,validation_data,test_data}/{0,1}/ "
+                                "(0 benign, 1 malignant), per class and grouped by patient.",
+        ("out", "seed", "force"), defaults={"out": "DATA"},
+        helps={"out": "output folder for the split class folders and split.json",
+               "seed": "random seed of the split; the same seed and CSV give the same split",
+               "force": "write into a non-empty --out, replacing its train_data, validation_data, test_data and "
+                        "split.json (other files there are left alone)"})
     parser.add_argument("--csv", default="train-metadata.csv",
                         help="metadata CSV with an isic_id (or image_name) column and a 0/1 target column; "
                              "a patient_id column makes the split patient-grouped (default: %(default)s)")
     parser.add_argument("--images", default="train-image/image",
                         help="folder holding <isic_id>.jpg for every row of the CSV (default: %(default)s)")
-    parser.add_argument("--out", default="DATA",
-                        help="output folder for the split class folders and split.json (default: %(default)s)")
     parser.add_argument("--split-column", default=None, metavar="NAME",
                         help="CSV column holding an official split (values train, val/validation, test): "
                              "used instead of drawing one; default: a column named 'split' when there is one")
@@ -312,15 +314,9 @@ def parse_args(argv):
                         metavar=("TRAIN", "VAL", "TEST"),
                         help="fractions of every class for train, validation and test; each > 0, summing "
                              "to 1 (default: 0.7 0.15 0.15, as in the study)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed of the split; the same seed and CSV give the same split "
-                             "(default: %(default)s)")
     parser.add_argument("--copy", action="store_true",
                         help="copy the images instead of hard-linking them (hard links share the file "
                              "with --images: no extra disk space, but editing one edits the other)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into a non-empty --out, replacing its train_data, validation_data, "
-                             "test_data and split.json (other files there are left alone)")
     return parser.parse_args(argv)
 
 

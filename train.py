@@ -77,7 +77,7 @@ def check_args(args):
     does not keep, the combinations of flags, then every setting by its rule (config.py)."""
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py "
-                         f"or `python synthetic.py {args.data}`")
+                         f"or `python synthetic.py --out {args.data}`")
     for folder in args.extra_train:
         if not Path(folder).is_dir():
             raise ValueError(f"--extra-train {folder}: no such folder; make it with to_subdirectories.py")
