@@ -100,7 +100,7 @@ class RunConfig:
                               at_least(2, " (BatchNorm needs two or more images per training batch)"), type=int)
     val_batch_size: int = setting(16, "images per validation/test batch", at_least(1), type=int)
     lr: float = setting(1e-5, "peak learning rate", number(0, low_open=True), type=float)
-    weight_decay: float = setting(1e-5, "weight decay", number(0), type=float)
+    weight_decay: float = setting(1e-5, "weight decay (L2 for adam, decoupled for adamw)", number(0), type=float)
     benign_limit: list = setting([4000, 1000, 1000], "cap on benign images in train, validation and test (one "
                                  "value: all three); 0 = no cap, the full data set",
                                  Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 3
