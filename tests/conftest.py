@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic data folder and one tiny project trained on it by the real
 command line (each made once per session, or once per worker under pytest -n), the real ISIC
-sample, one torch thread, and a short bootstrap for in-process evaluations."""
+sample, one torch thread, and a short bootstrap for in-process evaluations; a data folder with odd
+and broken files, one tiny run on it in-process and its evaluation (also once per session)."""
 import functools
 import re
 import sys
@@ -95,3 +96,120 @@ def help_entries(help_text):
 @pytest.fixture
 def parse_help():
     return help_entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged data, and one tiny run on it in-process (the reference of every resumed run)
+
+
+def _no_test_evaluation(*args, **kwargs):
+    return {}
+
+
+@pytest.fixture
+def no_test_eval(monkeypatch):
+    """train.main without its final test-split evaluation (bootstrap AUC, figures), for tests of
+    something else."""
+    import train
+
+    monkeypatch.setattr(train, "evaluate", _no_test_evaluation)
+
+
+@pytest.fixture(scope="session")
+def broken_data_dir(tmp_path_factory):
+    """TINY_COUNTS images of 40 px plus odd and broken files. Read-only: a test that changes files
+    copies it first. Train holds grayscale, CMYK, RGBA-PNG and palette-PNG files under .jpg names
+    (they must train), the broken files of helpers.BROKEN_FILES (zero bytes, truncated, random
+    bytes, text, a 70-megapixel image) and a .DS_Store; validation holds one zero-byte file."""
+    import numpy as np
+    from PIL import Image
+
+    import synthetic
+
+    out = tmp_path_factory.mktemp("broken_data")
+    synthetic.make_synthetic(out, size=40, seed=0, counts=TINY_COUNTS)
+    benign, malignant = out / "train_data" / "0", out / "train_data" / "1"
+    for path, mode, fmt in ((benign / "SYN_train_0_0000.jpg", "L", "JPEG"),
+                            (malignant / "SYN_train_1_0000.jpg", "CMYK", "JPEG"),
+                            (benign / "SYN_train_0_0001.jpg", "RGBA", "PNG"),
+                            (malignant / "SYN_train_1_0001.jpg", "P", "PNG")):
+        with Image.open(path) as image:
+            image.convert(mode).save(path, format=fmt)
+    good = (benign / "SYN_train_0_0002.jpg").read_bytes()
+    (benign / "zero_bytes.jpg").write_bytes(b"")
+    (benign / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (malignant / "not_a_jpeg.jpg").write_bytes(np.random.default_rng(1).bytes(3000))
+    (benign / "notes.txt").write_text("exported from the camera\n")
+    (malignant / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    Image.new("1", (10_000, 7_000)).save(benign / "huge.jpg", format="PNG")  # 70 Mpx, 9 kB on disk
+    (out / "validation_data" / "1" / "zero_val.jpg").write_bytes(b"")
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(broken_data_dir, tmp_path_factory):
+    """One uninterrupted 2-epoch train.main(helpers.train_argv(P, broken_data_dir)) in-process,
+    its test evaluation stubbed: what every stopped and resumed run must equal. Records its stdout,
+    every save_atomic call (file name, epoch, step), and the signal handlers before and after.
+    Read-only: a test that writes to the project copies it (resumable)."""
+    import contextlib
+    import io
+    import signal
+    from types import SimpleNamespace
+
+    import train
+    from helpers import SIGNALS, train_argv
+
+    project = tmp_path_factory.mktemp("reference_run") / "project"
+    saves, real_save = [], train.save_atomic
+
+    def spy(obj, path):
+        saves.append((Path(path).name, obj.get("epoch"), obj.get("step")))
+        return real_save(obj, path)
+
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    stdout = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+            mp.setattr(train, "evaluate", _no_test_evaluation)
+            mp.setattr(train, "save_atomic", spy)
+            train.main(train_argv(project, broken_data_dir, 2))
+        after = {s: signal.getsignal(s) for s in SIGNALS}
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    return SimpleNamespace(project=project, outputs=project / "outputs", stdout=stdout.getvalue(),
+                           saves=saves, handlers_before=before, handlers_after=after)
+
+
+@pytest.fixture
+def resumable(reference_run, tmp_path):
+    """A copy of reference_run's outputs in a project of its own (2 epochs done, lr 1e-3, batch 8,
+    image size 32)."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(reference_run.outputs, project / "outputs")
+    return project
+
+
+@pytest.fixture(scope="session")
+def evaluated_project(reference_run, broken_data_dir, tmp_path_factory):
+    """A copy of reference_run's project evaluated by predict.py into its own results folder:
+    outputs/gallery.pt exists. Read-only: a test that writes to it copies it."""
+    import contextlib
+    import io
+    import shutil
+
+    import metrics
+    import predict
+    from helpers import call_main, evaluate_argv
+
+    project = tmp_path_factory.mktemp("evaluated") / "project"
+    shutil.copytree(reference_run.outputs, project / "outputs")
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(predict, "image_metrics", functools.partial(metrics.image_metrics, n_bootstrap=50))
+        status, message = call_main(predict.main, evaluate_argv(project, broken_data_dir))
+    assert (status, message) == (0, "")
+    assert (project / "outputs" / "gallery.pt").exists()
+    return project

@@ -1,6 +1,9 @@
-"""What several test files share: the tiny CPU training flags and the command lines run as a user
-runs them (one OpenMP thread each). The fixtures are in conftest.py."""
+"""What several test files share: the tiny CPU training flags, the command lines run as a user
+runs them (one OpenMP thread each) or in-process (call_main), and the checks of a one-line error.
+The fixtures are in conftest.py."""
+import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +40,65 @@ def make_clinic(folder, seed=7):
 
     make_synthetic(Path(folder) / "other", size=40, seed=seed, counts={"test": (5, 4)})
     return (Path(folder) / "other" / "test_data").rename(Path(folder) / "clinic")
+
+
+# ---------------------------------------------------------------------------------------------
+# A script's main() in-process, and what its errors look like
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The files of conftest.broken_data_dir that every run excludes at start-up, with a reason.
+BROKEN_FILES = {"zero_bytes.jpg", "truncated.jpg", "not_a_jpeg.jpg", "notes.txt", "huge.jpg", "zero_val.jpg"}
+
+
+def train_argv(project, data, epochs=2, *flags):
+    """train.py's arguments for PROJECT on DATA: TINY for EPOCHS epochs, then FLAGS (a later flag
+    overrides an earlier one)."""
+    return ["--project", str(project), "--data", str(data), *tiny(epochs), *map(str, flags)]
+
+
+def evaluate_argv(project, data, *flags):
+    """predict.py's arguments evaluating PROJECT on DATA on the CPU, with train_argv's gallery size."""
+    return ["--project", project, "--data", data, "--device", "cpu", "--save-every", "5", "--gallery-size", "4",
+            *flags]
+
+
+def call_main(main, argv):
+    """A script's main(argv) in-process: (exit status, message of sys.exit(str) or ''). The signal
+    handlers are put back afterwards, so a run cannot leave pytest deaf to Ctrl-C."""
+    saved = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        main([str(a) for a in argv])
+        return 0, ""
+    except SystemExit as exit_:
+        code = exit_.code
+        if code is None or isinstance(code, int):
+            return code or 0, ""
+        return 1, str(code)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def assert_one_line(message, prefix):
+    """MESSAGE starts with PREFIX and is one line, without a traceback."""
+    assert message.startswith(prefix), message
+    assert "\n" not in message.strip(), f"not one line:\n{message}"
+    assert "Traceback" not in message
+
+
+def torch_load(path):
+    """A file this repository saved, as plain tensors and data (weights_only) on the CPU."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def jpeg_bytes(mode="RGB", size=(40, 36), seed=0, fmt="JPEG"):
+    """The bytes of a small random image file (JPEG unless FMT says otherwise)."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()

@@ -24,7 +24,7 @@ import predict
 from calibration import calibrated
 import to_subdirectories
 import train
-from helpers import TINY
+from helpers import TINY, call_main, train_argv
 from modules import SiameseNetwork, load_checkpoint, load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +120,16 @@ def test_image_and_pair_together_are_refused(tmp_path):
     assert code == 2
     assert stderr.strip().splitlines() == [
         "predict.py: error: argument --pair: not allowed with argument --image; see --help"]
+
+
+def test_missing_data_flag_is_a_one_line_usage_error(tmp_path, capsys):
+    argv = train_argv(tmp_path / "project", "unused")
+    del argv[2:4]  # drop --data DATA
+    status, _ = call_main(train.main, argv)
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.strip().splitlines() == ["train.py: error: the following arguments are required: --data; see --help"]
+    assert not (tmp_path / "project").exists()
 
 
 # ---------------------------------------------------------------------------------------------

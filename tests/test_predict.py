@@ -1,10 +1,15 @@
 """Tests of predict.py: its command line's error messages, and another clinic's images, single
-images and pairs evaluated from the project alone (gallery.pt), without its training data."""
+images and pairs evaluated from the project alone (gallery.pt), without its training data; an
+evaluation writes only into --out (never over the project's gallery or its data), stops in one line
+on a bad flag, path, full disk or oversized image, puts earlier results back when a signal stops
+it, and lists the images it left out. Damaged checkpoints and galleries: test_checkpoints.py."""
 import contextlib
 import functools
 import json
 import math
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import images
 import metrics
 import predict
-from helpers import SUBPROCESS_ENV, make_clinic, tiny
+from helpers import (BROKEN_FILES, SIGNALS, SUBPROCESS_ENV, assert_one_line, call_main, evaluate_argv, jpeg_bytes,
+                     make_clinic, tiny, torch_load)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -326,3 +333,165 @@ def test_a_clinics_gallery_never_replaces_the_projects_gallery_pt(movable_projec
     config = predict.load_checkpoint(project / "outputs" / "best.pth")[1]
     own = (project / "outputs" / "best.pth", data, project / "results", config)
     assert predict.writes_gallery(*own) and not predict.writes_gallery(*own, clinic=clinic)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation into --out: the project's gallery and the data left alone, one line for each mistake
+
+
+def test_evaluation_into_out_or_of_other_data_leaves_the_projects_gallery(evaluated_project, broken_data_dir,
+                                                                          tmp_path, quick_bootstrap):
+    project = tmp_path / "project"
+    shutil.copytree(evaluated_project / "outputs", project / "outputs")
+    gallery = project / "outputs" / "gallery.pt"
+    before = (gallery.stat().st_ino, gallery.stat().st_mtime_ns, gallery.read_bytes())
+    out = tmp_path / "elsewhere"
+    assert call_main(predict.main, evaluate_argv(project, broken_data_dir, "--out", out)) == (0, "")
+    assert (out / "metrics.json").exists() and not (project / "results").exists()
+    other = Path(shutil.copytree(broken_data_dir, tmp_path / "other_data"))
+    assert call_main(predict.main, evaluate_argv(project, other)) == (0, "")
+    assert (gallery.stat().st_ino, gallery.stat().st_mtime_ns, gallery.read_bytes()) == before
+
+
+def test_evaluation_of_the_training_data_into_the_project_replaces_the_gallery(evaluated_project, broken_data_dir,
+                                                                               tmp_path, quick_bootstrap):
+    project = tmp_path / "project"
+    shutil.copytree(evaluated_project / "outputs", project / "outputs")
+    gallery = project / "outputs" / "gallery.pt"
+    gallery.unlink()
+    assert call_main(predict.main, evaluate_argv(project, broken_data_dir)) == (0, "")
+    assert torch_load(gallery)["checkpoint_stamp"] == predict.checkpoint_stamp(project / "outputs" / "best.pth")
+
+
+def test_evaluating_last_pth_into_the_project_leaves_the_gallery_of_best_pth(evaluated_project, broken_data_dir,
+                                                                             tmp_path, quick_bootstrap):
+    project = tmp_path / "project"
+    shutil.copytree(evaluated_project / "outputs", project / "outputs")
+    shutil.copy(project / "outputs" / "best.pth", project / "outputs" / "last.pth")
+    gallery = project / "outputs" / "gallery.pt"
+    before = gallery.read_bytes()
+    argv = evaluate_argv(project, broken_data_dir, "--checkpoint", project / "outputs" / "last.pth")
+    assert call_main(predict.main, argv) == (0, "")
+    assert gallery.read_bytes() == before and (project / "results" / "metrics.json").exists()
+
+
+def test_predict_out_that_is_a_file_is_one_line(evaluated_project, broken_data_dir, tmp_path):
+    report = tmp_path / "report.txt"
+    report.write_text("mine")
+    status, message = call_main(predict.main, evaluate_argv(evaluated_project, broken_data_dir, "--out", report))
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: --out {report}: is a file")
+    assert report.read_text() == "mine"
+
+
+@pytest.mark.parametrize("out", ["data", "inside_data", "project", "outputs"])
+def test_predict_out_that_overlaps_the_data_or_the_checkpoint_moves_nothing(out, evaluated_project, broken_data_dir,
+                                                                            tmp_path):
+    data = Path(shutil.copytree(broken_data_dir, tmp_path / "data"))
+    project = tmp_path / "project"
+    shutil.copytree(evaluated_project / "outputs", project / "outputs")
+    target = {"data": data, "inside_data": data / "train_data", "project": project,
+              "outputs": project / "outputs"}[out]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    status, message = call_main(predict.main, evaluate_argv(project, data, "--out", target))
+    assert status != 0
+    assert_one_line(message, "predict.py: error:")
+    assert f"--out {target}: overlaps" in message
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--target-sensitivity", "1.5"), ("--target-sensitivity", "nan"),
+                                         ("--workers", "-1")])
+def test_predict_bad_flag_is_one_line_before_any_work(flag, value, evaluated_project, broken_data_dir, tmp_path):
+    out = tmp_path / "out"
+    status, message = call_main(predict.main, evaluate_argv(evaluated_project, broken_data_dir, "--out", out, flag,
+                                                            value))
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: {flag} {value}:")
+    assert not out.exists()
+
+
+def test_predict_full_disk_is_one_line_naming_the_file(evaluated_project, broken_data_dir, tmp_path, monkeypatch,
+                                                       quick_bootstrap):
+    real_write_text = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith((".metrics.", "metrics.json")):  # metrics.json or its temporary file
+            raise OSError(28, "No space left on device", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    out = tmp_path / "report"
+    try:
+        status, message = call_main(predict.main, evaluate_argv(evaluated_project, broken_data_dir, "--out", out))
+    except OSError as error:
+        pytest.fail(f"traceback: {error!r}")
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: could not write {out / 'metrics.json'} (No space left on device)")
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["earlier-results", "no-earlier-results"])
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_signal_during_evaluation_puts_the_earlier_results_back(signum, earlier, evaluated_project, broken_data_dir,
+                                                                tmp_path, monkeypatch, capsys):
+    """SIGINT / SIGTERM (the real signal, to predict.py's own handler) right after the earlier
+    results were moved aside: they are moved back, nothing half-written is left, one line, 128 + signal."""
+    out = tmp_path / "report"
+    if earlier:
+        out.mkdir()
+        (out / "metrics.json").write_text("earlier\n")
+
+    def signalled(*args, **kwargs):
+        assert not earlier or not out.exists() or not (out / "metrics.json").exists()  # moved aside by now
+        signal.raise_signal(signum)
+        raise AssertionError("the signal did not stop the evaluation")
+
+    monkeypatch.setattr(predict, "build_gallery", signalled)
+    status, message = call_main(predict.main, evaluate_argv(evaluated_project, broken_data_dir, "--out", out))
+    assert (status, message) == (128 + signum, "")
+    stderr = capsys.readouterr().err.strip()
+    assert_one_line(stderr, f"predict.py: stopped by {signum.name}; ")
+    if earlier:
+        assert stderr.endswith(f"earlier results moved back to {out}")
+        assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "earlier\n"
+    else:
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["report"] if earlier else [])  # no results.<date-time> left
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the size is the subject
+@pytest.mark.parametrize("flag", ["--image", "--pair"])
+def test_image_whose_header_claims_too_many_pixels_is_refused_before_decoding(flag, reference_run, tmp_path,
+                                                                              monkeypatch):
+    data = bytearray(jpeg_bytes())
+    frame = data.find(b"\xff\xc0")  # start of frame: height and width at bytes 5-8
+    data[frame + 5:frame + 9] = (12_000).to_bytes(2, "big") * 2
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(bytes(data))
+    assert len(data) < 2000
+
+    def no_decoding(path):
+        raise AssertionError(f"{path} was decoded")
+
+    monkeypatch.setattr(predict, "read_rgb", no_decoding)
+    inputs = [bomb] if flag == "--image" else [bomb, bomb]
+    status, message = call_main(predict.main, ["--checkpoint", reference_run.outputs / "best.pth", flag, *inputs,
+                                               "--device", "cpu"])
+    assert status != 0
+    assert_one_line(message, f"predict.py: error: {flag} {bomb}: too large (12000x12000)")
+    assert f"{images.MAX_PIXELS:,}" in message
+
+
+def test_evaluation_counts_and_lists_every_image_it_left_out(evaluated_project, broken_data_dir, tmp_path,
+                                                             quick_bootstrap, capsys):
+    broken = Path(shutil.copytree(broken_data_dir, tmp_path / "data"))
+    good = (broken / "test_data" / "1" / "SYN_test_1_0000.jpg").read_bytes()
+    (broken / "test_data" / "1" / "cut_a.jpg").write_bytes(good[: len(good) // 2])
+    (broken / "test_data" / "0" / "cut_b.jpg").write_bytes(good[: len(good) // 3])
+    (broken / "test_data" / "0" / "notes.txt").write_text("not an image")
+    assert call_main(predict.main, evaluate_argv(evaluated_project, broken, "--out", tmp_path / "X")) == (0, "")
+    listed = (tmp_path / "X" / "excluded_images.txt").read_text().splitlines()
+    names = {Path(line.split("\t")[0]).name for line in listed}
+    assert {"cut_a.jpg", "cut_b.jpg", "notes.txt"} <= names and BROKEN_FILES <= names
+    assert json.loads((tmp_path / "X" / "metrics.json").read_text())["n_excluded_images"] == len(listed)
+    assert re.search(rf"excluded images +{len(listed)}, listed in .*excluded_images.txt", capsys.readouterr().out)

@@ -1,8 +1,13 @@
 """train.py's pieces: the command line, each loss learning on a tiny batch, the collapse guard
-and the best-checkpoint rule."""
+and the best-checkpoint rule; damaged data (broken files excluded and listed, a split without both
+classes) and bad flags or projects, each stopped in one line before any work. Its saved state,
+--resume and interruptions: test_train_state.py."""
 import dataclasses
 import math
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,9 @@ import torch
 import modules
 import train
 from dataset import ImageDataset, ShuffledBatches, BalancedBatches, collate_images, load_split, train_transform
-from helpers import TINY, tiny
+from helpers import (BROKEN_FILES, ROOT, SUBPROCESS_ENV, TINY, assert_one_line, call_main, tiny,
+                     train_argv)
+from images import DataError
 from modules import LOSSES, RunConfig, build_model
 
 FLAGS = ("--help", "--project", "--data", "--epochs", "--recipe", "--batch-size", "--val-batch-size", "--lr",
@@ -314,3 +321,141 @@ def test_resume_on_changed_data_is_refused_naming_the_split_unless_accepted(tiny
     moved = Path(shutil.move(data, tmp_path / "moved"))
     train.main(["--project", str(project), "--data", str(moved), "--resume", "--epochs", "3"])
     assert "resuming" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged data: broken files excluded and listed, a split without both classes stops the run
+
+
+def test_training_run_summarises_exclusions_in_one_line_and_lists_them(reference_run):
+    lines = [line for line in reference_run.stdout.splitlines() if "exclude" in line]
+    assert len(lines) == 1, reference_run.stdout
+    listing = reference_run.outputs / "excluded_images.txt"
+    assert f"{len(BROKEN_FILES)} " in lines[0] and str(listing) in lines[0]
+    rows = listing.read_text().splitlines()
+    assert {Path(row.split("\t")[0]).name for row in rows} == BROKEN_FILES
+    assert all(len(row.split("\t")) == 2 and row.split("\t")[1] for row in rows)  # path <TAB> reason
+
+
+@pytest.fixture
+def broken_data_copy(broken_data_dir, tmp_path):
+    """A writable copy of the session's data with broken files."""
+    return Path(shutil.copytree(broken_data_dir, tmp_path / "data"))
+
+
+def _empty_class_folder(data):
+    for path in (data / "validation_data" / "1").iterdir():
+        path.unlink()
+    return data / "validation_data" / "1", "no usable malignant"
+
+
+def _missing_split_folder(data):  # a missing test split is allowed (then validation is reported)
+    shutil.rmtree(data / "validation_data")
+    return data / "validation_data", "missing"
+
+
+def _one_class_only(data):  # every malignant training file is broken
+    for path in (data / "train_data" / "1").glob("SYN_*"):
+        path.write_bytes(b"")
+    return data / "train_data" / "1", "no usable malignant"
+
+
+@pytest.mark.parametrize("damage", [_empty_class_folder, _missing_split_folder, _one_class_only])
+def test_split_without_both_classes_stops_before_training(broken_data_copy, tmp_path, damage, no_test_eval):
+    folder, what = damage(broken_data_copy)
+    split = {"train_data": "train", "validation_data": "validation", "test_data": "test"}[
+        folder.relative_to(broken_data_copy).parts[0]]
+    with pytest.raises(DataError, match=what) as error:
+        load_split(broken_data_copy, split)
+    assert str(folder) in str(error.value)
+    status, message = call_main(train.main, train_argv(tmp_path / "project", broken_data_copy))
+    assert status != 0
+    assert message.startswith("train.py: error:") and str(folder) in message
+    assert "to_subdirectories.py" in message  # and what to do
+    assert not list((tmp_path / "project").rglob("*.pth"))  # stopped before training
+
+
+def test_class_of_only_broken_files_says_they_were_excluded(broken_data_copy, tmp_path, no_test_eval):
+    _one_class_only(broken_data_copy)
+    project = tmp_path / "project"
+    status, message = call_main(train.main, train_argv(project, broken_data_copy))
+    assert status != 0
+    # the 6 emptied images and not_a_jpeg.jpg; .DS_Store is not an image file and not counted
+    assert_one_line(message, f"train.py: error: {broken_data_copy / 'train_data' / '1'}: no usable malignant "
+                             f"images (7 excluded as unusable, e.g. SYN_train_1_0000.jpg (empty file)); ")
+    assert not list(project.rglob("*.pth"))  # stopped before training
+
+
+def test_extra_class_folder_stops_training_in_one_line_naming_it(broken_data_copy, tmp_path, no_test_eval):
+    extra = broken_data_copy / "train_data" / "2"  # its images would otherwise be dropped without a word
+    extra.mkdir()
+    for path in sorted((broken_data_copy / "train_data" / "1").glob("SYN_*"))[:3]:
+        path.rename(extra / path.name)
+    project = tmp_path / "project"
+    status, message = call_main(train.main, train_argv(project, broken_data_copy))
+    assert status != 0
+    assert_one_line(message, f"train.py: error: {extra}:")
+    assert not list(project.rglob("*.pth"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad flags and projects: one line each, before any work
+
+
+BAD_FLAGS = [
+    ("does_not_exist", ["--data", "{tmp}/nowhere"], "--data"),
+    ("image_size_below_32", ["--image-size", "16"], "--image-size 16"),
+    ("batch_size_0", ["--batch-size", "0"], "--batch-size 0"),
+    ("epochs_0", ["--epochs", "0"], "--epochs 0"),
+    ("unknown_device", ["--device", "banana"], "--device banana"),
+    pytest.param("cuda_absent", ["--device", "cuda"], "--device cuda", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
+    ("resume_without_last", ["--resume"], "--resume"),
+    ("batch_size_1", ["--batch-size", "1"], "--batch-size 1"),  # BatchNorm needs two per batch
+    ("lr_inf", ["--lr", "inf"], "--lr inf"),
+    ("lr_nan", ["--lr", "nan"], "--lr nan"),
+    ("weight_decay_nan", ["--weight-decay", "nan"], "--weight-decay nan"),
+    ("margin_negative", ["--loss", "triplet", "--margin", "-1"], "--margin -1"),
+    ("margin_nan", ["--loss", "contrastive", "--margin", "nan"], "--margin nan"),
+    ("seed_negative", ["--seed", "-1"], "--seed -1"),
+    ("workers_negative", ["--workers", "-1"], "--workers -1"),
+]
+
+
+@pytest.mark.parametrize("case, extra, flag", BAD_FLAGS)
+def test_bad_flag_is_one_line_before_any_work(case, extra, flag, broken_data_dir, tmp_path, no_test_eval):
+    project = tmp_path / "project"
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    status, message = call_main(train.main, train_argv(project, broken_data_dir, 2, *extra))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert flag in message
+    assert not project.exists()  # nothing created: refused before any work
+
+
+def test_bad_flag_on_the_real_command_line(tmp_path):
+    (tmp_path / "data").mkdir()  # beside the project, not holding it
+    project = tmp_path / "project"
+    result = subprocess.run([sys.executable, "train.py", *train_argv(project, tmp_path / "data", 2,
+                                                                     "--device", "banana")],
+                            cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1
+    assert_one_line(result.stderr.strip(), "train.py: error: --device banana")
+    assert result.stdout == ""
+    assert not project.exists()
+
+
+def test_a_project_that_is_a_file_gives_no_resume_advice(broken_data_dir, tmp_path, no_test_eval):
+    (tmp_path / "file").write_text("not a folder")
+    status, message = call_main(train.main, train_argv(tmp_path / "file", broken_data_dir, 1))
+    assert status != 0
+    assert_one_line(message, "train.py: error:")
+    assert "--resume" not in message
+
+
+def test_a_project_inside_its_data_is_refused_before_training(broken_data_dir, tmp_path, no_test_eval):
+    data = Path(shutil.copytree(broken_data_dir, tmp_path / "data"))
+    status, message = call_main(train.main, train_argv(data / "runs" / "x", data, 1))
+    assert status != 0
+    assert_one_line(message, f"train.py: error: --project {data / 'runs' / 'x'}: overlaps --data")
+    assert not (data / "runs").exists()
