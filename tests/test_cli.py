@@ -65,7 +65,7 @@ def run_compare_main(argv):
     ("predict.py", predict.main, ["--proj", "{tmp}/p", "--data", "{tmp}"], "--proj"),
     ("to_subdirectories.py", to_subdirectories.main, ["--cs", "{tmp}/x.csv"], "--cs"),
     ("bench.py", bench.main, ["--quic"], "--quic"),
-    ("synthetic.py", run_synthetic_main, ["--synth", "{tmp}/demo"], "--synthetic"),
+    ("synthetic.py", run_synthetic_main, ["--ou", "{tmp}/demo"], "--out"),
     ("compare.py", run_compare_main, ["--proj", "{tmp}/p", "--data", "{tmp}"], "--project"),
 ])
 def test_abbreviated_flag_is_refused_in_one_line(script, main, argv, flag, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ import dataset
 import synthetic
 from dataset import (BalancedBatches, ImageDataset, PairDataset, ShuffledBatches, batch_pairs, eval_transform,
                      list_split, load_split, load_train_split, make_pairs, train_transform)
+from helpers import BROKEN_FILES
 from images import DataError, cached_side, read_rgb
 
 TINY_COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}
@@ -154,6 +155,18 @@ def test_load_split_excludes_broken_files_and_says_why(tiny_data_dir, tmp_path):
     assert not any(p.name in reasons for p in loaded.paths)
     assert dataset.write_excluded([loaded], tmp_path / "excluded.txt") == 3
     assert len((tmp_path / "excluded.txt").read_text().splitlines()) == 3
+
+
+def test_load_split_excludes_broken_files_keeps_odd_formats_and_ignores_hidden_files(broken_data_dir):
+    split = load_split(broken_data_dir, "train", workers=2)
+    names = {p.name for p in split.paths}
+    assert {"SYN_train_0_0000.jpg", "SYN_train_1_0000.jpg", "SYN_train_0_0001.jpg", "SYN_train_1_0001.jpg"} <= names
+    assert split.counts() == list(TINY_COUNTS["train"])  # its usable images: those of tiny_data_dir
+    assert {p.name for p, _ in split.excluded} == BROKEN_FILES - {"zero_val.jpg"}
+    assert ".DS_Store" not in names
+    for index in range(len(split)):
+        image = split.read(index)
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_synthetic_settings_learn_the_synthetic_lesions(tmp_path, quick_bootstra
     flags = makefile_flags("SYNTHETIC_FLAGS")
     assert (flags[flags.index("--image-size") + 1], flags[flags.index("--epochs") + 1]) == ("64", "10")
     data = tmp_path / "synthetic"
-    synthetic.make_synthetic(data)  # what `synthetic.py --synthetic` writes, without starting another interpreter
+    synthetic.make_synthetic(data)  # what `synthetic.py --out` writes, without starting another interpreter
     # the cache decodes the 96 px files once instead of every epoch; one process, no loader workers
     train.main(["--project", str(tmp_path / "synthetic_run"), "--data", str(data), *flags, "--image-size", "32",
                 "--epochs", "6", "--workers", "0", "--cache", str(tmp_path / "cache")])

@@ -1,8 +1,9 @@
-"""Tests of images.py: reading image files (every format, the first frame of an animated image,
-EXIF orientation) and the uint8 cache. The start-up check of image files is tested in
-test_faults.py with the other damaged data."""
+"""Tests of images.py: the start-up check of image files (each broken file excluded with its reason,
+a huge one without decoding it, every decodable variant passed), reading them (every format, the
+first frame of an animated image, EXIF orientation) and the uint8 cache."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,10 +15,95 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from dataset import ImageDataset, collate_images, load_split, train_transform
-from images import DataError, attach_cache, cached_side, check_image, read_rgb
+from helpers import jpeg_bytes
+from images import DataError, attach_cache, cached_side, check_image, check_images, read_rgb
 from test_dataset import TINY_COUNTS, copy_of
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a file at start-up: broken, odd and huge files
+
+
+def corrupt_jpeg():
+    """Valid JPEG markers, a start of frame and an end-of-image marker, but a damaged Huffman
+    table (bit rot, a bad sector): the header alone looks fine, decoding fails."""
+    data = bytearray(jpeg_bytes())
+    table = data.find(b"\xff\xc4")
+    data[table + 5:table + 21] = b"\xff" * 16
+    return bytes(data)
+
+
+@pytest.mark.parametrize("name, content, reason", [  # reason: a regular expression of the whole reason
+    ("zero_bytes.jpg", lambda: b"", r"empty file"),
+    ("truncated.jpg", lambda: jpeg_bytes()[: len(jpeg_bytes()) // 2], r"unreadable \(OSError: .*truncated.*\)"),
+    ("truncated_in_header.jpg", lambda: jpeg_bytes()[:400], r"unreadable \(OSError: .*(?i:truncated).*\)"),
+    ("random_bytes.jpg", lambda: np.random.default_rng(2).bytes(2000), r"not an image"),
+    ("notes.txt", lambda: b"not an image at all\n", r"not an image"),
+    ("header_only.jpg", lambda: b"\xff\xd8\xff\xd9", r"not an image"),
+    # the 1/8-scale decode at start-up reads the damaged entropy-coded data: excluded, not a crash mid-epoch
+    ("corrupt_huffman_table.jpg", corrupt_jpeg, r"unreadable \(OSError: .+\)"),
+])
+def test_broken_file_is_excluded_at_start_up_with_a_reason(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content())
+    found = check_image(path)
+    assert found is not None and re.fullmatch(reason, found), found
+
+
+def test_huge_images_are_excluded_without_decoding_them(tmp_path, monkeypatch):
+    big = tmp_path / "big.jpg"
+    Image.new("1", (10_000, 7_000)).save(big, format="PNG")  # above MAX_PIXELS
+    bomb = tmp_path / "bomb.jpg"
+    Image.new("1", (15_000, 13_000)).save(bomb, format="PNG")  # above PIL's decompression-bomb limit
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    from PIL import ImageFile
+    real_file_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_file_load(self))
+    reasons = dict((p.name, r) for p, r in check_images([big, bomb, big], workers=2))
+    assert decoded == []  # judged from the header alone
+    assert "too large" in reasons["big.jpg"] and "10000x7000" in reasons["big.jpg"]
+    assert reasons["bomb.jpg"].startswith("unreadable (DecompressionBombError: ")  # PIL refuses to open it
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root reads a chmod 000 file anyway")
+def test_unreadable_file_is_excluded(tmp_path):
+    path = tmp_path / "locked.jpg"
+    path.write_bytes(jpeg_bytes())
+    path.chmod(0)
+    try:
+        reason = check_image(path)
+        assert reason and "unreadable" in reason
+    finally:
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize("name, mode, fmt", [
+    ("gray.jpg", "L", "JPEG"),
+    ("cmyk.jpg", "CMYK", "JPEG"),
+    ("rgba_png.jpg", "RGBA", "PNG"),
+    ("rgb_png.jpg", "RGB", "PNG"),
+    ("palette_png.jpg", "P", "PNG"),
+    ("gray_alpha_png.jpg", "LA", "PNG"),
+    ("bmp.jpg", "RGB", "BMP"),
+    ("webp.jpg", "RGB", "WEBP"),
+    pytest.param("gray16.png", "I;16", "PNG"),
+])
+def test_decodable_variants_pass_the_check_and_read_as_rgb_uint8(tmp_path, name, mode, fmt):
+    path = tmp_path / name
+    rgb = (np.random.default_rng(0).random((36, 40, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(rgb).convert(mode) if mode != "I;16" else \
+        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257))
+    image.save(path, format=fmt)
+    assert check_image(path) is None
+    tensor = read_rgb(path)
+    assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, 36, 40)
+    if fmt in ("PNG", "BMP") and mode in ("RGB", "RGBA"):  # lossless: exactly the RGB pixels
+        assert torch.equal(tensor, torch.from_numpy(rgb).permute(2, 0, 1))
 
 
 # ---------------------------------------------------------------------------------------------

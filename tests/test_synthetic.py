@@ -41,7 +41,7 @@ def test_synthetic_command_refuses_a_non_empty_folder(tmp_path):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    result = subprocess.run([sys.executable, "synthetic.py", "--synthetic", str(out)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "synthetic.py", "--out", str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "not empty" in result.stderr and str(out) in result.stderr
