@@ -50,7 +50,7 @@ class PairBCE:
     miner = None
     reports_active = False
 
-    def __init__(self, config, pos_weight=1.0, world_size=1):
+    def __init__(self, config, pos_weight=None, world_size=1):
         self.aux_weight, self.pos_weight = config.aux_weight, pos_weight
         self.world_size_scale = 1  # what DDP multiplies the reported loss by
 
@@ -131,7 +131,7 @@ class Contrastive:
     miner = "all"
     reports_active = True
 
-    def __init__(self, config, pos_weight=1.0, world_size=1):
+    def __init__(self, config, pos_weight=None, world_size=1):
         self.loss, self.miner_function = metric_loss(self.name, config.margin, config.miner, world_size)
         self.config_margin = config.margin
         self.world_size_scale = world_size  # pytorch-metric-learning's DDP wrapper scales the loss by it

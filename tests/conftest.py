@@ -150,7 +150,7 @@ def broken_data_dir(tmp_path_factory):
 def reference_run(broken_data_dir, tmp_path_factory):
     """One uninterrupted 2-epoch train.main(helpers.train_argv(P, broken_data_dir)) in-process,
     its test evaluation stubbed: what every stopped and resumed run must equal. Records its stdout,
-    every save_atomic call (file name, epoch, step), and the signal handlers before and after.
+    every checkpoint it saves (file name, epoch, step), and the signal handlers before and after.
     Read-only: a test that writes to the project copies it (resumable)."""
     import contextlib
     import io
@@ -161,7 +161,7 @@ def reference_run(broken_data_dir, tmp_path_factory):
     from helpers import SIGNALS, train_argv
 
     project = tmp_path_factory.mktemp("reference_run") / "project"
-    saves, real_save = [], train.save_atomic
+    saves, real_save = [], train.save_versioned
 
     def spy(obj, path):
         saves.append((Path(path).name, obj.get("epoch"), obj.get("step")))
@@ -172,7 +172,7 @@ def reference_run(broken_data_dir, tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
             mp.setattr(train, "evaluate", _no_test_evaluation)
-            mp.setattr(train, "save_atomic", spy)
+            mp.setattr(train, "save_versioned", spy)
             train.main(train_argv(project, broken_data_dir, 2))
         after = {s: signal.getsignal(s) for s in SIGNALS}
     finally:

@@ -13,19 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import modules
+import config
+import distributed
 import train
 from dataset import ImageDataset, ShuffledBatches, BalancedBatches, collate_images, load_split, train_transform
 from helpers import (BROKEN_FILES, ROOT, SUBPROCESS_ENV, TINY, assert_one_line, call_main, tiny,
                      train_argv)
 from images import DataError
-from modules import LOSSES, RunConfig, build_model
+from config import RECIPES, RunConfig
+from losses import LOSSES, build_model
 
-FLAGS = ("--help", "--project", "--data", "--epochs", "--recipe", "--batch-size", "--val-batch-size", "--lr",
+FLAGS = ("--help", "--project", "--data", "--config", "--epochs", "--recipe", "--batch-size", "--val-batch-size", "--lr",
          "--weight-decay", "--optimizer", "--schedule", "--warmup-epochs", "--augment", "--aux-weight",
          "--backbone-lr-scale", "--sampler", "--image-size", "--extra-train", "--benign-limit", "--backbone", "--features", "--weights",
          "--loss", "--pairing", "--partners-per-class", "--embed-dim",
-         "--margin", "--miner", "--per-class", "--select", "--gallery-size", "--score", "--classify", "--tta", "--no-tta", "--k",
+         "--margin", "--miner", "--per-class", "--select", "--gallery-size", "--score", "--tta", "--no-tta", "--k",
          "--target-sensitivity", "--save-every", "--device", "--seed", "--workers", "--cache", "--no-amp",
          "--compile", "--sync-bn", "--resume", "--accept-changed-data", "--force")
 
@@ -65,10 +67,10 @@ def test_bad_flags_are_refused_with_the_flag_named(flags, message, tmp_path):
     ("--partners-per-class", "1", "partners_per_class"), ("--per-class", "1", "per_class"),
     ("--backbone-lr-scale", "2.5", "backbone_lr_scale"), ("--k", "0", "k"), ("--batch-size", "1", "batch_size")])
 def test_a_setting_is_refused_by_its_one_rule_naming_the_flag(flag, value, key, tmp_path):
-    """The rule that checks a saved config (modules.CONFIG_RULES) checks the flag too."""
+    """The rule that checks a saved config (config.SETTINGS) checks the flag too."""
     with pytest.raises(ValueError) as refused:
         train.check_args(train.parse_args(["--project", "p", "--data", str(tmp_path), flag, value]))
-    assert str(refused.value) == f"{flag} {value}: must be {modules.CONFIG_RULES[key][1]}"
+    assert str(refused.value) == f"{flag} {value}: must be {config.SETTINGS[key].metadata['rule'].what}"
 
 
 def test_every_setting_comes_from_the_flag_of_its_name(tmp_path):
@@ -92,13 +94,12 @@ def test_each_loss_decreases_on_a_tiny_batch_within_a_few_steps(loss, tiny_data_
                else ShuffledBatches(split.labels, 8, 0, 4))
     batch = collate_images([dataset[item] for item in next(iter(sampler))])
     model = build_model(config)
-    criterion = LOSSES[loss].criterion(config)
+    loss_of = LOSSES[loss](config, torch.tensor(1.5))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)  # small steps: a steady fall on one batch
     losses = []
     for _ in range(6):
         generator = torch.Generator().manual_seed(0)  # the same pairs every step: a fixed objective
-        value, *_ = train.training_loss(model, batch, config, torch.device("cpu"), generator, criterion,
-                                        torch.tensor(1.5))
+        value, *_ = loss_of(model, train.on_device(batch, config, torch.device("cpu"), generator))
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -107,20 +108,24 @@ def test_each_loss_decreases_on_a_tiny_batch_within_a_few_steps(loss, tiny_data_
 
 
 def test_collapse_warning_fires_on_constant_embeddings():
+    from history import collapse_warning
+
     features = torch.ones(10, 8) / math.sqrt(8)  # every image the same unit vector
     spread = (features - features.mean(0)).norm(dim=1).mean().item()
     row = {"epoch": 3, "embedding_spread": spread, "active_fraction": 0.5}
-    assert "collapsed at epoch 3" in train.collapse_warning(row)
-    assert train.collapse_warning({"epoch": 3, "embedding_spread": 0.4, "active_fraction": 0.0})
-    assert train.collapse_warning({"epoch": 3, "embedding_spread": 0.4, "active_fraction": 0.3}) is None
+    assert "collapsed at epoch 3" in collapse_warning(row)
+    assert collapse_warning({"epoch": 3, "embedding_spread": 0.4, "active_fraction": 0.0})
+    assert collapse_warning({"epoch": 3, "embedding_spread": 0.4, "active_fraction": 0.3}) is None
 
 
 def test_selection_prefers_higher_auc_then_lower_loss():
+    from history import selection_key
+
     rows = [{"val_auc": 0.9, "val_loss": 0.3}, {"val_auc": 1.0, "val_loss": 0.5}, {"val_auc": 1.0, "val_loss": 0.2}]
-    keys = [train.selection_key(r, "val_auc") for r in rows]
+    keys = [selection_key(r, "val_auc") for r in rows]
     assert max(range(3), key=lambda i: keys[i]) == 2
-    assert max(range(3), key=lambda i: train.selection_key(rows[i], "val_loss")) == 2
-    assert train.selection_key(rows[0], "val_loss") > train.selection_key(rows[1], "val_loss")
+    assert max(range(3), key=lambda i: selection_key(rows[i], "val_loss")) == 2
+    assert selection_key(rows[0], "val_loss") > selection_key(rows[1], "val_loss")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +146,7 @@ def test_study_recipe_is_the_default_and_the_designs_setting():
 
 def test_tuned_recipe_sets_its_levers_and_explicit_flags_override_it():
     config = config_of("--recipe", "tuned")
-    for name, value in train.RECIPES["tuned"].items():
+    for name, value in RECIPES["tuned"].items():
         assert getattr(config, name) == value, name
     assert config.recipe == "tuned"
     overridden = config_of("--recipe", "tuned", "--lr", "3e-4", "--aux-weight", "0", "--no-tta", "--sampler", "shuffled")
@@ -166,13 +171,14 @@ def test_bad_lever_flags_are_refused(flags, message, tmp_path):
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
     config = RunConfig(lr=1e-3, epochs=4, warmup_epochs=1.0, schedule="cosine")
-    rates = [train.learning_rate(step, 400, config) for step in range(400)]
+    from scheduler import learning_rate
+    rates = [learning_rate(step, 400, config) for step in range(400)]
     assert rates[0] == pytest.approx(1e-5) and rates[99] == pytest.approx(1e-3)  # 100 warm-up steps
     assert all(a < b for a, b in zip(rates[:99], rates[1:100]))
     assert all(a >= b for a, b in zip(rates[100:], rates[101:]))
     assert rates[250] == pytest.approx(5e-4, rel=0.02) and rates[-1] < 1e-6
     constant = dataclasses.replace(config, schedule="constant", warmup_epochs=0.0)
-    assert {train.learning_rate(step, 400, constant) for step in range(400)} == {1e-3}
+    assert {learning_rate(step, 400, constant) for step in range(400)} == {1e-3}
 
 
 def test_auxiliary_classifier_is_trained_with_the_pair_loss(tiny_data_dir):
@@ -187,8 +193,9 @@ def test_auxiliary_classifier_is_trained_with_the_pair_loss(tiny_data_dir):
     model.eval()  # no dropout: both calls see the same network
     with torch.no_grad():
         generator = lambda: torch.Generator().manual_seed(0)  # noqa: E731  the same pairs for both
-        joint, *_ = train.training_loss(model, batch, config, torch.device("cpu"), generator(), None, torch.tensor(1.0))
-        pairs, *_ = train.training_loss(model, batch, pair_only, torch.device("cpu"), generator(), None, torch.tensor(1.0))
+        cpu = torch.device("cpu")
+        joint, *_ = LOSSES["bce"](config)(model, train.on_device(batch, config, cpu, generator()))
+        pairs, *_ = LOSSES["bce"](pair_only)(model, train.on_device(batch, pair_only, cpu, generator()))
         class_logits = model.classifier(model.embed(batch[0])).squeeze(1)
         auxiliary = torch.nn.functional.binary_cross_entropy_with_logits(class_logits, batch[1].float())
     assert joint.item() == pytest.approx(pairs.item() + auxiliary.item(), rel=1e-4)
@@ -207,9 +214,9 @@ def test_dermoscopy_augmentation_flips_and_rotates():
 
 
 def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
-    """train.validate and predict.build_gallery (what evaluate scores with) go through one core,
+    """train.validate and gallery.build_gallery (what evaluate scores with) go through one core,
     scoring.embed_and_score: with the same gallery they give the same validation AUC."""
-    import predict
+    import gallery as galleries
     import scoring
     from metrics import auc_or_nan
 
@@ -217,18 +224,18 @@ def test_validation_during_training_scores_as_evaluation_does(tiny_data_dir):
     config = config_of("--weights", "none", "--image-size", "32", "--gallery-size", "4", data=str(tiny_data_dir))
     model = build_model(config).eval()
     train_split, validation = load_split(tiny_data_dir, "train"), load_split(tiny_data_dir, "validation")
-    cpu = train.RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
+    cpu = distributed.RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
     row = train.validate(model, train_split, validation, config, cpu, amp=False)
-    embed = scoring.embedder(model, 32, config.val_batch_size, torch.device("cpu"), amp=False)
-    gallery, scored = predict.build_gallery(model, train_split, {"validation": validation}, embed, gallery_size=4,
-                                            method=config.score, k=config.k, target_sensitivity=None, seed=0)
+    embed = scoring.embedder(model, scoring.Embedding(32, config.val_batch_size, torch.device("cpu"), amp=False))
+    gallery, scored = galleries.build_gallery(model, train_split, {"validation": validation}, embed,
+                                              galleries.Scoring(4, config.score, config.k), seed=0)
     assert len(gallery["labels"]) == 8  # 4 gallery images per class
     assert row["val_auc"] == auc_or_nan(validation.labels, scored["validation"].scores)
     assert row["val_acc"] == scored["validation"].pair_summary["pair_accuracy"]
 
 
-def test_classify_is_an_alias_of_score():
-    assert config_of("--classify", "knn").score == config_of("--score", "knn").score == "knn"
+def test_score_takes_the_first_method_as_the_runs_own():
+    assert config_of("--score", "knn", "gallery").score == config_of("--score", "knn").score == "knn"
 
 
 def test_distributed_variables_without_peers_end_in_one_line_naming_them(monkeypatch):
@@ -240,9 +247,9 @@ def test_distributed_variables_without_peers_end_in_one_line_naming_them(monkeyp
         port = free.getsockname()[1]
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(train, "DISTRIBUTED_TIMEOUT", datetime.timedelta(seconds=2))
+    monkeypatch.setattr(distributed, "DISTRIBUTED_TIMEOUT", datetime.timedelta(seconds=2))
     with pytest.raises(ValueError) as error:
-        train.setup_distributed("cpu")
+        distributed.setup_distributed("cpu")
     message = str(error.value)
     assert "RANK=0, WORLD_SIZE=2" in message and f"MASTER_PORT={port}" in message and "torchrun" in message
 
