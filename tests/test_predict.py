@@ -19,6 +19,7 @@ import torch
 
 import images
 import metrics
+import checkpoints
 import predict
 from helpers import (BROKEN_FILES, SIGNALS, SUBPROCESS_ENV, assert_one_line, call_main, evaluate_argv, jpeg_bytes,
                      make_clinic, tiny, torch_load)
@@ -159,7 +160,7 @@ def test_other_settings_than_gallery_pt_was_made_with_rebuild_in_one_line(movabl
 def test_a_gallery_pt_without_usable_validation_fields_is_rebuilt_not_a_crash(damage, movable_project, tmp_path,
                                                                               quick_bootstrap, capsys):
     """An older gallery.pt (no validation fields) or a damaged one (stamp still right) means a
-    rebuild from the training data with one line saying why; single images still use an older one."""
+    rebuild from the training data with one line saying why."""
     trained, _, clinic = movable_project
     project = tmp_path / "exp"
     shutil.copytree(trained / "outputs", project / "outputs")
@@ -176,8 +177,8 @@ def test_a_gallery_pt_without_usable_validation_fields_is_rebuilt_not_a_crash(da
                         "non-finite": {"validation_features": features * float("nan")}}[damage])
     torch.save(gallery, path)
     width = features.shape[1]
-    problem = predict.gallery_problem(gallery, width, evaluation=True)
-    assert problem and (predict.gallery_problem(gallery, width) is None) == (damage == "older")
+    problem = checkpoints.gallery_problem(gallery, width)
+    assert problem
     found, _ = evaluate_clinic(project, clinic, tmp_path / "X")
     assert f"{path}: {problem}; rebuilding the gallery and threshold from the training data" in \
         capsys.readouterr().out
@@ -304,20 +305,28 @@ def test_a_run_stopped_in_its_first_epoch_points_at_last_pth_and_says_what_it_ho
     assert f"{last} (0 complete epoch(s) and 3 steps of epoch 1)" in capsys.readouterr().out
 
 
-def test_an_older_gallery_pt_without_a_probability_map_gets_one_fitted_for_single_images(movable_project, tmp_path,
-                                                                                        capsys):
+def test_an_older_gallery_pt_without_a_probability_map_is_rebuilt_from_data_or_refused_in_one_line(
+        movable_project, tmp_path, capsys):
+    """A gallery.pt written before galleries kept the map: --image rebuilds the gallery from --data,
+    saying why, and without --data stops in one line naming the file and the fix."""
     trained, data, clinic = movable_project
     project = tmp_path / "exp"
     shutil.copytree(trained / "outputs", project / "outputs")
     path = project / "outputs" / "gallery.pt"
     gallery = torch.load(path, weights_only=True)
-    calibration = gallery.pop("calibration")  # as written before galleries kept the map
+    gallery.pop("calibration")  # as written before galleries kept the map
     torch.save(gallery, path)
     image = str(sorted((clinic / "1").glob("*.jpg"))[0])
-    predict.main(["--project", str(project), "--image", image, "--out", str(tmp_path / "f")])
+    argv = ["--project", str(project), "--image", image, "--out", str(tmp_path / "f")]
+    with pytest.raises(SystemExit) as stopped:
+        predict.main(argv)
+    assert str(stopped.value.code) == (f"predict.py: error: {path}: it was written by an older version, without its "
+                                       f"calibration; pass --data DATA to rebuild it from the training and "
+                                       f"validation splits (or evaluate the project again)")
+    predict.main([*argv, "--data", str(data)])
     out = capsys.readouterr().out
-    assert f"{path}: no map from score to probability (an older gallery.pt); fitted now" in out
-    assert f"calibrated where {calibration['prevalence']:.0%} are melanomas" in out
+    assert f"{path}: it was written by an older version, without its calibration; rebuilding the gallery" in out
+    assert "P(malignant)" in out
 
 
 def test_a_benign_verdict_never_prints_its_thresholds_probability():
@@ -360,7 +369,7 @@ def test_evaluation_of_the_training_data_into_the_project_replaces_the_gallery(e
     gallery = project / "outputs" / "gallery.pt"
     gallery.unlink()
     assert call_main(predict.main, evaluate_argv(project, broken_data_dir)) == (0, "")
-    assert torch_load(gallery)["checkpoint_stamp"] == predict.checkpoint_stamp(project / "outputs" / "best.pth")
+    assert torch_load(gallery)["checkpoint_stamp"] == checkpoints.checkpoint_stamp(project / "outputs" / "best.pth")
 
 
 def test_evaluating_last_pth_into_the_project_leaves_the_gallery_of_best_pth(evaluated_project, broken_data_dir,
