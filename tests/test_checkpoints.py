@@ -1,9 +1,12 @@
-"""Checkpoints and galleries saved and loaded safely: save_atomic's failed write, pickled code
-refused unrun (load_checkpoint, train.py --resume and --weights, predict.py), checkpoints of other
-networks, truncated files, hand-edited configs and non-finite weights each in one line naming the
-file, and gallery.pt validated (damaged, unreadable, or made for another checkpoint)."""
+"""Checkpoints and galleries saved and loaded safely (checkpoints.py): each file saved with its
+format and a newer format refused, pickled code refused unrun (load_checkpoint, train.py --resume
+and --weights, predict.py), checkpoints of other networks, truncated files, hand-edited configs and
+non-finite weights each in one line naming the file, a last.pth of an older format refused, the
+random streams saved and restored, and gallery.pt validated (damaged, unreadable, or made for
+another checkpoint)."""
 import ast
 import builtins
+import io
 import os
 import pickle
 import re
@@ -17,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-import modules
+import checkpoints
 import predict
 import train
 from helpers import (ROOT, SUBPROCESS_ENV, assert_one_line, call_main, evaluate_argv, jpeg_bytes, torch_load,
                      train_argv)
-from modules import WeightsError
+from files import WeightsError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -34,20 +37,56 @@ def image(tmp_path):
     return path
 
 
-def test_save_atomic_turns_torchs_runtime_error_into_an_os_error_naming_the_file(tmp_path, monkeypatch):
-    path = tmp_path / "gallery.pt"
-    modules.save_atomic({"threshold": 0.5}, path)
+# ---------------------------------------------------------------------------------------------
+# Each file saved with its format; a newer format refused, an older best.pth still read
 
-    def full_disk(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"PK\x03\x04 half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
-    monkeypatch.setattr(modules.torch, "save", full_disk)
-    with pytest.raises(OSError) as error:
-        modules.save_atomic({"threshold": 0.7}, path)
-    assert error.value.filename == str(path) and "unexpected pos" in error.value.strerror
-    monkeypatch.undo()
-    assert torch_load(path) == {"threshold": 0.5} and [p.name for p in tmp_path.iterdir()] == ["gallery.pt"]
+def test_best_last_and_gallery_are_saved_with_the_current_format(evaluated_project):
+    for name in ("best.pth", "last.pth", "gallery.pt"):
+        assert torch_load(evaluated_project / "outputs" / name)["format"] == checkpoints.FORMAT, name
+
+
+@pytest.mark.parametrize("name, load", [("best.pth", checkpoints.load_checkpoint),
+                                        ("last.pth", checkpoints.load_last),
+                                        ("gallery.pt", checkpoints.load_state)])
+def test_a_file_of_a_newer_format_is_refused_in_one_line_naming_it(name, load, evaluated_project, tmp_path):
+    path = tmp_path / name
+    state = torch_load(evaluated_project / "outputs" / name)
+    state["format"] = checkpoints.FORMAT + 1
+    torch.save(state, path)
+    with pytest.raises(WeightsError) as error:
+        load(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+    assert f"written by a newer version of this repository (format {checkpoints.FORMAT + 1})" in message
+
+
+def test_a_best_pth_without_a_format_still_loads_its_score_named_classify(reference_run, tmp_path):
+    state = torch_load(reference_run.outputs / "best.pth")
+    del state["format"]
+    state["config"]["classify"] = state["config"].pop("score")
+    path = tmp_path / "best.pth"
+    torch.save(state, path)
+    _, config, _ = checkpoints.load_checkpoint(path)
+    _, saved, _ = checkpoints.load_checkpoint(reference_run.outputs / "best.pth")
+    assert config == saved
+
+
+def load_round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_rng_state_round_trip_continues_the_same_streams():
+    torch.manual_seed(3)
+    torch.rand(7)
+    state = checkpoints.rng_state()
+    expected = (torch.rand(5), torch.randn(3))
+    checkpoints.set_rng_state(load_round_trip(state))
+    got = (torch.rand(5), torch.randn(3))
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,7 +132,7 @@ def test_every_torch_load_in_the_repo_is_weights_only():
 def test_load_checkpoint_refuses_pickled_code_without_running_it(evil):
     path, marker = evil
     with pytest.raises(WeightsError, match="refused") as error:
-        modules.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     assert str(path) in str(error.value)
     assert not marker.exists()
 
@@ -102,7 +141,7 @@ def test_raw_pickle_with_code_is_refused_too(tmp_path):
     marker, path = tmp_path / "code_ran", tmp_path / "raw.pth"
     path.write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
     with pytest.raises(WeightsError):
-        modules.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     assert not marker.exists()
 
 
@@ -173,7 +212,7 @@ def test_unusable_checkpoint_raises_weights_error_naming_it(case, reference_run,
     path = tmp_path / f"{case}.pth"
     _checkpoint_case(case, reference_run.outputs / "best.pth", path)
     with pytest.raises(WeightsError) as error:
-        modules.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     message = str(error.value)
     assert str(path) in message and "\n" not in message
     if case in ("truncated", "random_bytes"):

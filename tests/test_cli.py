@@ -1,10 +1,12 @@
-"""The command lines as a user meets them: abbreviations refused, one-line errors, a closing
+"""The command lines as a user meets them: abbreviations refused, one-line errors (and
+cli.one_line_errors, through which every command ends on an error or a signal), a closing
 summary on every evaluating run, nothing left behind by a failed weight download, --pair, and the
 prediction figure with its Grad-CAM heat map (the figures' labels: test_plots.py)."""
 import contextlib
 import io
 import re
 import runpy
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -24,8 +26,9 @@ import predict
 from calibration import calibrated
 import to_subdirectories
 import train
-from helpers import TINY, call_main, train_argv
-from modules import SiameseNetwork, load_checkpoint, load_state
+from checkpoints import load_checkpoint, load_state
+from helpers import SIGNALS, TINY, call_main, train_argv
+from modules import SiameseNetwork
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -130,6 +133,54 @@ def test_missing_data_flag_is_a_one_line_usage_error(tmp_path, capsys):
     assert status == 2
     assert err.strip().splitlines() == ["train.py: error: the following arguments are required: --data; see --help"]
     assert not (tmp_path / "project").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# cli.one_line_errors: a command's error or signal as one line and an exit code
+
+
+def test_a_value_error_exits_1_in_one_line_naming_the_program():
+    with pytest.raises(SystemExit) as stopped, cli.one_line_errors("x.py"):
+        raise ValueError("--lr nan: must be a finite number > 0")
+    assert stopped.value.code == "x.py: error: --lr nan: must be a finite number > 0"  # sys.exit(str): status 1
+
+
+@pytest.mark.parametrize("advice", ["free disk space", lambda: "free disk space, then rerun with --resume"],
+                         ids=["text", "function"])
+def test_a_failed_write_names_the_file_and_the_advice(advice, tmp_path):
+    with pytest.raises(SystemExit) as stopped, cli.one_line_errors("x.py", advice):
+        raise OSError(28, "No space left on device", str(tmp_path / "last.pth"))
+    expected = advice() if callable(advice) else advice
+    assert stopped.value.code == (f"x.py: error: could not write {tmp_path / 'last.pth'} (No space left on device); "
+                                  f"{expected}")
+
+
+@pytest.mark.parametrize("note", [None, "earlier results moved back to R"], ids=["default", "note"])
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_exits_128_plus_its_number_in_one_line(signum, note, capsys):
+    before = signal.getsignal(signum)
+    with pytest.raises(SystemExit) as stopped, cli.one_line_errors("x.py"):
+        try:
+            signal.raise_signal(signum)
+        except cli.Interrupted as interrupted:  # what a command that puts something back does
+            if note:
+                interrupted.note = note
+            raise
+        raise AssertionError("the signal was not raised as Interrupted")
+    assert stopped.value.code == 128 + signum
+    assert capsys.readouterr().err == f"x.py: stopped by {signum.name}; {note or 'nothing was written'}\n"
+    assert signal.getsignal(signum) == before
+
+
+def test_train_stop_handler_notes_the_first_signal_and_stops_at_the_second(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    stop = {"signal": None}
+    handler = cli.stop_after_step(stop)
+    handler(signal.SIGTERM, None)
+    assert stop["signal"] == signal.SIGTERM
+    assert "SIGTERM: finishing this step and saving last.pth" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):
+        handler(signal.SIGINT, None)
 
 
 # ---------------------------------------------------------------------------------------------

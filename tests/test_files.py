@@ -1,13 +1,18 @@
-"""files.py: atomic writes, the overlap check, and the clean-up of what a killed writer left."""
+"""files.py: atomic writes (torch.save's failures included), tensors read back without running
+code, the overlap check, the project lock, and the clean-up of what a killed writer left."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from files import overlaps, process_exists, remove_stale_temporaries, write_atomic, write_text_atomic  # noqa: E402
+import files  # noqa: E402
+from files import (WeightsError, load_state, lock_folder, overlaps, process_exists,  # noqa: E402
+                   remove_stale_temporaries, save_atomic, write_atomic, write_text_atomic)
+from helpers import torch_load  # noqa: E402
 
 
 def dead_pid():
@@ -29,6 +34,53 @@ def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path):
         write_atomic(path, half_then_full_disk)
     assert failed.value.filename == str(path)
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_save_atomic_turns_torchs_runtime_error_into_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "gallery.pt"
+    save_atomic({"threshold": 0.5}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(files.torch, "save", full_disk)
+    with pytest.raises(OSError) as error:
+        save_atomic({"threshold": 0.7}, path)
+    assert error.value.filename == str(path) and "unexpected pos" in error.value.strerror
+    monkeypatch.undo()
+    assert torch_load(path) == {"threshold": 0.5} and [p.name for p in tmp_path.iterdir()] == ["gallery.pt"]
+
+
+def test_load_state_reads_tensors_back(tmp_path):
+    save_atomic({"weights": torch.arange(3.0), "epoch": 2}, tmp_path / "a.pth")
+    state = load_state(tmp_path / "a.pth")
+    assert torch.equal(state["weights"], torch.arange(3.0)) and state["epoch"] == 2
+
+
+@pytest.mark.parametrize("content, what", [(None, "no such file"), (b"", "truncated or corrupt"),
+                                           (b"PK\x03\x04 half a file", "truncated or corrupt")])
+def test_load_state_of_a_missing_or_damaged_file_is_one_line_naming_it(content, what, tmp_path):
+    path = tmp_path / "last.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(WeightsError) as error:
+        load_state(path, "--resume")
+    message = str(error.value)
+    assert message.startswith(f"--resume {path}: ") and what in message and "\n" not in message
+
+
+@pytest.mark.skipif(os.name != "posix", reason="advisory file locks (fcntl) are POSIX")
+def test_lock_folder_is_held_until_closed_and_names_its_holder(tmp_path):
+    first, holder = lock_folder(tmp_path / "project")
+    assert first is not None and holder is None
+    try:
+        assert lock_folder(tmp_path / "project") == (None, str(os.getpid()))
+    finally:
+        first.close()
+    again, holder = lock_folder(tmp_path / "project")
+    assert again is not None and holder is None
+    again.close()
 
 
 def test_overlaps_is_true_for_the_same_path_a_parent_or_a_child(tmp_path):

@@ -21,14 +21,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import modules
+import files
 import predict
 import scoring
 import train
+from distributed import RunContext
 from helpers import ROOT, SIGNALS, SUBPROCESS_ENV, assert_one_line, call_main, torch_load, train_argv
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-CPU_CONTEXT = train.RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
+CPU_CONTEXT = RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
 
 
 def history_without_seconds(outputs):
@@ -53,6 +54,23 @@ def no_test_evaluation(*args, **kwargs):
     return {}
 
 
+def patch_training_loss(mp, change):
+    """The run's loss (bce, train_argv's: losses.LOSSES["bce"], which train.py builds the loss from)
+    with each training step's BatchResult passed through change(result, number of the step)."""
+    real, calls = train.LOSSES["bce"], []
+
+    class Changed(real):
+        def __call__(self, model, batch):
+            calls.append(1)
+            return change(super().__call__(model, batch), len(calls))
+
+    mp.setitem(train.LOSSES, "bce", Changed)
+
+
+def nan_loss(result):
+    return result._replace(loss=result.loss * float("nan"))
+
+
 # ---------------------------------------------------------------------------------------------
 # last.pth and --resume
 
@@ -69,23 +87,6 @@ def test_last_checkpoint_is_written_every_epoch_with_the_whole_state(reference_r
     names = {p.name for p in reference_run.outputs.iterdir()}
     assert {"best.pth", "last.pth", "history.csv"} <= names
     assert not [n for n in names if "tmp" in n or n.startswith(".")], names  # no half-written leftovers
-
-
-def load_round_trip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
-def test_rng_state_round_trip_continues_the_same_streams():
-    torch.manual_seed(3)
-    torch.rand(7)
-    state = train.rng_state()
-    expected = (torch.rand(5), torch.randn(3))
-    train.set_rng_state(load_round_trip(state))
-    got = (torch.rand(5), torch.randn(3))
-    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
 
 
 def test_run_stopped_after_epoch_1_and_resumed_equals_the_uninterrupted_run(reference_run, broken_data_dir, tmp_path,
@@ -199,16 +200,23 @@ def test_resume_applies_a_new_epoch_total_and_says_so(resumable, broken_data_dir
     assert torch_load(resumable / "outputs" / "last.pth")["epoch"] == 3
 
 
-def test_a_last_pth_saved_before_the_backbone_scale_existed_resumes(resumable, broken_data_dir, no_test_eval):
+def test_a_last_pth_of_an_older_format_is_refused_in_one_line(resumable, broken_data_dir, no_test_eval):
+    """A last.pth written before the files carried a format (and before the backbone's learning-rate
+    scale existed) cannot be continued: one line naming it and how to start over."""
     last = resumable / "outputs" / "last.pth"
     state = torch_load(last)
+    del state["format"]
     for key in ("backbone", "features", "backbone_lr_scale"):
         state["config"].pop(key)
     for group in state["optimizer"]["param_groups"]:
         group.pop("lr_scale")
     torch.save(state, last)
-    assert call_main(train.main, train_argv(resumable, broken_data_dir, 3, "--resume")) == (0, "")
-    assert torch_load(last)["epoch"] == 3
+    before = last.read_bytes()
+    status, message = call_main(train.main, train_argv(resumable, broken_data_dir, 3, "--resume"))
+    assert status != 0
+    assert_one_line(message, f"train.py: error: --resume {last}: written by an older train.py")
+    assert "start over with --force" in message
+    assert last.read_bytes() == before
 
 
 def test_the_resume_hint_is_quoted_so_that_it_pastes(tmp_path):
@@ -298,20 +306,19 @@ def sigterm_run(broken_data_dir, tmp_path_factory):
     """SIGTERM delivered in-process during the first step (the real signal to train.py's own
     handler), then the run resumed to the end."""
     project = tmp_path_factory.mktemp("sigterm") / "project"
-    real_loss, calls, stdout = train.training_loss, [], io.StringIO()
+    stdout = io.StringIO()
 
-    def terminate_during_first_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+    def terminate_during_first_step(result, step):
+        if step == 1:
             signal.raise_signal(signal.SIGTERM)
-        return real_loss(*args, **kwargs)
+        return result
 
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(train, "evaluate", no_test_evaluation)
-        mp.setattr(train, "training_loss", terminate_during_first_step)
-        stopped = call_main(train.main, train_argv(project, broken_data_dir, 2))
+        with mp.context() as loss_patched:
+            patch_training_loss(loss_patched, terminate_during_first_step)
+            stopped = call_main(train.main, train_argv(project, broken_data_dir, 2))
         last = torch_load(project / "outputs" / "last.pth")
-        mp.setattr(train, "training_loss", real_loss)
         resumed = call_main(train.main, train_argv(project, broken_data_dir, 2, "--resume"))
     return SimpleNamespace(outputs=project / "outputs", project=project, stopped=stopped, resumed=resumed,
                            last_when_stopped=last, stdout=stdout.getvalue())
@@ -374,14 +381,8 @@ def test_in_process_run_restores_the_signal_handlers(reference_run):
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_best(broken_data_dir, tmp_path, monkeypatch, no_test_eval):
-    real_loss, calls = train.training_loss, []
-
-    def nan_in_epoch_2(*args, **kwargs):  # one step per epoch: the second call is epoch 2
-        result = real_loss(*args, **kwargs)
-        calls.append(1)
-        return result._replace(loss=result.loss * float("nan")) if len(calls) == 2 else result
-
-    monkeypatch.setattr(train, "training_loss", nan_in_epoch_2)
+    # one step per epoch: the second step is epoch 2
+    patch_training_loss(monkeypatch, lambda result, step: nan_loss(result) if step == 2 else result)
     project = tmp_path / "project"
     status, message = call_main(train.main, train_argv(project, broken_data_dir, 2))
     assert status != 0
@@ -408,10 +409,7 @@ def test_exploding_learning_rate_stops_with_a_message_naming_lr(broken_data_dir,
 def test_divergence_in_the_first_epoch_does_not_claim_a_saved_checkpoint(where, broken_data_dir, tmp_path,
                                                                          monkeypatch, no_test_eval):
     if where == "training_loss":
-        real_loss = train.training_loss
-        monkeypatch.setattr(train, "training_loss",
-                            lambda *a, **k: (lambda result: result._replace(loss=result.loss * float("nan")))(
-                                real_loss(*a, **k)))
+        patch_training_loss(monkeypatch, lambda result, step: nan_loss(result))
     else:  # the weights took a finite but exploding step: the validation features overflow
         real_embed = scoring.embed_images
         monkeypatch.setattr(scoring, "embed_images", lambda *a, **k: real_embed(*a, **k) * float("inf"))
@@ -444,7 +442,7 @@ def disk_full_run(broken_data_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "evaluate", no_test_evaluation)
-        mp.setattr(modules.torch, "save", fill_disk_on_second_last)
+        mp.setattr(files.torch, "save", fill_disk_on_second_last)
         status, message = call_main(train.main, train_argv(project, broken_data_dir, 2))
     return SimpleNamespace(outputs=project / "outputs", status=status, message=message)
 
@@ -476,7 +474,7 @@ def test_torch_save_runtime_error_on_a_full_disk_is_one_line_naming_the_file(bro
             real_save(obj, "/dev/full")  # the RuntimeError torch.save really raises on a full disk
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(modules.torch, "save", full_disk)
+    monkeypatch.setattr(files.torch, "save", full_disk)
     project = tmp_path / "project"
     status, message = call_main(train.main, train_argv(project, broken_data_dir, 1))
     assert status != 0
