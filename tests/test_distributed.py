@@ -1,5 +1,8 @@
-"""torchrun with 2 processes on the gloo backend, on the CPU: DDP trains, only rank 0 writes and
-prints, and the result is a normal project folder."""
+"""Tests of distributed.py and of training under DDP: one process without torchrun's variables,
+RunContext and the default workers; torchrun with 2 processes on the gloo backend, on the CPU (DDP
+trains, only rank 0 writes and prints, and the result is a normal project folder); and the
+metric losses mining over every rank's embeddings."""
+import argparse
 import csv
 import json
 import math
@@ -9,10 +12,59 @@ from pathlib import Path
 
 import pytest
 
+import distributed
+from distributed import RunContext, default_workers, run_context, setup_distributed
 from synthetic import make_synthetic
 from helpers import SUBPROCESS_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed.py in one process
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_without_torchrun_one_process_is_rank_0_of_1_on_the_picked_device(no_torchrun):
+    import torch
+
+    assert setup_distributed("cpu") == (0, 1, torch.device("cpu"))
+
+
+def test_under_torchrun_a_numbered_gpu_is_refused(no_torchrun, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="--device cuda:1: under torchrun each process takes the GPU of its "
+                                         "LOCAL_RANK"):
+        setup_distributed("cuda:1")
+
+
+def test_run_context_of_one_process_prints_and_sums_as_is(tmp_path, capsys):
+    import torch
+
+    args = argparse.Namespace(workers=3, project=str(tmp_path / "exp"))
+    ctx = run_context(args, 0, 1, torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.workers, ctx.outputs) == (0, 1, 3, tmp_path / "exp" / "outputs")
+    assert ctx.sum([1.5, 2.0, 0.25]) == [1.5, 2.0, 0.25]
+    ctx.say("rank 0 speaks")
+    RunContext(1, 2, torch.device("cpu"), ctx.outputs, 0).say("rank 1 does not")
+    assert capsys.readouterr().out == "rank 0 speaks\n"
+
+
+@pytest.mark.parametrize("cores, world_size, workers", [(16, 1, 8), (16, 2, 7), (4, 1, 3), (2, 2, 1), (None, 1, 1)])
+def test_default_workers_are_the_cores_left_to_each_process_from_1_to_8(monkeypatch, cores, world_size, workers):
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: cores)
+    assert default_workers(world_size) == workers
+    args = argparse.Namespace(workers=None, project="p")
+    assert run_context(args, 0, world_size, None).workers == workers
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun
 
 
 def test_torchrun_two_processes_gloo(tmp_path):
@@ -38,6 +90,10 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 3  # one cache per split, built once
 
 
+# ---------------------------------------------------------------------------------------------
+# The metric losses under DDP
+
+
 DDP_CASES = [("triplet", "all"), ("contrastive", "all")]
 
 
@@ -51,7 +107,7 @@ def _batch():
 def _wrapped_losses_on_half(rank, init_file, results):
     import torch.distributed as dist
 
-    from modules import metric_loss
+    from losses import metric_loss
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     embeddings, labels = _batch()
@@ -79,7 +135,7 @@ def ddp_losses(tmp_path_factory):
 def test_metric_losses_under_ddp_see_every_ranks_embeddings(name, miner, ddp_losses):
     """Two gloo processes, each with half of a batch: the wrapped loss equals the loss of one
     process over the whole batch (mining only within each half would give another number)."""
-    from modules import metric_loss
+    from losses import metric_loss
 
     embeddings, labels = _batch()
     loss_fn, miner_fn = metric_loss(name, 0.2 if name == "triplet" else 0.5, miner)

@@ -1,6 +1,6 @@
-"""Tests of modules.py: the design's Siamese head, the embedding and classifier models, pretrained
-weights (offline), checkpoints saved atomically and loaded safely, and the metric-learning losses."""
-import itertools
+"""Tests of modules.py: the design's Siamese head, the embedding and classifier models, their
+backbones and feature widths, and pretrained weights (offline). The checkpoint tests at the end
+check files.save_atomic and checkpoints.load_checkpoint on these networks."""
 import math
 import urllib.error
 from pathlib import Path
@@ -10,11 +10,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from pytorch_metric_learning import losses, miners
 
+import files
 import modules
-from modules import (LOSSES, EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork, WeightsError, active_fraction,
-                     build_backbone, build_model, load_checkpoint, metric_loss, save_atomic)
+from checkpoints import checked_config, load_checkpoint, save_versioned
+from config import RunConfig
+from files import WeightsError, save_atomic
+from losses import LOSSES, build_model
+from modules import EmbeddingNetwork, ImageClassifier, SiameseNetwork, build_backbone
 
 SIZE = 32
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -149,20 +152,6 @@ def test_image_classifier_forward_is_the_logit_of_each_image(images):
         assert torch.allclose(torch.sigmoid(logits), model.malignant_probability(model.embed(images)), atol=1e-6)
 
 
-@pytest.mark.parametrize("loss, kind", [("bce", SiameseNetwork), ("contrastive", EmbeddingNetwork),
-                                        ("triplet", EmbeddingNetwork), ("ce", ImageClassifier)])
-def test_build_model_picks_the_network_for_the_loss(loss, kind):
-    model = build_model(config_for(loss))
-    assert type(model) is kind
-    if kind is EmbeddingNetwork:
-        assert model.projection.out_features == 16
-
-
-def test_build_model_weights_argument_overrides_the_config(offline):
-    model = build_model(config_for("bce", weights="imagenet"), weights="none")
-    assert isinstance(model, SiameseNetwork) and offline == [None]
-
-
 # ---------------------------------------------------------------------------------------------
 # Pretrained weights
 
@@ -239,183 +228,6 @@ def test_weights_path_holding_a_bare_tensor_raises_weights_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def test_save_atomic_writes_the_object_and_leaves_no_temporary_file(tmp_path):
-    save_atomic({"a": torch.arange(3)}, tmp_path / "best.pth")
-    save_atomic({"a": torch.arange(4)}, tmp_path / "best.pth")  # overwrites
-    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
-    assert torch.equal(torch.load(tmp_path / "best.pth", weights_only=True)["a"], torch.arange(4))
-
-
-def test_save_atomic_failure_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "best.pth"
-    save_atomic({"a": torch.arange(3)}, path)
-
-    def disk_full(obj, file):
-        Path(file).write_bytes(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(modules.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        save_atomic({"a": torch.arange(100)}, path)
-    monkeypatch.undo()
-    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
-    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
-
-
-@pytest.mark.parametrize("loss", ["bce", "triplet", "ce"])
-def test_load_checkpoint_round_trip_gives_the_same_outputs(tmp_path, images, loss):
-    torch.manual_seed(6)
-    model = build_model(config_for(loss, seed=3))
-    with torch.no_grad():  # move BatchNorm running statistics off their defaults
-        features = model.train().embed(images)
-        if loss == "bce":
-            model.pair_logits(features, features.roll(1, 0))
-    model.eval()
-    save_atomic({"model": model.state_dict(), "config": config_for(loss, seed=3).as_dict(), "epoch": 4}, tmp_path / "best.pth")
-    loaded, config, checkpoint = load_checkpoint(tmp_path / "best.pth")
-    assert type(loaded) is type(model) and not loaded.training
-    assert config == config_for(loss, seed=3) and checkpoint["epoch"] == 4
-    with torch.no_grad():
-        expected, actual = model.embed(images), loaded.embed(images)
-        assert torch.equal(actual, expected)
-        assert torch.equal(loaded.pair_similarity(actual, actual.roll(1, 0)),
-                           model.pair_similarity(expected, expected.roll(1, 0)))
-
-
-def test_load_checkpoint_of_a_plain_state_dict_raises_weights_error(tmp_path, siamese):
-    torch.save(siamese.state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(WeightsError, match="not a checkpoint of this repo"):
-        load_checkpoint(tmp_path / "plain.pth")
-
-
-def test_load_checkpoint_whose_weights_do_not_fit_its_config_raises_weights_error(tmp_path, siamese):
-    save_atomic({"model": siamese.state_dict(), "config": config_for("ce").as_dict()}, tmp_path / "mixed.pth")
-    with pytest.raises(WeightsError, match="do not fit"):
-        load_checkpoint(tmp_path / "mixed.pth")
-
-
-# ---------------------------------------------------------------------------------------------
-# Metric-learning losses and the collapse monitor
-
-
-def test_metric_loss_contrastive_with_all_pairs_has_no_miner():
-    loss, miner = metric_loss("contrastive", 0.7, "all")
-    assert isinstance(loss, losses.ContrastiveLoss) and miner is None
-    assert loss.neg_margin == 0.7 and loss.pos_margin == 0.0
-
-
-@pytest.mark.parametrize("name, kind", [("contrastive", losses.ContrastiveLoss), ("triplet", losses.TripletMarginLoss)])
-@pytest.mark.parametrize("miner_name", ["semihard", "hard"])
-def test_metric_loss_returns_the_pml_loss_and_triplet_miner(name, kind, miner_name):
-    loss, miner = metric_loss(name, 0.3, miner_name)
-    assert isinstance(loss, kind)
-    assert isinstance(miner, miners.TripletMarginMiner)
-    assert miner.margin == 0.3 and miner.type_of_triplets == miner_name
-    if name == "triplet":
-        assert loss.margin == 0.3
-    embeddings = F.normalize(torch.randn(12, 8, generator=torch.Generator().manual_seed(0)), dim=1)
-    labels = torch.tensor([0, 1] * 6)
-    value = loss(embeddings, labels, miner(embeddings, labels))
-    assert value.ndim == 0 and math.isfinite(value.item())
-
-
-def test_metric_loss_triplet_with_all_uses_every_triplet():
-    loss, miner = metric_loss("triplet", 0.2, "all")
-    assert isinstance(loss, losses.TripletMarginLoss) and miner.type_of_triplets == "all"
-
-
-def brute_force_active(embeddings, labels, name, margin):
-    points, labels = embeddings.double().tolist(), labels.tolist()
-    n = len(points)
-    if name == "contrastive":
-        active = total = 0
-        for i, j in itertools.permutations(range(n), 2):
-            d = math.dist(points[i], points[j])
-            total += 1
-            active += (d > 0) if labels[i] == labels[j] else (d < margin)
-        return active / total
-    active = total = 0
-    for a, p, q in itertools.product(range(n), repeat=3):
-        if p != a and labels[p] == labels[a] and labels[q] != labels[a]:
-            total += 1
-            active += math.dist(points[a], points[p]) - math.dist(points[a], points[q]) + margin > 0
-    return active / total
-
-
-@pytest.mark.parametrize("name, margin", [("contrastive", 0.5), ("contrastive", 1.2), ("triplet", 0.05),
-                                          ("triplet", 0.2), ("triplet", 1.0)])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_active_fraction_equals_brute_force(name, margin, seed):
-    generator = torch.Generator().manual_seed(seed)
-    embeddings = F.normalize(torch.randn(14, 6, generator=generator), dim=1)
-    labels = torch.randint(0, 2, (14,), generator=generator)
-    labels[:2] = torch.tensor([0, 1])
-    expected = brute_force_active(embeddings, labels, name, margin)
-    assert 0 < expected < 1  # a case where counting mistakes show
-    assert active_fraction(embeddings, labels, name, margin) == pytest.approx(expected, abs=1e-6)
-
-
-def test_active_fraction_on_collapsed_embeddings():
-    embeddings = F.normalize(torch.ones(30, 8), dim=1)  # every image the same point (30 rows: cdist's mm path)
-    labels = torch.tensor([0] * 20 + [1] * 10)
-    for margin in (0.2, 0.01):
-        assert active_fraction(embeddings, labels, "triplet", margin) == 1.0
-    # contrastive: every negative pair is inside the margin, no positive pair is apart
-    negatives, pairs = 2 * 20 * 10, 30 * 29
-    assert active_fraction(embeddings, labels, "contrastive", 0.5) == pytest.approx(negatives / pairs)
-    assert active_fraction(embeddings, labels, "triplet", 0.0) == 0.0
-
-
-def test_validation_embedding_spread_is_zero_for_collapsed_embeddings(tiny_data_dir):
-    train_module = pytest.importorskip("train")
-    from dataset import load_split
-    cpu = train_module.RunContext(rank=0, world_size=1, device=torch.device("cpu"), outputs=Path("outputs"), workers=0)
-
-    torch.manual_seed(0)
-    model = EmbeddingNetwork("none", embed_dim=8)
-    with torch.no_grad():  # a collapsed projection: one output for every image
-        model.projection.weight.zero_()
-        model.projection.bias.fill_(1.0)
-    train, validation = load_split(tiny_data_dir, "train"), load_split(tiny_data_dir, "validation")
-    config = RunConfig(image_size=SIZE, val_batch_size=8, seed=0, gallery_size=3, score="knn", k=3)
-    row = train_module.validate(model, train, validation, config, cpu, amp=False)
-    assert row["embedding_spread"] == pytest.approx(0.0, abs=1e-6)
-    # and the same model with a working projection has a clearly non-zero spread
-    model.projection.reset_parameters()
-    row = train_module.validate(model, train, validation, config, cpu, amp=False)
-    assert row["embedding_spread"] > 1e-3
-
-
-# ---------------------------------------------------------------------------------------------
-# The loss table and the run configuration
-
-
-@pytest.mark.parametrize("name", list(LOSSES))
-def test_each_loss_row_builds_its_network_and_its_default_score_applies(name):
-    from scoring import applicable_scores, resolve_score
-
-    loss = LOSSES[name]
-    model = build_model(config_for(name))
-    assert isinstance(model, {"bce": SiameseNetwork, "ce": ImageClassifier}.get(name, EmbeddingNetwork))
-    assert resolve_score(config_for(name)) == loss.default_score in applicable_scores(config_for(name))
-    assert (loss.criterion(config_for(name, margin=0.3, miner="all")) is None) == (not loss.metric)
-
-
-def test_a_config_saved_before_the_levers_existed_loads_with_the_studys_values(tmp_path):
-    old = {key: value for key, value in config_for("bce").as_dict().items()
-           if key not in ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")}
-    config = RunConfig.from_dict(old, tmp_path / "old.pth")
-    assert (config.recipe, config.optimizer, config.schedule, config.aux_weight, config.tta) == (
-        "study", "adam", "constant", 0.0, False)
-    assert RunConfig.from_dict(config.as_dict(), tmp_path / "x.pth") == config  # a plain dict round trip
-    with pytest.raises(WeightsError, match="has lr = -1"):
-        RunConfig.from_dict({**old, "lr": -1}, tmp_path / "bad.pth")
-
-
-# ---------------------------------------------------------------------------------------------
 # --backbone and --features
 
 # EfficientNet-Lite0's ImageNet logits 0-5 of RAMP (below) and of RAMP flipped, recorded once
@@ -462,16 +274,15 @@ def test_lite0_random_weights_are_not_the_pretrained_ones():
     ("triplet", "efficientnet_lite0", "pooled", 1280), ("ce", "efficientnet_lite0", "imagenet", 1000),
     ("ce", "resnet18", "pooled", 512)])
 def test_every_loss_trains_on_every_backbone_and_feature_width(loss, backbone, features, width, images):
-    from train import training_loss
+    from train import on_device
 
     config = config_for(loss, backbone=backbone, features=features, aux_weight=1.0 if loss == "bce" else 0.0,
                         margin=LOSSES[loss].margin, miner=LOSSES[loss].miner)
     model = build_model(config).train()
-    assert model.embed(images).shape[1] == (16 if LOSSES[loss].metric else width)
+    assert model.embed(images).shape[1] == (16 if LOSSES[loss].reports_active else width)
     labels, is_anchor = torch.tensor([0, 1, 0, 1]), torch.ones(4, dtype=torch.bool)
-    loss_value, *_ = training_loss(model, (images, labels, is_anchor), config, torch.device("cpu"),
-                                   torch.Generator().manual_seed(0), LOSSES[loss].criterion(config),
-                                   torch.tensor(1.0))
+    batch = on_device((images, labels, is_anchor), config, torch.device("cpu"), torch.Generator().manual_seed(0))
+    loss_value = LOSSES[loss](config, torch.tensor(1.0))(model, batch).loss
     loss_value.backward()
     assert math.isfinite(loss_value.item())
     assert all(p.grad is not None for p in modules.last_stage(model).parameters())  # Grad-CAM's layer is in the graph
@@ -494,6 +305,77 @@ def test_weights_path_with_a_nan_tensor_is_refused_before_training(tmp_path):
     torch.save(state, tmp_path / "nan.pth")
     with pytest.raises(WeightsError, match="--weights .*not finite"):
         build_backbone("resnet18", tmp_path / "nan.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of these networks: files.save_atomic and checkpoints.load_checkpoint
+
+
+def test_save_atomic_writes_the_object_and_leaves_no_temporary_file(tmp_path):
+    save_atomic({"a": torch.arange(3)}, tmp_path / "best.pth")
+    save_atomic({"a": torch.arange(4)}, tmp_path / "best.pth")  # overwrites
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+    assert torch.equal(torch.load(tmp_path / "best.pth", weights_only=True)["a"], torch.arange(4))
+
+
+def test_save_atomic_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "best.pth"
+    save_atomic({"a": torch.arange(3)}, path)
+
+    def disk_full(obj, file):
+        Path(file).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_atomic({"a": torch.arange(100)}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
+
+
+@pytest.mark.parametrize("loss", ["bce", "triplet", "ce"])
+def test_load_checkpoint_round_trip_gives_the_same_outputs(tmp_path, images, loss):
+    torch.manual_seed(6)
+    model = build_model(config_for(loss, seed=3))
+    with torch.no_grad():  # move BatchNorm running statistics off their defaults
+        features = model.train().embed(images)
+        if loss == "bce":
+            model.pair_logits(features, features.roll(1, 0))
+    model.eval()
+    save_versioned({"model": model.state_dict(), "config": config_for(loss, seed=3).as_dict(), "epoch": 4},
+                   tmp_path / "best.pth")
+    loaded, config, checkpoint = load_checkpoint(tmp_path / "best.pth")
+    assert type(loaded) is type(model) and not loaded.training
+    assert config == config_for(loss, seed=3) and checkpoint["epoch"] == 4
+    with torch.no_grad():
+        expected, actual = model.embed(images), loaded.embed(images)
+        assert torch.equal(actual, expected)
+        assert torch.equal(loaded.pair_similarity(actual, actual.roll(1, 0)),
+                           model.pair_similarity(expected, expected.roll(1, 0)))
+
+
+def test_load_checkpoint_of_a_plain_state_dict_raises_weights_error(tmp_path, siamese):
+    torch.save(siamese.state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(WeightsError, match="not a checkpoint of this repo"):
+        load_checkpoint(tmp_path / "plain.pth")
+
+
+def test_load_checkpoint_whose_weights_do_not_fit_its_config_raises_weights_error(tmp_path, siamese):
+    save_atomic({"model": siamese.state_dict(), "config": config_for("ce").as_dict()}, tmp_path / "mixed.pth")
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_checkpoint(tmp_path / "mixed.pth")
+
+
+def test_a_config_saved_before_the_levers_existed_loads_with_the_studys_values(tmp_path):
+    old = {key: value for key, value in config_for("bce").as_dict().items()
+           if key not in ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")}
+    config = checked_config(old, tmp_path / "old.pth")
+    assert (config.recipe, config.optimizer, config.schedule, config.aux_weight, config.tta) == (
+        "study", "adam", "constant", 0.0, False)
+    assert checked_config(config.as_dict(), tmp_path / "x.pth") == config  # a plain dict round trip
+    with pytest.raises(WeightsError, match="has lr = -1"):
+        checked_config({**old, "lr": -1}, tmp_path / "bad.pth")
 
 
 def test_a_checkpoint_saved_before_backbones_existed_loads_as_resnet18_on_its_imagenet_output(tmp_path):

@@ -1,14 +1,16 @@
 """Tests of scoring.py: the gallery, P(malignant) by each classifier against
-direct computations, the similarity matrix, embedding and the device choice."""
+direct computations, the similarity matrix, embedding, and which scores each loss's model allows."""
 import numpy as np
 import pytest
 import torch
 
 import scoring
 from dataset import eval_transform, load_split, make_pairs
-from modules import EmbeddingNetwork, ImageClassifier, RunConfig, SiameseNetwork
-from scoring import (choose_gallery, embed_images, score_images, pick_device, resolve_score,
-                     similarity_matrix)
+from config import RunConfig
+from modules import EmbeddingNetwork, ImageClassifier, SiameseNetwork
+from scoring import Embedding, choose_gallery, embed_images, resolve_score, score_images, similarity_matrix
+
+CPU = torch.device("cpu")
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -188,12 +190,12 @@ def test_score_split_scores_the_fixed_pairs_of_make_pairs(siamese):
 
 def test_embed_images_equals_model_embed_of_each_eval_transformed_image(tiny_data_dir, siamese):
     split = load_split(tiny_data_dir, "validation")
-    features = embed_images(siamese, split, 32, batch_size=4, device=torch.device("cpu"))
+    features = embed_images(siamese, split, Embedding(32, batch_size=4, device=CPU))
     with torch.no_grad():
         expected = torch.cat([siamese.embed(eval_transform(32)(split.read(i))[None]) for i in range(len(split))])
     assert features.shape == (len(split), 1000) and features.dtype == torch.float32
     assert torch.allclose(features, expected, atol=1e-4)
-    subset = embed_images(siamese, split, 32, batch_size=2, device=torch.device("cpu"), indices=np.array([7, 2, 5]))
+    subset = embed_images(siamese, split, Embedding(32, batch_size=2, device=CPU), indices=np.array([7, 2, 5]))
     assert torch.allclose(subset, expected[[7, 2, 5]], atol=1e-4)
 
 
@@ -201,13 +203,38 @@ def test_embed_images_of_an_embedding_model_gives_unit_rows(tiny_data_dir):
     torch.manual_seed(0)
     model = EmbeddingNetwork("none", embed_dim=8)
     split = load_split(tiny_data_dir, "test")
-    features = embed_images(model, split, 32, batch_size=16, device=torch.device("cpu"), indices=[0, 9])
+    features = embed_images(model, split, Embedding(32, batch_size=16, device=CPU), indices=[0, 9])
     assert features.shape == (2, 8) and not model.training
     assert torch.allclose(features.norm(dim=1), torch.ones(2), atol=1e-5)
 
 
+def test_embedder_and_embed_gallery_embed_the_seeded_class_balanced_sample(tiny_data_dir, siamese):
+    split = load_split(tiny_data_dir, "train")
+    embed = scoring.embedder(siamese, Embedding(32, 4, CPU))
+    gallery = scoring.embed_gallery(split, 2, 5, embed)
+    picks = choose_gallery(split.labels, 2, 5)
+    assert torch.equal(gallery["features"], embed_images(siamese, split, Embedding(32, 4, CPU), picks))
+    assert gallery["labels"].tolist() == split.labels[picks].tolist() == [0, 0, 1, 1]
+    assert gallery["paths"] == [str(split.paths[i].resolve()) for i in picks]
+
+
+def test_embed_and_score_scores_each_split_and_takes_features_as_they_are(siamese):
+    features, gallery, gallery_labels = toy(8, 4, 1000, seed=6)
+    labels = np.array([0, 1] * 4)
+    never = lambda split, indices, desc: pytest.fail("embedded a split given as features")  # noqa: E731
+    scored = scoring.embed_and_score(siamese, {"validation": (features, labels)},
+                                     {"features": gallery, "labels": gallery_labels}, never, "gallery", 3, seed=1)
+    assert list(scored) == ["validation"] and torch.equal(scored["validation"].features, features)
+    assert np.allclose(scored["validation"].scores,
+                       score_images(siamese, features, gallery, gallery_labels, "gallery").numpy())
+    features[2, 5] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        scoring.embed_and_score(siamese, {"test": (features, labels)},
+                                {"features": gallery, "labels": gallery_labels}, never, "gallery", 3, seed=1)
+
+
 # ---------------------------------------------------------------------------------------------
-# resolve_score and pick_device
+# resolve_score
 
 
 def test_resolve_score_defaults_per_loss():
@@ -223,40 +250,6 @@ def test_resolve_score_keeps_an_explicit_choice_and_refuses_direct_without_a_cla
     assert resolve_score(RunConfig(loss="ce"), "direct") == "direct"
     with pytest.raises(ValueError, match="--loss ce"):
         resolve_score(RunConfig(loss="bce"), "direct")
-
-
-def test_pick_device_auto_falls_back_to_cpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert pick_device("auto") == torch.device("cpu")
-    assert pick_device() == torch.device("cpu")
-    assert pick_device("cpu") == torch.device("cpu")
-
-
-def test_pick_device_auto_is_cpu_on_this_machine():
-    if torch.cuda.is_available() or torch.backends.mps.is_available():
-        pytest.skip("this machine has an accelerator")
-    assert pick_device("auto").type == "cpu"
-
-
-def test_pick_device_cuda_without_cuda_raises_a_clear_value_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError) as error:
-        pick_device("cuda")
-    assert "--device cuda" in str(error.value) and "CUDA is not available" in str(error.value)
-    assert "--device cpu" in str(error.value)
-
-
-def test_pick_device_mps_without_mps_raises_value_error(monkeypatch):
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="--device mps"):
-        pick_device("mps")
-
-
-def test_pick_device_unknown_name_raises_value_error():
-    with pytest.raises(ValueError) as error:
-        pick_device("banana")
-    assert "--device banana" in str(error.value) and "unknown device" in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,13 +273,13 @@ def test_choose_gallery_zero_takes_every_training_image():
 
 def test_tta_embedding_is_the_mean_over_the_four_flips(tiny_data_dir, siamese):
     split = load_split(tiny_data_dir, "test")
-    result = embed_images(siamese, split, 32, 4, torch.device("cpu"), tta=True)
+    result = embed_images(siamese, split, Embedding(32, 4, CPU, tta=True))
     images = torch.stack([eval_transform(32)(split.read(i)) for i in range(len(split))])
     with torch.no_grad():
         views = [images, images.flip(3), images.flip(2), images.flip(2, 3)]
         expected = torch.stack([siamese.embed(v) for v in views]).mean(0)
     assert torch.allclose(result, expected, atol=1e-4)
-    assert not torch.allclose(result, embed_images(siamese, split, 32, 4, torch.device("cpu")), atol=1e-4)
+    assert not torch.allclose(result, embed_images(siamese, split, Embedding(32, 4, CPU)), atol=1e-4)
 
 
 def test_applicable_scores_follow_the_model():
