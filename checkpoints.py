@@ -13,7 +13,7 @@ import torch
 from calibration import calibration_problem
 from config import MODEL_KEYS, SETTINGS, from_dict
 import files
-from files import WeightsError, save_atomic
+from files import WeightsError, check_finite_weights, save_atomic
 from losses import LOSSES, build_model
 
 FORMAT = 2  # 1: before the files carried a version (a best.pth may name its score "classify")
@@ -43,15 +43,6 @@ def load_state(path, what="checkpoint"):
     return state
 
 
-def check_finite_weights(state, path, what="checkpoint"):
-    """A diverged run's NaN or inf weights would score every image alike (or fail much later)."""
-    bad = [key for key, value in state.items()
-           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        advice = ("the run diverged; use an earlier checkpoint, or train again with a lower --lr"
-                  if what == "checkpoint" else "the file is damaged or from a diverged run; pass another one")
-        raise WeightsError(f"{what} {path}: {len(bad)} weight tensor(s) are not finite (NaN or inf, e.g. "
-                           f"{bad[0]}): {advice}")
 
 
 def checked_config(values, path, required=MODEL_KEYS):

@@ -58,6 +58,16 @@ def load_state(path, what="checkpoint"):
         raise WeightsError(f"{what} {path}: not a readable checkpoint ({error.__class__.__name__}); "
                            f"the file is truncated or corrupt, re-copy it or train again") from None
 
+def check_finite_weights(state, path, what="checkpoint"):
+    """A diverged run's NaN or inf weights would score every image alike (or fail much later)."""
+    bad = [key for key, value in state.items()
+           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        advice = ("the run diverged; use an earlier checkpoint, or train again with a lower --lr"
+                  if what == "checkpoint" else "the file is damaged or from a diverged run; pass another one")
+        raise WeightsError(f"{what} {path}: {len(bad)} weight tensor(s) are not finite (NaN or inf, e.g. "
+                           f"{bad[0]}): {advice}")
+
 
 def remove_stale_temporaries(folder):
     """The temporary files write_atomic left in `folder` when its process was killed (kill -9, the

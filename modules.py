@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import timm
 from torchvision.models import ResNet18_Weights, resnet18
 
-from files import WeightsError, load_state
+from files import WeightsError, check_finite_weights, load_state
 
 
 @dataclass(frozen=True)

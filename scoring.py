@@ -161,7 +161,7 @@ def resolve_score(config, method="auto"):
     loss = LOSSES[config.loss]
     if method == "auto":
         return loss.default_score
-    if method == "direct" and not (loss.network.classifies or config.aux_weight > 0):
+    if method == "direct" and not (loss.network.classifies or (loss.network.pair_head and config.aux_weight > 0)):
         raise ValueError("--score direct needs a --loss ce model or a bce model trained with --aux-weight; "
                          "use gallery, head-knn, knn or prototype")
     if method == "head-knn" and not loss.network.pair_head:

@@ -14,6 +14,7 @@ from PIL import Image
 
 import app
 import plots
+import gallery
 import predict
 from helpers import ROOT, SUBPROCESS_ENV, run_script
 
@@ -193,8 +194,10 @@ def test_requests_load_nothing_again(checker, lesion, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("loaded per request")
 
-    for name in ("load_checkpoint", "load_gallery", "prediction_gallery", "load_predictor"):
+    for name in ("load_checkpoint", "prediction_gallery", "load_predictor"):
         monkeypatch.setattr(predict, name, no_loading)
+    for name in ("load_gallery", "build_gallery"):
+        monkeypatch.setattr(gallery, name, no_loading)
     assert checker.check_one(str(lesion))[0].startswith("### P(malignant)")
     assert checker.check_pair(str(lesion), str(lesion)).startswith("### similarity")
 

@@ -28,7 +28,7 @@ def test_compare_trains_each_run_and_writes_one_table(tiny_data_dir, tmp_path, m
     compare.main(["--project", "cmp", "--data", str(tiny_data_dir), "--runs", "bce:study", *TINY])  # reused
     assert "$ " not in capsys.readouterr().out  # nothing trained again
     other = [*TINY[:TINY.index("--image-size") + 1], "48", *TINY[TINY.index("--image-size") + 2:]]
-    with pytest.raises(SystemExit, match="was trained with train.py flags"):
+    with pytest.raises(SystemExit, match=r"was trained with other settings \(image_size 32, not 48\)"):
         compare.main(["--project", "cmp", "--data", str(tiny_data_dir), "--runs", "bce:study", *other])
 
 

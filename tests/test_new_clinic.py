@@ -35,7 +35,8 @@ def test_every_way_is_scored_for_every_k_and_the_own_rows_are_predicts(two_model
     # a monotone map cannot move the AUC: the classifier's refitted rows rank as its own
     assert summary["classifier, refitted map"]["2"]["auc"][0] == pytest.approx(summary["classifier, own map"]["2"]["auc"][0])
     # the project's own gallery on the clinic's test split is what predict.py evaluates there
-    evaluated = predict.evaluate(siamese / "outputs" / "best.pth", clinic / "test_data", tmp_path / "eval", batch_size=8)
+    evaluated = predict.evaluate(siamese / "outputs" / "best.pth", clinic / "test_data", tmp_path / "eval",
+                                 predict.EvaluationSettings(batch_size=8))
     assert summary["siamese, own gallery"]["2"]["auc"][0] == pytest.approx(evaluated["external_auc"], abs=1e-6)
     assert (tmp_path / "out" / "new_clinic.png").stat().st_size > 10_000
     table = (tmp_path / "out" / "new_clinic.md").read_text()
