@@ -259,7 +259,8 @@ def parse_args(argv=None):
     parser = make_parser("bench.py", __doc__, ("device", "backbone", "image_size", "batch_size", "data", "workers",
                                                "gallery_size", "no_amp"),
                          defaults={"backbone": "resnet18", "image_size": None, "batch_size": None, "workers": None},
-                         helps={"backbone": "the network measured", "image_size": "default 128 on the CPU, 224 on a GPU",
+                         helps={"backbone": "the network measured",
+                                "image_size": "default 128 on the CPU, 224 on a GPU",
                                 "batch_size": "default 32 on the CPU, 256 on a GPU",
                                 "data": "split folder to read (default: synthetic 256 px JPEGs in a temp folder)",
                                 "workers": "DataLoader workers (default: train.py's rule)"})

@@ -189,7 +189,8 @@ COMMAND_FLAGS = {
     "score": Flag("how an image's P(malignant) is computed: gallery, head-knn, knn, prototype, direct or probe "
                   "(predict.py --help says what each is; auto: the loss's own). Several: the first gives the "
                   "figures and the main metrics, the others are scored from the same embeddings into "
-                  "metrics.json's other_scores", default=["auto"], options={"choices": SCORES, "nargs": "+", "metavar": "METHOD"}),
+                  "metrics.json's other_scores", default=["auto"],
+                  options={"choices": SCORES, "nargs": "+", "metavar": "METHOD"}),
     "target_sensitivity": Flag("choose the threshold that reaches this sensitivity on validation (default: "
                                "maximise Youden's J)", number(0, 1, low_open=True), options={"type": float}),
     "save_every": Flag("save every N-th test pair as prediction_results_<i>.png", at_least(1), default=100,

@@ -145,7 +145,8 @@ def prediction_gallery(model, config, checkpoint, data, device, clinic=None):
     run's settings."""
     embed = embedder(model, Embedding(config.image_size, 64, device, tta=config.tta))
     if clinic is not None:
-        gallery, _ = build_gallery(model, None, {}, embed, replace(Scoring.as_trained(config), gallery_size=0), config.seed,
+        scoring = replace(Scoring.as_trained(config), gallery_size=0)
+        gallery, _ = build_gallery(model, None, {}, embed, scoring, config.seed,
                                    stored=clinic_gallery(clinic, embed, config.tta, 0))
         return gallery
     gallery, problem = load_gallery(checkpoint, feature_width(model, config, device))

@@ -8,7 +8,6 @@ Every model has the same two calls that evaluation needs:
     pair_similarity(e1, e2)  -> P(same class) in [0, 1] for rows of stored features
 """
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch

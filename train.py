@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,16 +27,16 @@ from torch.utils.data import DataLoader
 from checkpoints import (best_path, check_same_data, data_fingerprint, load_last, rng_state, save_versioned,
                          set_rng_state)
 from cli import Interrupted, interrupt_handler, one_line_errors, progress, stop_after_step
-from config import (SETTINGS, STUDY, RunConfig, check_flags, check_settings, make_parser, parse_with_recipe,
+from config import (SETTINGS, RunConfig, check_flags, check_settings, make_parser, parse_with_recipe,
                     write_config)
 from dataset import (BalancedBatches, ImageDataset, PairDataset, ShuffledBatches, batch_pairs, collate_images,
                      has_split, load_split, load_train_split, sample_seed, train_transform, write_excluded)
 from devices import autocast, to_device
-from distributed import RunContext, run_context, setup_distributed
+from distributed import run_context, setup_distributed
 from files import (WeightsError, first_missing_folder, folder_problem, lock_folder, overlaps,
                    remove_stale_temporaries, write_text_atomic)
 from history import EpochTotals, collapse_warning, selected_epoch, selection_key, write_history
-from images import DataError, attach_cache
+from images import attach_cache
 from losses import LOSSES, Batch, build_model
 from metrics import auc_or_nan
 from near_duplicates import leaks

@@ -96,3 +96,26 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_
     assert not process_exists(int(dead.name.split("-")[1].split(".")[0])) and process_exists(os.getpid())
     assert remove_stale_temporaries(tmp_path) == [dead.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "last.pth", ".lock"])
+
+
+def test_save_atomic_writes_the_object_and_leaves_no_temporary_file(tmp_path):
+    save_atomic({"a": torch.arange(3)}, tmp_path / "best.pth")
+    save_atomic({"a": torch.arange(4)}, tmp_path / "best.pth")  # overwrites
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+    assert torch.equal(torch.load(tmp_path / "best.pth", weights_only=True)["a"], torch.arange(4))
+
+
+def test_save_atomic_failure_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "best.pth"
+    save_atomic({"a": torch.arange(3)}, path)
+
+    def disk_full(obj, file):
+        Path(file).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_atomic({"a": torch.arange(100)}, path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))

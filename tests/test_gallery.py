@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from calibration import fit_calibration
 from config import RunConfig
 from files import WeightsError
-from gallery import Scoring, build_gallery, check_finite, feature_width, writes_gallery
+from gallery import Scoring, build_gallery, check_finite, feature_width, validation_scores, writes_gallery
 from metrics import choose_threshold
 from modules import EmbeddingNetwork, SiameseNetwork
 from scoring import choose_gallery, score_images
@@ -124,3 +124,19 @@ def test_feature_width_is_the_models_embedding_width():
     config = RunConfig(image_size=32)
     assert feature_width(SiameseNetwork("none").eval(), config, torch.device("cpu")) == 1000
     assert feature_width(EmbeddingNetwork("none", embed_dim=12).eval(), config, torch.device("cpu")) == 12
+
+
+def test_cross_fitted_validation_scores_never_meet_their_own_image():
+    class NoModel:
+        pass
+
+    rng = torch.Generator().manual_seed(0)
+    features = torch.randn(20, 8, generator=rng)
+    labels = torch.tensor([0, 1] * 10)
+    gallery = {"features": features, "labels": labels, "cross_fitted": True}
+    # k = 1: against a gallery holding the image itself its nearest neighbour is itself, and the
+    # score is its own label
+    scores = validation_scores(NoModel(), "knn", 1, gallery, features, seed=0)
+    assert not (scores == labels.numpy()).all()
+    with_itself = validation_scores(NoModel(), "knn", 1, {**gallery, "cross_fitted": False}, features, 0)
+    assert (with_itself == labels.numpy()).all()

@@ -1,9 +1,7 @@
 """Tests of modules.py: the design's Siamese head, the embedding and classifier models, their
-backbones and feature widths, and pretrained weights (offline). The checkpoint tests at the end
-check files.save_atomic and checkpoints.load_checkpoint on these networks."""
+backbones and feature widths, and pretrained weights (offline) and --weights files."""
 import math
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import files
 import modules
-from checkpoints import checked_config, load_checkpoint, save_versioned
 from config import RunConfig
 from files import WeightsError, save_atomic
 from losses import LOSSES, build_model
@@ -307,82 +303,3 @@ def test_weights_path_with_a_nan_tensor_is_refused_before_training(tmp_path):
         build_backbone("resnet18", tmp_path / "nan.pth")
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints of these networks: files.save_atomic and checkpoints.load_checkpoint
-
-
-def test_save_atomic_writes_the_object_and_leaves_no_temporary_file(tmp_path):
-    save_atomic({"a": torch.arange(3)}, tmp_path / "best.pth")
-    save_atomic({"a": torch.arange(4)}, tmp_path / "best.pth")  # overwrites
-    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
-    assert torch.equal(torch.load(tmp_path / "best.pth", weights_only=True)["a"], torch.arange(4))
-
-
-def test_save_atomic_failure_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "best.pth"
-    save_atomic({"a": torch.arange(3)}, path)
-
-    def disk_full(obj, file):
-        Path(file).write_bytes(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(files.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        save_atomic({"a": torch.arange(100)}, path)
-    monkeypatch.undo()
-    assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
-    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
-
-
-@pytest.mark.parametrize("loss", ["bce", "triplet", "ce"])
-def test_load_checkpoint_round_trip_gives_the_same_outputs(tmp_path, images, loss):
-    torch.manual_seed(6)
-    model = build_model(config_for(loss, seed=3))
-    with torch.no_grad():  # move BatchNorm running statistics off their defaults
-        features = model.train().embed(images)
-        if loss == "bce":
-            model.pair_logits(features, features.roll(1, 0))
-    model.eval()
-    save_versioned({"model": model.state_dict(), "config": config_for(loss, seed=3).as_dict(), "epoch": 4},
-                   tmp_path / "best.pth")
-    loaded, config, checkpoint = load_checkpoint(tmp_path / "best.pth")
-    assert type(loaded) is type(model) and not loaded.training
-    assert config == config_for(loss, seed=3) and checkpoint["epoch"] == 4
-    with torch.no_grad():
-        expected, actual = model.embed(images), loaded.embed(images)
-        assert torch.equal(actual, expected)
-        assert torch.equal(loaded.pair_similarity(actual, actual.roll(1, 0)),
-                           model.pair_similarity(expected, expected.roll(1, 0)))
-
-
-def test_load_checkpoint_of_a_plain_state_dict_raises_weights_error(tmp_path, siamese):
-    torch.save(siamese.state_dict(), tmp_path / "plain.pth")
-    with pytest.raises(WeightsError, match="not a checkpoint of this repo"):
-        load_checkpoint(tmp_path / "plain.pth")
-
-
-def test_load_checkpoint_whose_weights_do_not_fit_its_config_raises_weights_error(tmp_path, siamese):
-    save_atomic({"model": siamese.state_dict(), "config": config_for("ce").as_dict()}, tmp_path / "mixed.pth")
-    with pytest.raises(WeightsError, match="do not fit"):
-        load_checkpoint(tmp_path / "mixed.pth")
-
-
-def test_a_config_saved_before_the_levers_existed_loads_with_the_studys_values(tmp_path):
-    old = {key: value for key, value in config_for("bce").as_dict().items()
-           if key not in ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")}
-    config = checked_config(old, tmp_path / "old.pth")
-    assert (config.recipe, config.optimizer, config.schedule, config.aux_weight, config.tta) == (
-        "study", "adam", "constant", 0.0, False)
-    assert checked_config(config.as_dict(), tmp_path / "x.pth") == config  # a plain dict round trip
-    with pytest.raises(WeightsError, match="has lr = -1"):
-        checked_config({**old, "lr": -1}, tmp_path / "bad.pth")
-
-
-def test_a_checkpoint_saved_before_backbones_existed_loads_as_resnet18_on_its_imagenet_output(tmp_path):
-    model = build_model(config_for("bce"))
-    old = {key: value for key, value in config_for("bce").as_dict().items()
-           if key not in ("backbone", "features", "backbone_lr_scale")}
-    save_atomic({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
-    loaded, config, _ = load_checkpoint(tmp_path / "old.pth")
-    assert (config.backbone, config.features, config.backbone_lr_scale) == ("resnet18", "imagenet", 1.0)
-    assert isinstance(loaded.backbone, torchvision.models.ResNet)

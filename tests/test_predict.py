@@ -270,22 +270,6 @@ def test_a_clinics_gallery_with_fewer_than_two_of_a_class_or_without_out_is_one_
         assert "\n" not in str(stop.value.code)
 
 
-def test_cross_fitted_validation_scores_never_meet_their_own_image():
-    class NoModel:
-        pass
-
-    rng = torch.Generator().manual_seed(0)
-    features = torch.randn(20, 8, generator=rng)
-    labels = torch.tensor([0, 1] * 10)
-    gallery = {"features": features, "labels": labels, "cross_fitted": True}
-    # k = 1: against a gallery holding the image itself its nearest neighbour is itself, and the
-    # score is its own label
-    scores = predict.validation_scores(NoModel(), "knn", 1, gallery, features, seed=0)
-    assert not (scores == labels.numpy()).all()
-    with_itself = predict.validation_scores(NoModel(), "knn", 1, {**gallery, "cross_fitted": False}, features, 0)
-    assert (with_itself == labels.numpy()).all()
-
-
 def test_a_run_stopped_in_its_first_epoch_points_at_last_pth_and_says_what_it_holds(movable_project, tmp_path,
                                                                                     quick_bootstrap, capsys):
     trained, data, _ = movable_project

@@ -3,7 +3,6 @@ and the best-checkpoint rule; damaged data (broken files excluded and listed, a 
 classes) and bad flags or projects, each stopped in one line before any work. Its saved state,
 --resume and interruptions: test_train_state.py."""
 import dataclasses
-import math
 import re
 import shutil
 import subprocess
@@ -107,27 +106,6 @@ def test_each_loss_decreases_on_a_tiny_batch_within_a_few_steps(loss, tiny_data_
     assert losses[-1] < losses[0], losses
 
 
-def test_collapse_warning_fires_on_constant_embeddings():
-    from history import collapse_warning
-
-    features = torch.ones(10, 8) / math.sqrt(8)  # every image the same unit vector
-    spread = (features - features.mean(0)).norm(dim=1).mean().item()
-    row = {"epoch": 3, "embedding_spread": spread, "active_fraction": 0.5}
-    assert "collapsed at epoch 3" in collapse_warning(row)
-    assert collapse_warning({"epoch": 3, "embedding_spread": 0.4, "active_fraction": 0.0})
-    assert collapse_warning({"epoch": 3, "embedding_spread": 0.4, "active_fraction": 0.3}) is None
-
-
-def test_selection_prefers_higher_auc_then_lower_loss():
-    from history import selection_key
-
-    rows = [{"val_auc": 0.9, "val_loss": 0.3}, {"val_auc": 1.0, "val_loss": 0.5}, {"val_auc": 1.0, "val_loss": 0.2}]
-    keys = [selection_key(r, "val_auc") for r in rows]
-    assert max(range(3), key=lambda i: keys[i]) == 2
-    assert max(range(3), key=lambda i: selection_key(rows[i], "val_loss")) == 2
-    assert selection_key(rows[0], "val_loss") > selection_key(rows[1], "val_loss")
-
-
 # ---------------------------------------------------------------------------------------------
 # Recipes and the levers they set
 
@@ -167,18 +145,6 @@ def test_tuned_recipe_gives_the_auxiliary_loss_to_bce_only():
 def test_bad_lever_flags_are_refused(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.check_args(train.parse_args(["--project", "p", "--data", str(tmp_path), *flags]))
-
-
-def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
-    config = RunConfig(lr=1e-3, epochs=4, warmup_epochs=1.0, schedule="cosine")
-    from scheduler import learning_rate
-    rates = [learning_rate(step, 400, config) for step in range(400)]
-    assert rates[0] == pytest.approx(1e-5) and rates[99] == pytest.approx(1e-3)  # 100 warm-up steps
-    assert all(a < b for a, b in zip(rates[:99], rates[1:100]))
-    assert all(a >= b for a, b in zip(rates[100:], rates[101:]))
-    assert rates[250] == pytest.approx(5e-4, rel=0.02) and rates[-1] < 1e-6
-    constant = dataclasses.replace(config, schedule="constant", warmup_epochs=0.0)
-    assert {learning_rate(step, 400, constant) for step in range(400)} == {1e-3}
 
 
 def test_auxiliary_classifier_is_trained_with_the_pair_loss(tiny_data_dir):
