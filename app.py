@@ -49,10 +49,7 @@ NOT_A_DIAGNOSIS = "A research model: its verdict is not a diagnosis."
 
 
 def threshold_rule(gallery):
-    """How the saved threshold was chosen, where the gallery says so (galleries of older
-    versions do not), else None."""
-    if "target_sensitivity" not in gallery:
-        return None
+    """How the gallery's threshold was chosen."""
     target = gallery["target_sensitivity"]
     if target is None:
         return "Youden's J (sensitivity + specificity - 1) on the validation split"
@@ -103,8 +100,7 @@ class LesionChecker:
 
     def describe(self):
         """The model line at the top of the page: what is served and how its threshold was chosen."""
-        rule = threshold_rule(self.gallery)
-        threshold = f"threshold **{self.gallery['threshold']:.4f}**" + (f", chosen by {rule}" if rule else "")
+        threshold = f"threshold **{self.gallery['threshold']:.4f}**, chosen by {threshold_rule(self.gallery)}"
         prevalence = self.gallery["calibration"]["prevalence"]
         if self.clinic:
             gallery = (f"the clinic's own gallery `{self.clinic}` ({len(self.gallery['labels'])} images, which also "

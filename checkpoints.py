@@ -203,8 +203,8 @@ def gallery_problem(gallery, width):
         return problem
     if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
         return f"its threshold {threshold!r} is not a number"
-    missing = [key for key in ("validation_features", "validation_labels", "gallery_size", "tta", "calibration")
-               if key not in gallery]
+    missing = [key for key in ("validation_features", "validation_labels", "gallery_size", "tta", "calibration",
+                               "target_sensitivity") if key not in gallery]
     if missing:
         return f"it was written by an older version, without its {', '.join(missing)}"
     problem = setting_problem(gallery, ("score", "k", "gallery_size", "tta")) or calibration_problem(
