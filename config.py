@@ -219,10 +219,20 @@ def read_yaml(path, flag):
         if key not in SETTINGS:
             raise ValueError(f"{flag} {path}: {key!r} is not a setting; the settings are train.py's flags "
                              f"(with _ for -)")
+        values[key] = value = typed(key, value)
         rule = SETTINGS[key].metadata["rule"]
         if not rule.test(value):
             raise ValueError(f"{flag} {path}: {key} = {value!r}, expected {rule.what}")
     return values
+
+
+def typed(key, text):
+    """A setting's value read as its flag reads it: YAML takes `lr: 1e-3` for a string."""
+    convert = (SETTINGS[key].metadata["flag"] or Flag("")).options.get("type")
+    try:
+        return convert(text) if convert and isinstance(text, str) else text
+    except ValueError:
+        return text  # the rule then says what it must be
 
 
 def recipe_file(name):

@@ -97,9 +97,9 @@ def test_an_unknown_recipe_is_one_line_listing_the_recipes(tmp_path, capsys):
 
 def test_a_recipe_file_of_ones_own(tmp_path):
     path = tmp_path / "long.yaml"
-    path.write_text("epochs: 6\naugment: dermoscopy\n")
+    path.write_text("epochs: 6\naugment: dermoscopy\nlr: 3e-4\n")  # YAML reads 3e-4 as text: taken as a number
     made = train.make_config(train.parse_args(["--project", "p", "--data", str(tmp_path), "--recipe", str(path)]))
-    assert (made.epochs, made.augment, made.lr) == (6, "dermoscopy", STUDY.lr)
+    assert (made.epochs, made.augment, made.lr, made.weight_decay) == (6, "dermoscopy", 3e-4, STUDY.weight_decay)
 
 
 def test_check_flags_names_the_flag_and_its_rule():
