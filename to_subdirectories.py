@@ -24,12 +24,11 @@ import json
 import os
 import shutil
 import signal
-import sys
 from collections import Counter
 from pathlib import Path
 
-from cli import interrupts_raise
-from config import make_parser
+from cli import Interrupted, interrupts_raise, one_line_errors
+from config import check_flags, make_parser
 from dataset import CLASS_NAMES, SPLITS
 from files import left_by_an_ended_process, overlaps
 from near_duplicates import NEAR_BITS, leaks
@@ -41,11 +40,6 @@ SHOW = 5  # how many example names a warning lists
 # An official split column (ISIC 2017, HAM10000): its values, case-insensitive, -> our folders.
 SPLIT_VALUES = {"train": SPLITS["train"], "training": SPLITS["train"], "val": SPLITS["validation"],
                 "valid": SPLITS["validation"], "validation": SPLITS["validation"], "test": SPLITS["test"]}
-
-
-def die(message):
-    """A problem the user can fix: one line, no traceback, non-zero exit."""
-    sys.exit(f"to_subdirectories.py: error: {message}")
 
 
 def examples(items):
@@ -79,7 +73,7 @@ def file_name(name):
 def read_csv(csv_path):
     """The header and the (line number, cells) records of the CSV; one-line errors if unreadable."""
     if not csv_path.is_file():
-        die(f"--csv {csv_path}: no such file; point it at train-metadata.csv of the ISIC download")
+        raise ValueError(f"--csv {csv_path}: no such file; point it at train-metadata.csv of the ISIC download")
     try:
         # newline='' lets the csv module handle CRLF; utf-8-sig drops an Excel byte-order mark
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -87,11 +81,12 @@ def read_csv(csv_path):
             header = next(reader, None)
             records = [(reader.line_num, record) for record in reader]
     except UnicodeDecodeError:
-        die(f"--csv {csv_path}: not UTF-8 text; save it as a UTF-8 CSV")
+        raise ValueError(f"--csv {csv_path}: not UTF-8 text; save it as a UTF-8 CSV")
     except (OSError, csv.Error) as e:
-        die(f"--csv {csv_path}: cannot read it ({e})")
+        raise ValueError(f"--csv {csv_path}: cannot read it ({e})")
     if not header or not any(value.strip() for value in header):
-        die(f"--csv {csv_path}: the file is empty; expected a header with isic_id (or image_name) and target")
+        raise ValueError(f"--csv {csv_path}: the file is empty; expected a header with isic_id (or image_name) "
+                         f"and target")
     return header, records
 
 
@@ -103,7 +98,7 @@ def find_columns(header, csv_path):
     name_column = next((c for c in NAME_COLUMNS if c in index), None)
     if name_column is None or "target" not in index:
         hint = " (is it comma-separated?)" if len(columns) == 1 and any(s in columns[0] for s in ";\t") else ""
-        die(f"--csv {csv_path}: expected columns isic_id (or image_name) and target, "
+        raise ValueError(f"--csv {csv_path}: expected columns isic_id (or image_name) and target, "
             f"found {', '.join(columns)}{hint}")
     return columns, index, name_column
 
@@ -158,7 +153,7 @@ def read_metadata(csv_path, split_column="split"):
     columns, index, name_column = find_columns(header, csv_path)
     records = [(line, record) for line, record in records if any(value.strip() for value in record)]
     if not records:
-        die(f"--csv {csv_path}: the file has a header but no rows")
+        raise ValueError(f"--csv {csv_path}: the file has a header but no rows")
     has_split = split_column.lower() in index
     report = {"columns": columns, "name_column": name_column, "has_patient_id": "patient_id" in index,
               "split_column": split_column.lower() if has_split else None,
@@ -196,7 +191,7 @@ def check_splittable(labels, groups, n_splits):
         patients = len({g for g, label in zip(groups, labels) if label == c}) if groups is not None else images
         if images < n_splits or patients < n_splits:
             of = f" of {patients} patients" if groups is not None else ""
-            die(f"class {c} ({class_name}) has only {images} usable images{of}; each of the {n_splits} "
+            raise ValueError(f"class {c} ({class_name}) has only {images} usable images{of}; each of the {n_splits} "
                 f"splits needs at least one, so add more {class_name} images to the CSV and image folder")
 
 
@@ -320,14 +315,13 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def check_flags(args):
+def checked_ratios(args):
     """The three ratios as floats; --ratios and --seed checked."""
     ratios = [float(r) for r in args.ratios]
     if not all(r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:  # 'r > 0' is False for NaN too
-        die(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: need three fractions > 0 that sum to 1, "
+        raise ValueError(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: need three fractions > 0 that sum to 1, "
             f"e.g. --ratios 0.7 0.15 0.15")
-    if not 0 <= args.seed < 2**32:
-        die(f"--seed {args.seed}: must be between 0 and {2**32 - 1}")
+    check_flags(args, ("seed",))
     return ratios
 
 
@@ -341,17 +335,17 @@ def output_folder(out):
 def check_folders(images, out, force):
     """--images exists, --out is a folder (or absent) apart from --images and empty unless --force."""
     if not images.is_dir():
-        die(f"--images {images}: no such folder; point it at the folder with the .jpg files "
+        raise ValueError(f"--images {images}: no such folder; point it at the folder with the .jpg files "
             f"(train-image/image in the Kaggle download)")
     if out.exists() and not out.is_dir():
-        die(f"--out {out}: is a file, not a folder; choose another --out")
+        raise ValueError(f"--out {out}: is a file, not a folder; choose another --out")
     # --force replaces folders in --out: never where the source images are, nor inside their folder;
     # without it, only a new --out inside the image folder is harmless
     if overlaps(images, out) and (force or images.resolve() not in out.resolve().parents):
-        die(f"--out {out} and --images {images} overlap (one folder is inside the other), so --force "
+        raise ValueError(f"--out {out} and --images {images} overlap (one folder is inside the other), so --force "
             f"could delete source images; choose an --out outside the image folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        die(f"--out {out}: folder is not empty; pass --force to replace the split in it, "
+        raise ValueError(f"--out {out}: folder is not empty; pass --force to replace the split in it, "
             f"or choose another --out")
 
 
@@ -360,12 +354,12 @@ def read_rows(csv_path, split_column):
     --split-column flag (None: use a column named 'split' when there is one)."""
     rows, report = read_metadata(csv_path, split_column or "split")
     if split_column and not report["split_column"]:
-        die(f"--split-column {split_column}: {csv_path} has no such column (it has "
+        raise ValueError(f"--split-column {split_column}: {csv_path} has no such column (it has "
             f"{', '.join(report['columns'])}); name another or leave the flag out to draw a split")
     print(f"{csv_path}: {report['rows_read']:,} rows, file name column {report['name_column']}")
     print_report(report, csv_path)
     if not rows:
-        die(f"--csv {csv_path}: no usable rows left (see the warnings above); "
+        raise ValueError(f"--csv {csv_path}: no usable rows left (see the warnings above); "
             f"every row needs a file name and a target of 0 or 1")
     return rows, report
 
@@ -377,7 +371,7 @@ def keep_rows_on_disk(rows, images, csv_path):
     try:
         on_disk = {entry.name for entry in os.scandir(images) if entry.is_file()}
     except OSError as e:
-        die(f"--images {images}: cannot list the folder ({e})")
+        raise ValueError(f"--images {images}: cannot list the folder ({e})")
     by_stem = {}
     for name in on_disk:
         stem, extension = os.path.splitext(name)
@@ -398,7 +392,7 @@ def keep_rows_on_disk(rows, images, csv_path):
         rows = [row for row in rows if row["name"] in on_disk]
     if not rows:
         hint = f" (did you mean --images {images / 'image'}?)" if (images / "image").is_dir() else ""
-        die(f"--images {images}: none of the images listed in {csv_path} is there{hint}; "
+        raise ValueError(f"--images {images}: none of the images listed in {csv_path} is there{hint}; "
             f"expected files like {images / missing[0]}")
     return rows, missing
 
@@ -460,7 +454,7 @@ def count_splits(rows, assignment, grouped, from_column, csv_path, out):
                 fix = ("the CSV's split column puts none there; fix the column" if from_column else
                        f"the class has only {labels.count(label)}; add more {class_name} images or change "
                        f"--ratios or --seed")
-                die(f"the split left {split} without {class_name} images ({fix})")
+                raise ValueError(f"the split left {split} without {class_name} images ({fix})")
     return counts
 
 
@@ -507,17 +501,19 @@ def write_split(out, rows, assignment, images, copy, info, csv_path):
             info["files"] = dict(methods)
             (tmp / "split.json").write_text(json.dumps(info, indent=2) + "\n")
             move_into_place(tmp, out)
-        except KeyboardInterrupt as interrupt:  # cli.Interrupted carries the signal
+        except KeyboardInterrupt as interrupt:  # a signal (cli.Interrupted) or Ctrl-C: one_line_errors says so
             remove(tmp)
-            print(f"to_subdirectories.py: interrupted; removed the unfinished split (--out {out})", file=sys.stderr)
-            raise SystemExit(128 + getattr(interrupt, "signum", signal.SIGINT))
+            stopped = interrupt if isinstance(interrupt, Interrupted) else Interrupted(signal.SIGINT)
+            stopped.note = f"removed the unfinished split (--out {out})"
+            raise stopped from None
         except UnreadableSource as e:
             remove(tmp)
             source, reason = e.args
-            die(f"--images: cannot read {source} ({reason}); fix its permissions, or remove its row from {csv_path}")
+            raise ValueError(f"--images: cannot read {source} ({reason}); fix its permissions, or remove its row "
+                             f"from {csv_path}")
         except OSError as e:
             remove(tmp)
-            die(f"--out {out}: cannot write the split ({e}); check the free space and permissions there")
+            raise ValueError(f"--out {out}: cannot write the split ({e}); check the free space and permissions there")
         except BaseException:
             remove(tmp)
             raise
@@ -534,7 +530,13 @@ def print_summary(out, methods, copy, counts, grouped, n_patients):
 
 def main(argv=None):
     args = parse_args(argv)
-    ratios = check_flags(args)
+    with one_line_errors("to_subdirectories.py", interrupts=False):  # write_split takes the signals
+        return split(args)
+
+
+def split(args):
+    """Read the CSV, split its rows, and write the split folders and split.json."""
+    ratios = checked_ratios(args)
     csv_path, images, out = Path(args.csv), Path(args.images), output_folder(args.out)
     check_folders(images, out, args.force)
     # 1. Read the CSV and keep the rows whose image is on disk.
