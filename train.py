@@ -4,9 +4,9 @@
     torchrun --nproc_per_node=4 train.py --project runs/exp1 --data DATA      # several GPUs (DDP)
 
 Defaults are the study's: ResNet18 from ImageNet weights, batch 128, Adam lr 1e-5 and weight
-decay 1e-5, BCE on the similarity of the design's pairs, 20 epochs. Writes PROJECT/outputs/
-(best.pth, last.pth, history.csv, training_validation_metrics.png) and, through predict.py,
-PROJECT/results/.
+decay 1e-5, BCE on the similarity of the design's pairs, 20 epochs; --recipe and --config set
+others (config.py). Writes PROJECT/outputs/ (config.yaml, best.pth, last.pth, history.csv,
+training_validation_metrics.png) and, through predict.py, PROJECT/results/.
 """
 import argparse
 import math
