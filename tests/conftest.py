@@ -213,3 +213,47 @@ def evaluated_project(reference_run, broken_data_dir, tmp_path_factory):
     assert (status, message) == (0, "")
     assert (project / "outputs" / "gallery.pt").exists()
     return project
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny networks without a network connection
+
+
+@pytest.fixture(scope="module")
+def siamese():
+    """The design's Siamese network from random weights, in eval mode."""
+    import torch
+
+    from modules import SiameseNetwork
+
+    torch.manual_seed(0)
+    return SiameseNetwork("none").eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Four random 32 px images."""
+    import torch
+
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's resnet18 that fails like a machine without internet when weights are asked for."""
+    import urllib.error
+
+    import torchvision
+
+    import modules
+
+    calls = []
+
+    def no_network(*, weights=None, **kwargs):
+        calls.append(weights)
+        if weights is not None:
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        return torchvision.models.resnet18(weights=None, **kwargs)
+
+    monkeypatch.setattr(modules, "resnet18", no_network)
+    return calls

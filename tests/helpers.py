@@ -102,3 +102,11 @@ def jpeg_bytes(mode="RGB", size=(40, 36), seed=0, fmt="JPEG"):
     buffer = io.BytesIO()
     Image.fromarray(rgb).convert(mode).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def tiny_config(loss, **settings):
+    """A RunConfig of a tiny network from random weights (32 px, 16-d embedding), other settings the study's."""
+    from config import RunConfig
+
+    return RunConfig(**{"loss": loss, "weights": "none", "embed_dim": 16, "image_size": 32, "seed": 0,
+                        "benign_limit": [0, 0, 0], **settings})

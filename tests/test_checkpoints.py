@@ -24,31 +24,13 @@ import checkpoints
 import predict
 import train
 from checkpoints import checked_config, load_checkpoint, save_versioned
-from config import RunConfig
 from files import save_atomic
 from losses import build_model
-from modules import SiameseNetwork
-from helpers import (ROOT, SUBPROCESS_ENV, assert_one_line, call_main, evaluate_argv, jpeg_bytes, torch_load,
+from helpers import (ROOT, tiny_config, SUBPROCESS_ENV, assert_one_line, call_main, evaluate_argv, jpeg_bytes, torch_load,
                      train_argv)
 from files import WeightsError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-
-def config_for(loss, **extra):
-    return RunConfig(**{"loss": loss, "weights": "none", "embed_dim": 16, "image_size": 32, "seed": 0,
-                        "benign_limit": [0, 0, 0], **extra})
-
-
-@pytest.fixture(scope="module")
-def siamese():
-    torch.manual_seed(0)
-    return SiameseNetwork("none").eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture
@@ -416,17 +398,17 @@ def test_gallery_still_fits_a_project_copied_with_new_file_times(evaluated_proje
 @pytest.mark.parametrize("loss", ["bce", "triplet", "ce"])
 def test_load_checkpoint_round_trip_gives_the_same_outputs(tmp_path, images, loss):
     torch.manual_seed(6)
-    model = build_model(config_for(loss, seed=3))
+    model = build_model(tiny_config(loss, seed=3))
     with torch.no_grad():  # move BatchNorm running statistics off their defaults
         features = model.train().embed(images)
         if loss == "bce":
             model.pair_logits(features, features.roll(1, 0))
     model.eval()
-    save_versioned({"model": model.state_dict(), "config": config_for(loss, seed=3).as_dict(), "epoch": 4},
+    save_versioned({"model": model.state_dict(), "config": tiny_config(loss, seed=3).as_dict(), "epoch": 4},
                    tmp_path / "best.pth")
     loaded, config, checkpoint = load_checkpoint(tmp_path / "best.pth")
     assert type(loaded) is type(model) and not loaded.training
-    assert config == config_for(loss, seed=3) and checkpoint["epoch"] == 4
+    assert config == tiny_config(loss, seed=3) and checkpoint["epoch"] == 4
     with torch.no_grad():
         expected, actual = model.embed(images), loaded.embed(images)
         assert torch.equal(actual, expected)
@@ -441,13 +423,13 @@ def test_load_checkpoint_of_a_plain_state_dict_raises_weights_error(tmp_path, si
 
 
 def test_load_checkpoint_whose_weights_do_not_fit_its_config_raises_weights_error(tmp_path, siamese):
-    save_atomic({"model": siamese.state_dict(), "config": config_for("ce").as_dict()}, tmp_path / "mixed.pth")
+    save_atomic({"model": siamese.state_dict(), "config": tiny_config("ce").as_dict()}, tmp_path / "mixed.pth")
     with pytest.raises(WeightsError, match="do not fit"):
         load_checkpoint(tmp_path / "mixed.pth")
 
 
 def test_a_config_saved_before_the_levers_existed_loads_with_the_studys_values(tmp_path):
-    old = {key: value for key, value in config_for("bce").as_dict().items()
+    old = {key: value for key, value in tiny_config("bce").as_dict().items()
            if key not in ("recipe", "optimizer", "schedule", "warmup_epochs", "augment", "aux_weight", "sampler", "tta")}
     config = checked_config(old, tmp_path / "old.pth")
     assert (config.recipe, config.optimizer, config.schedule, config.aux_weight, config.tta) == (
@@ -458,8 +440,8 @@ def test_a_config_saved_before_the_levers_existed_loads_with_the_studys_values(t
 
 
 def test_a_checkpoint_saved_before_backbones_existed_loads_as_resnet18_on_its_imagenet_output(tmp_path):
-    model = build_model(config_for("bce"))
-    old = {key: value for key, value in config_for("bce").as_dict().items()
+    model = build_model(tiny_config("bce"))
+    old = {key: value for key, value in tiny_config("bce").as_dict().items()
            if key not in ("backbone", "features", "backbone_lr_scale")}
     save_atomic({"model": model.state_dict(), "config": old}, tmp_path / "old.pth")
     loaded, config, _ = load_checkpoint(tmp_path / "old.pth")

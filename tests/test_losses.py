@@ -3,18 +3,16 @@ miner), each loss object called with (model, Batch), the design's pair BCE, the 
 losses and miners, and the fraction of active pairs or triplets."""
 import itertools
 import math
-import urllib.error
 
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from pytorch_metric_learning import losses, miners
 from pytorch_metric_learning.utils import distributed as pml_distributed
 
-import modules
 from config import RunConfig
 from losses import LOSSES, Batch, BatchResult, active_fraction, build_model, metric_loss, pair_bce
+from helpers import tiny_config
 from modules import EmbeddingNetwork, ImageClassifier, SiameseNetwork, last_stage
 from scoring import SCORE_METHODS, applicable_scores, resolve_score
 
@@ -24,9 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 def config_for(loss, **extra):
     """A tiny run's config, with the margin and miner train.make_config gives the loss."""
-    return RunConfig(**{"loss": loss, "weights": "none", "embed_dim": 16, "image_size": SIZE, "seed": 0,
-                        "benign_limit": [0, 0, 0], "margin": LOSSES[loss].margin, "miner": LOSSES[loss].miner,
-                        **extra})
+    return tiny_config(loss, **{"margin": LOSSES[loss].margin, "miner": LOSSES[loss].miner, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +39,6 @@ def batch_of(images, pairing="embed-once"):
     if pairing == "two-pass":
         return Batch(images[anchors], None, None, None, targets, images[partners])
     return Batch(images, labels, anchors, partners, targets)
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """torchvision's resnet18 that fails like a machine without internet when weights are asked for."""
-    calls = []
-
-    def no_network(*, weights=None, **kwargs):
-        calls.append(weights)
-        if weights is not None:
-            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-        return torchvision.models.resnet18(weights=None, **kwargs)
-
-    monkeypatch.setattr(modules, "resnet18", no_network)
-    return calls
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Tests of modules.py: the design's Siamese head, the embedding and classifier models, their
 backbones and feature widths, and pretrained weights (offline) and --weights files."""
 import math
-import urllib.error
 
 import pytest
 import torch
@@ -10,44 +9,13 @@ import torch.nn.functional as F
 import torchvision
 
 import modules
-from config import RunConfig
 from files import WeightsError, save_atomic
 from losses import LOSSES, build_model
+from helpers import tiny_config
 from modules import EmbeddingNetwork, ImageClassifier, SiameseNetwork, build_backbone
 
 SIZE = 32
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-
-def config_for(loss, **extra):
-    return RunConfig(**{"loss": loss, "weights": "none", "embed_dim": 16, "image_size": 32, "seed": 0,
-                        "benign_limit": [0, 0, 0], **extra})
-
-
-@pytest.fixture(scope="module")
-def siamese():
-    torch.manual_seed(0)
-    return SiameseNetwork("none").eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """torchvision's resnet18 that fails like a machine without internet when weights are asked for."""
-    calls = []
-
-    def no_network(*, weights=None, **kwargs):
-        calls.append(weights)
-        if weights is not None:
-            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-        return torchvision.models.resnet18(weights=None, **kwargs)
-
-    monkeypatch.setattr(modules, "resnet18", no_network)
-    return calls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +155,7 @@ def test_weights_path_loads_a_torchvision_resnet18_state_dict(tmp_path, images):
 
 
 def test_weights_path_loads_the_backbone_of_a_repo_checkpoint(tmp_path, siamese, images):
-    save_atomic({"model": siamese.state_dict(), "config": config_for("bce").as_dict()}, tmp_path / "best.pth")
+    save_atomic({"model": siamese.state_dict(), "config": tiny_config("bce").as_dict()}, tmp_path / "best.pth")
     backbone = build_backbone("resnet18", tmp_path / "best.pth").eval()
     with torch.no_grad():
         assert torch.equal(backbone(images), siamese.backbone(images))
@@ -272,7 +240,7 @@ def test_lite0_random_weights_are_not_the_pretrained_ones():
 def test_every_loss_trains_on_every_backbone_and_feature_width(loss, backbone, features, width, images):
     from train import on_device
 
-    config = config_for(loss, backbone=backbone, features=features, aux_weight=1.0 if loss == "bce" else 0.0,
+    config = tiny_config(loss, backbone=backbone, features=features, aux_weight=1.0 if loss == "bce" else 0.0,
                         margin=LOSSES[loss].margin, miner=LOSSES[loss].miner)
     model = build_model(config).train()
     assert model.embed(images).shape[1] == (16 if LOSSES[loss].reports_active else width)
@@ -286,8 +254,8 @@ def test_every_loss_trains_on_every_backbone_and_feature_width(loss, backbone, f
 
 def test_weights_path_loads_a_lite0_checkpoint_of_this_repo_into_pooled_features(tmp_path, images):
     torch.manual_seed(2)
-    trained = build_model(config_for("ce", backbone="efficientnet_lite0")).eval()
-    save_atomic({"model": trained.state_dict(), "config": config_for("ce").as_dict()}, tmp_path / "best.pth")
+    trained = build_model(tiny_config("ce", backbone="efficientnet_lite0")).eval()
+    save_atomic({"model": trained.state_dict(), "config": tiny_config("ce").as_dict()}, tmp_path / "best.pth")
     pooled = build_backbone("efficientnet_lite0", tmp_path / "best.pth", "pooled").eval()
     with torch.no_grad():
         assert torch.equal(pooled(images), trained.backbone.forward_features(images).mean((2, 3)))
