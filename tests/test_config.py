@@ -1,6 +1,7 @@
 """config.py: every setting's default, rule and help written once; the parsers built from them; the
 recipes and --config as parser defaults under the command line; config.yaml round trips."""
 import ast
+import dataclasses
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -42,9 +43,17 @@ def test_each_flag_is_declared_once_in_the_repository():
 
 
 def test_the_recipes_are_yaml_files_of_valid_settings():
-    assert {"study", "tuned", "transfer"} <= set(RECIPES)
+    assert {"study", "tuned", "transfer", "long"} <= set(RECIPES)
     assert RECIPES["study"] == {}  # the study's values are RunConfig's defaults, written once
     assert RECIPES["transfer"]["lr"] == 1e-3 and RECIPES["tuned"]["gallery_size"] == 0
+
+
+def test_the_long_recipe_is_transfer_for_6_epochs_with_dermoscopy_augmentation_and_tta(tmp_path):
+    argv = ["--project", "p", "--data", str(tmp_path)]
+    long = train.make_config(train.parse_args([*argv, "--recipe", "long"]))
+    flags = train.make_config(train.parse_args([*argv, "--recipe", "transfer", "--epochs", "6", "--augment",
+                                                "dermoscopy", "--tta"]))
+    assert long == dataclasses.replace(flags, recipe="long")
 
 
 def test_a_recipe_is_the_parsers_defaults_and_a_typed_flag_wins(tmp_path):
@@ -92,7 +101,7 @@ def test_a_bad_config_file_is_one_line_naming_it(content, message, tmp_path, cap
 def test_an_unknown_recipe_is_one_line_listing_the_recipes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--project", "p", "--data", str(tmp_path), "--recipe", "fast"])
-    assert "--recipe fast: no such recipe; choose one of study, transfer, tuned" in capsys.readouterr().err
+    assert "--recipe fast: no such recipe; choose one of long, study, transfer, tuned" in capsys.readouterr().err
 
 
 def test_a_recipe_file_of_ones_own(tmp_path):
