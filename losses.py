@@ -133,7 +133,7 @@ class Contrastive:
 
     def __init__(self, config, pos_weight=None, world_size=1):
         self.loss, self.miner_function = metric_loss(self.name, config.margin, config.miner, world_size)
-        self.config_margin = config.margin
+        self.run_margin = config.margin  # the run's --margin (the class's margin is its default)
         self.world_size_scale = world_size  # pytorch-metric-learning's DDP wrapper scales the loss by it
 
     @staticmethod
@@ -145,7 +145,7 @@ class Contrastive:
         mined = self.miner_function(embeddings, batch.labels) if self.miner_function else None
         loss = self.loss(embeddings, batch.labels, mined)
         agree = (embeddings[batch.anchors] * embeddings[batch.partners]).sum(1) > 0  # (1 + cos) / 2 > 0.5
-        active = active_fraction(embeddings.detach(), batch.labels, self.name, self.config_margin)
+        active = active_fraction(embeddings.detach(), batch.labels, self.name, self.run_margin)
         return BatchResult(loss, (agree == (batch.targets > 0.5)).sum(), len(batch.targets), active)
 
 
