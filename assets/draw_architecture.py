@@ -4,7 +4,6 @@
 
 regenerates assets/architecture.png (matplotlib only, no network).
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,11 +15,11 @@ from matplotlib.patches import FancyBboxPatch
 
 OUT = Path(__file__).resolve().parent / "architecture.png"
 sys.path.insert(0, str(OUT.parents[1]))  # the repository root, for files.py
+from config import make_parser  # noqa: E402
 from files import write_atomic  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--out", type=Path, default=OUT, help="the PNG to write (default assets/architecture.png)")
-args = parser.parse_args()
+args = make_parser("draw_architecture.py", __doc__, ("out",), defaults={"out": OUT},
+                   helps={"out": "the PNG to write (default assets/architecture.png)"}).parse_args()
 
 # muted palette
 INPUT = "#dbe7f0"

@@ -6,7 +6,6 @@ writes assets/isic2017_demo/{train,validation,test}_data/{0,1}/<isic_id>.jpg (th
 split: training images from its train split, and so on) beside its LICENSE.md. `make demo`
 trains on it; the folder is committed, so nobody needs to run this.
 """
-import argparse
 import csv
 import os
 import shutil
@@ -17,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 OUT = Path(__file__).resolve().parent / "isic2017_demo"
+sys.path.insert(0, str(OUT.parents[1]))  # the repository root, for config.py
+from config import make_parser  # noqa: E402
 # (benign, malignant) images per split, drawn from the challenge split of the same name
 COUNTS = {"train": (200, 100), "val": (70, 30), "test": (120, 80)}
 FOLDERS = {"train": "train_data", "val": "validation_data", "test": "test_data"}
@@ -71,11 +72,11 @@ def demo_names(source):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("make_demo_data.py", __doc__, ("out",), defaults={"out": OUT},
+                    helps={"out": "the folder to make (default assets/isic2017_demo)"})
     p.add_argument("--source", required=True, help="the ISIC 2017 folder: labels.csv and images/<isic_id>.jpg")
-    p.add_argument("--out", type=Path, default=OUT, help="the folder to make (default assets/isic2017_demo)")
     args = p.parse_args(argv)
-    source, out = Path(args.source), args.out
+    source, out = Path(args.source), Path(args.out)
     if out.exists():
         sys.exit(f"make_demo_data.py: error: {out} exists; remove it first to make it again")
     names = demo_names(source)

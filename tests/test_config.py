@@ -17,7 +17,7 @@ import config  # noqa: E402
 import train  # noqa: E402
 from config import RECIPES, STUDY, RunConfig, read_config, write_config  # noqa: E402
 
-SCRIPTS = sorted(path.name for path in ROOT.glob("*.py"))
+SCRIPTS = sorted(str(path.relative_to(ROOT)) for path in (*ROOT.glob("*.py"), *ROOT.glob("assets/*.py")))
 
 
 def test_every_setting_has_a_rule_its_default_keeps_and_a_flag_with_help():
