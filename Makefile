@@ -19,7 +19,7 @@ PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-siz
 SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
 .PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch \
-	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
+	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-ham-losses bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
 
 install: $(VENV)/installed
 
@@ -89,6 +89,11 @@ bench-ham-long: bench-ham-seeds
 bench-ham-long-160: bench-ham-long
 	$(PY) compare.py --project runs/ham-6ep-160 --data data/ham10000 $(HAM_FLAGS) --image-size 160 --epochs 6 \
 		--augment dermoscopy --tta --seeds 0 1 2 --runs bce:transfer --against runs/ham-6ep
+
+# Every loss under --recipe long on HAM10000 validation, one seed, each paired with the classifier
+bench-ham-losses: install
+	$(PY) compare.py --project runs/ham-long-losses --data data/ham10000 $(HAM_FLAGS) --seeds 0 \
+		--runs bce:long ce:long triplet:long contrastive:long
 
 # A HAM10000 model meets ISIC 2017 as a new clinic with k labelled images per class
 bench-new-clinic: bench-ham-seeds
