@@ -71,7 +71,8 @@ bench-isic2017-extra: install
 # The longer recipe HAM10000 chose (bench-ham-long), on ISIC 2017, paired with the 2-epoch runs
 bench-isic2017-long: install
 	$(PY) compare.py --project runs/isic2017-long --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
-		--epochs 6 --augment dermoscopy --tta --seeds 0 1 2 --runs bce:transfer ce:transfer --against runs/isic2017
+		--epochs 6 --augment dermoscopy --tta --seeds 0 1 2 --runs bce:transfer ce:transfer triplet:transfer \
+		contrastive:transfer --against runs/isic2017
 
 # HAM10000 validation over 3 seeds, and a longer recipe (6 epochs, dermoscopy augmentation, flip TTA)
 # paired with it, run for run
