@@ -24,6 +24,10 @@ def best_path(project):
     return Path(project) / "outputs" / "best.pth"
 
 
+def last_path(project):
+    return Path(project) / "outputs" / "last.pth"
+
+
 def gallery_path(checkpoint):
     """gallery.pt beside its checkpoint."""
     return Path(checkpoint).with_name("gallery.pt")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoints import last_path
 from config import CONFIG_FILE, RECIPES, make_parser, read_config
 from files import folder_problem, write_text_atomic
 from losses import LOSSES
@@ -100,7 +101,7 @@ def train_and_score(folder, data, loss, recipe, seed, train_flags):
         sys.exit(f"compare.py: error: {folder} has results but no {saved} (the settings that made them); choose "
                  f"another --project, or delete {folder} to train it again")
     if not metrics_path.exists():  # stopped earlier (its last.pth): continue it, with the flags it does not keep
-        run("train.py", *row, "--resume" if (folder / "outputs" / "last.pth").is_file() and saved.is_file()
+        run("train.py", *row, "--resume" if last_path(folder).is_file() and saved.is_file()
             else "--force")
     return json.loads(metrics_path.read_text())
 

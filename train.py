@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from checkpoints import (best_path, check_same_data, data_fingerprint, load_last, rng_state, save_versioned,
-                         set_rng_state)
+from checkpoints import (best_path, check_same_data, data_fingerprint, last_path, load_last, rng_state,
+                         save_versioned, set_rng_state)
 from cli import Interrupted, interrupt_handler, one_line_errors, progress, stop_after_step
 from config import (SETTINGS, RunConfig, check_flags, check_settings, make_parser, parse_with_recipe,
                     write_config)
@@ -191,8 +191,8 @@ def check_outputs(outputs, args):
     """Refuse to overwrite an earlier run's outputs unless --resume or --force says what to do.
     Returns the files --force will delete (once the data have been checked)."""
     found = [name for name in OUTPUT_FILES if (outputs / name).exists()]
-    if args.resume and not (outputs / "last.pth").exists():
-        raise ValueError(f"--resume: {outputs / 'last.pth'} does not exist; start without --resume")
+    if args.resume and not last_path(args.project).exists():
+        raise ValueError(f"--resume: {last_path(args.project)} does not exist; start without --resume")
     if found and not (args.resume or args.force):
         raise ValueError(f"{outputs} already holds {', '.join(found)}; pass --resume to continue that run, "
                          f"--force to delete it and start over, or choose another --project")
@@ -259,7 +259,7 @@ def main(argv=None):
 
 
 def write_advice(args):
-    last = Path(args.project) / "outputs" / "last.pth"
+    last = last_path(args.project)
     return ("free disk space or fix permissions (or choose another path), then " +
             (f"rerun with --resume: {last} holds the last complete state" if last.is_file() else
              "no checkpoint was saved, so rerun as before"))
@@ -363,7 +363,7 @@ def run_config(args, ctx):
     """(config, last.pth's state or None): a new run's config from the flags, or the resumed run's."""
     if not args.resume:
         return make_config(args), None
-    resume, config = load_last(ctx.outputs / "last.pth")
+    resume, config = load_last(last_path(args.project))
     config.data = str(Path(args.data).resolve())  # the data may have moved since the run began
     apply_resume_flags(args, config, resume["epoch"], ctx.say)
     return config, resume
@@ -485,7 +485,8 @@ def save_last(training, config, state, ctx):
         save_versioned({"model": training.raw_model.state_dict(), "optimizer": training.optimizer.state_dict(),
                         "scaler": training.scaler.state_dict(), "config": config.as_dict(), "epoch": state.epoch,
                         "step": state.step, "partial": state.partial, "best": state.best,
-                        "history": state.history, "rng": rng_state(), "data": training.data}, ctx.outputs / "last.pth")
+                        "history": state.history, "rng": rng_state(), "data": training.data},
+                       last_path(ctx.outputs.parent))
 
 
 def train_one_epoch(training, config, epoch, state, stop, ctx):
@@ -552,7 +553,7 @@ def validate_and_save(training, config, epoch, totals, started, state, splits, c
     if metric and collapse_warning(row):
         ctx.say(collapse_warning(row))
     key = selection_key(row, config.select)
-    best = ctx.outputs / "best.pth"
+    best = best_path(ctx.outputs.parent)
     if state.best is None or key > state.best:
         state.best = key
         if ctx.rank == 0:
