@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from calibration import calibration_problem
-from config import MODEL_KEYS, SETTINGS, from_dict
+from config import MODEL_KEYS, RULES, SETTINGS, from_dict
 import files
 from files import WeightsError, check_finite_weights, save_atomic
 from losses import LOSSES, build_model
@@ -191,9 +191,8 @@ def table_problem(name, features, labels, width):
 def setting_problem(gallery, keys):
     """The first of the gallery's `keys` (settings of the run) that breaks its rule (config.py), or None."""
     for key in keys:
-        rule = SETTINGS[key].metadata["rule"]
-        if not rule.test(gallery.get(key)):
-            return f"its {key} {gallery.get(key)!r} is not {rule.what}"
+        if not RULES[key].test(gallery.get(key)):
+            return f"its {key} {gallery.get(key)!r} is not {RULES[key].what}"
     return None
 
 

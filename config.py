@@ -170,6 +170,7 @@ class RunConfig:
 
 STUDY = RunConfig()
 SETTINGS = {f.name: f for f in fields(RunConfig)}
+RULES = {name: setting_.metadata["rule"] for name, setting_ in SETTINGS.items()}  # each setting's Rule
 # What evaluation needs of a checkpoint's config; the other settings take the study's value if absent.
 MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")
 
@@ -220,9 +221,8 @@ def read_yaml(path, flag):
             raise ValueError(f"{flag} {path}: {key!r} is not a setting; the settings are train.py's flags "
                              f"(with _ for -)")
         values[key] = value = typed(key, value)
-        rule = SETTINGS[key].metadata["rule"]
-        if not rule.test(value):
-            raise ValueError(f"{flag} {path}: {key} = {value!r}, expected {rule.what}")
+        if not RULES[key].test(value):
+            raise ValueError(f"{flag} {path}: {key} = {value!r}, expected {RULES[key].what}")
     return values
 
 
@@ -301,15 +301,15 @@ def check_flags(args, names, rules=None):
     rules = rules or {}
     for name in names:
         value = getattr(args, name, None)
-        rule = rules.get(name) or (SETTINGS[name].metadata["rule"] if is_setting(name) else COMMAND_FLAGS[name].rule)
+        rule = rules.get(name) or (RULES[name] if is_setting(name) else COMMAND_FLAGS[name].rule)
         if rule is not None and value is not None and not rule.test(as_setting(name, value)):
             raise ValueError(f"--{name.replace('_', '-')} {shown(value)}: must be {rule.what}")
 
 
 def check_settings(config):
     """Each setting of a resolved config by its rule, named by its flag."""
-    for name, setting_ in SETTINGS.items():
-        rule, value = setting_.metadata["rule"], getattr(config, name)
+    for name, rule in RULES.items():
+        value = getattr(config, name)
         if not rule.test(value):
             raise ValueError(f"--{name.replace('_', '-')} {shown(value)}: must be {rule.what}")
 
@@ -343,11 +343,11 @@ def from_dict(values, path, required=MODEL_KEYS):
     if not isinstance(values, dict):
         raise ValueError(f"{path}: its config is not a dict; the file was edited or damaged, "
                          f"use the one train.py wrote or train again")
-    for key, setting_ in SETTINGS.items():
+    for key, rule in RULES.items():
         if key not in values and key in required:
             problem = f"has no {key!r}"
-        elif key in values and not setting_.metadata["rule"].test(values[key]):
-            problem = f"has {key} = {values[key]!r}, expected {setting_.metadata['rule'].what}"
+        elif key in values and not rule.test(values[key]):
+            problem = f"has {key} = {values[key]!r}, expected {rule.what}"
         else:
             continue
         raise ValueError(f"{path}: its config {problem}; the file was edited or damaged, "
