@@ -38,12 +38,18 @@ def save_versioned(contents, path):
     save_atomic({**contents, "format": FORMAT}, path)
 
 
+def newer_format(state):
+    """Why a loaded file cannot be read by this version (written by a newer one), or None."""
+    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] > FORMAT:
+        return f"written by a newer version of this repository (format {state['format']}); update the repository"
+    return None
+
+
 def load_state(path, what="checkpoint"):
     """files.load_state, refusing a file written by a newer version of this repository."""
     state = files.load_state(path, what)
-    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] > FORMAT:
-        raise WeightsError(f"{what} {path}: written by a newer version of this repository (format "
-                           f"{state['format']}); update the repository to read it")
+    if newer_format(state):
+        raise WeightsError(f"{what} {path}: {newer_format(state)} to read it")
     return state
 
 
@@ -234,11 +240,13 @@ def load_gallery(checkpoint, width):
     if not path.exists():
         return None, "missing"
     try:
-        gallery = load_state(path, "gallery")
+        gallery = files.load_state(path, "gallery")
     except WeightsError:
         return None, "unreadable (truncated, corrupt or not written by this repository)"
     if not isinstance(gallery, dict):
         return None, "not a gallery file"
+    if newer_format(gallery):
+        return None, newer_format(gallery)
     if gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
         return None, "made for another checkpoint"
     problem = gallery_problem(gallery, width)

@@ -40,11 +40,9 @@ def pair_bce(logits, targets):
     return F.binary_cross_entropy_with_logits(logits.float(), targets), ((logits > 0) == (targets > 0.5)).sum()
 
 
-class PairBCE:
-    """bce, the design: BCE on the Siamese head's similarity of the batch's pairs, plus --aux-weight
-    times a class-weighted BCE of each image's malignant logit on the same features."""
-    network = SiameseNetwork
-    default_score = "gallery"
+class WeightedBCE:
+    """What the two BCE losses share: a class-weighted malignant logit (pos_weight), any --sampler,
+    no margin or miner."""
     sampler = None        # --sampler chooses
     margin = None
     miner = None
@@ -53,6 +51,13 @@ class PairBCE:
     def __init__(self, config, pos_weight=None, world_size=1):
         self.aux_weight, self.pos_weight = config.aux_weight, pos_weight
         self.world_size_scale = 1  # what DDP multiplies the reported loss by
+
+
+class PairBCE(WeightedBCE):
+    """bce, the design: BCE on the Siamese head's similarity of the batch's pairs, plus --aux-weight
+    times a class-weighted BCE of each image's malignant logit on the same features."""
+    network = SiameseNetwork
+    default_score = "gallery"
 
     @staticmethod
     def build_network(config, weights):
@@ -71,7 +76,7 @@ class PairBCE:
         return BatchResult(loss + self.aux_weight * class_loss, correct, len(batch.targets))
 
 
-class ClassifierBCE(PairBCE):
+class ClassifierBCE(WeightedBCE):
     """ce, the plain classifier baseline: class-weighted BCE of each image's malignant logit."""
     network = ImageClassifier
     default_score = "direct"

@@ -64,6 +64,18 @@ def test_a_file_of_a_newer_format_is_refused_in_one_line_naming_it(name, load, e
     assert f"written by a newer version of this repository (format {checkpoints.FORMAT + 1})" in message
 
 
+def test_a_gallery_of_a_newer_format_is_not_used_and_the_reason_says_so(evaluated_project, tmp_path):
+    checkpoint = tmp_path / "outputs" / "best.pth"
+    shutil.copytree(evaluated_project / "outputs", checkpoint.parent)
+    gallery = torch_load(checkpoint.parent / "gallery.pt")
+    gallery["format"] = checkpoints.FORMAT + 1
+    torch.save(gallery, checkpoint.parent / "gallery.pt")
+    width = gallery["features"].shape[1]
+    assert checkpoints.load_gallery(checkpoint, width) == (
+        None, f"written by a newer version of this repository (format {checkpoints.FORMAT + 1}); update the "
+              f"repository")
+
+
 def test_a_best_pth_without_a_format_still_loads_its_score_named_classify(reference_run, tmp_path):
     state = torch_load(reference_run.outputs / "best.pth")
     del state["format"]
