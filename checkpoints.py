@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from calibration import calibration_problem
-from config import MODEL_KEYS, RULES, SETTINGS, from_dict
+from config import MODEL_KEYS, RULES, SAVED_SETTINGS, from_dict
 import files
 from files import WeightsError, check_finite_weights, save_atomic
 from losses import LOSSES, build_model
@@ -103,7 +103,7 @@ def load_last(path):
     if state.get("format", 1) < FORMAT:
         raise WeightsError(f"--resume {path}: written by an older train.py, whose optimizer state this one cannot "
                            f"continue; start over with --force (best.pth still evaluates)")
-    config = checked_config(state["config"], path, required=tuple(SETTINGS))
+    config = checked_config(state["config"], path, required=SAVED_SETTINGS)
     for key in ("epoch", "step"):
         if not (isinstance(state[key], int) and state[key] >= 0):
             raise WeightsError(f"--resume {path}: {key} = {state[key]!r} is not a count; the file was edited or "

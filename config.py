@@ -150,14 +150,18 @@ class RunConfig:
     tta: bool = setting(False, "evaluate with features averaged over each image's four flips",
                         of_type(bool, "True or False"), action=argparse.BooleanOptionalAction)
     backbone: str = setting("resnet18", "resnet18 (the design, torchvision) or efficientnet_lite0, _lite1 or "
-                            "_lite2 (timm; their ImageNet weights install with pip, no download at run time)", one_of(tuple(BACKBONES)),
-                            choices=tuple(BACKBONES))
+                            "_lite2 (timm; their ImageNet weights install with pip, no download at run time)",
+                            one_of(tuple(BACKBONES)), choices=tuple(BACKBONES))
     features: str = setting("imagenet", "what the backbone hands the head: imagenet, its 1000-d ImageNet output "
                             "(the design), or pooled, the pooled features before it (512-d ResNet18, 1280-d "
-                            "EfficientNet-Lite0)", one_of(FEATURES), choices=FEATURES)
+                            "EfficientNet-Lite)", one_of(FEATURES), choices=FEATURES)
     backbone_lr_scale: float = setting(1.0, "the backbone's learning rate as a fraction of --lr, the head's being "
                                        "--lr; 0 freezes the backbone (its BatchNorm statistics too) and trains only "
                                        "what sits on it", number(0, 1), type=float)
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, which validation, best.pth "
+                         "and the evaluation use (timm's ModelEmaV3, its decay warming up from 0 to this); 0: off",
+                         Rule(lambda v: _finite(v) and 0 <= v < 1, "a number from 0 up to, not including, 1"),
+                         type=float)
     extra_train: list = setting([], "other labelled data sets to train on as well (each a split folder, all its "
                                 "splits, or a folder with 0/ and 1/). Validation and test stay --data's, and its "
                                 "images that are near copies of theirs are left out",
@@ -171,6 +175,9 @@ class RunConfig:
 STUDY = RunConfig()
 SETTINGS = {f.name: f for f in fields(RunConfig)}
 RULES = {name: setting_.metadata["rule"] for name, setting_ in SETTINGS.items()}  # each setting's Rule
+# Settings added after checkpoint format 2: a last.pth or config.yaml without one ran with its default.
+LATER_SETTINGS = ("ema",)
+SAVED_SETTINGS = tuple(name for name in SETTINGS if name not in LATER_SETTINGS)  # in every saved config
 # What evaluation needs of a checkpoint's config; the other settings take the study's value if absent.
 MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")
 
@@ -362,9 +369,9 @@ def write_config(config, outputs):
 
 
 def read_config(path):
-    """A run's config.yaml as a RunConfig, every setting present and valid, else one ValueError."""
+    """A run's config.yaml as a RunConfig, every saved setting present and valid, else one ValueError."""
     try:
         values = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"{path}: not a readable YAML file ({str(error).splitlines()[0]})") from None
-    return from_dict(values, path, required=tuple(SETTINGS))
+    return from_dict(values, path, required=SAVED_SETTINGS)

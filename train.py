@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from timm.utils import ModelEmaV3
 
 from checkpoints import (best_path, check_same_data, data_fingerprint, last_path, load_last, rng_state,
                          save_versioned, set_rng_state)
@@ -240,6 +241,7 @@ class Training:
     steps_per_epoch: int
     amp: bool  # mixed precision on CUDA (--no-amp turns it off)
     data: dict  # the images it trains and validates on (data_fingerprint), saved in last.pth
+    ema: ModelEmaV3 | None  # --ema: the average of raw_model's weights, or None
 
 
 def main(argv=None):
@@ -440,8 +442,10 @@ def build_training(args, config, raw_model, splits, resume, ctx):
     use_scaler = device.type == "cuda" and not args.no_amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     state = RunState()
+    # the average's decay warms up from 0 (1 - (1 + step) ** -0.75), so the first steps' random head fades
+    ema = ModelEmaV3(raw_model, decay=config.ema, use_warmup=True, warmup_power=3 / 4) if config.ema else None
     if resume:
-        restore(resume, raw_model, optimizer, scaler if use_scaler else None, config, ctx.outputs)
+        restore(resume, raw_model, optimizer, scaler if use_scaler else None, ema, ctx.outputs)
         state = RunState(resume["epoch"], resume["step"], resume["partial"], resume["best"], resume["history"])
     model = raw_model
     if world_size > 1:
@@ -462,17 +466,19 @@ def build_training(args, config, raw_model, splits, resume, ctx):
                          f"for {len(train)} training images; lower --batch-size")
     loss = LOSSES[config.loss](config, pos_weight, world_size)
     return Training(raw_model, model, optimizer, scaler, sampler, loader, loss, len(sampler.batches()),
-                    not args.no_amp, data_fingerprint(splits)), state
+                    not args.no_amp, data_fingerprint(splits), ema), state
 
 
-def restore(resume, raw_model, optimizer, scaler, config, outputs):
-    """last.pth's weights, optimizer (and scaler) state and random streams."""
+def restore(resume, raw_model, optimizer, scaler, ema, outputs):
+    """last.pth's weights, optimizer (and scaler) state, weight average and random streams."""
     try:
         raw_model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-    except (RuntimeError, ValueError, KeyError, TypeError):
-        raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights or optimizer state do not fit the "
-                           f"{config.loss} model its config describes; the file was edited or mixed up, "
+        if ema:
+            ema.module.load_state_dict(resume["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+        raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights, optimizer state or weight average do "
+                           f"not fit the model its config describes; the file was edited or mixed up, "
                            f"start over with --force") from None
     if resume["scaler"] and scaler is not None:
         scaler.load_state_dict(resume["scaler"])
@@ -485,7 +491,8 @@ def save_last(training, config, state, ctx):
         save_versioned({"model": training.raw_model.state_dict(), "optimizer": training.optimizer.state_dict(),
                         "scaler": training.scaler.state_dict(), "config": config.as_dict(), "epoch": state.epoch,
                         "step": state.step, "partial": state.partial, "best": state.best,
-                        "history": state.history, "rng": rng_state(), "data": training.data},
+                        "history": state.history, "rng": rng_state(), "data": training.data,
+                        "ema": training.ema.module.state_dict() if training.ema else None},
                        last_path(ctx.outputs.parent))
 
 
@@ -521,6 +528,8 @@ def train_one_epoch(training, config, epoch, state, stop, ctx):
         training.scaler.scale(result.loss).backward()
         training.scaler.step(training.optimizer)
         training.scaler.update()
+        if training.ema:
+            training.ema.update(training.raw_model, step=epoch * steps_per_epoch + step)
         totals.update(loss_value, result)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{totals.loss / totals.count:.4f}", acc=f"{totals.correct / totals.count:.3f}",
@@ -538,11 +547,12 @@ def validate_and_save(training, config, epoch, totals, started, state, splits, c
     row = {"epoch": epoch + 1, "train_loss": totals.loss / totals.count, "train_acc": totals.correct / totals.count,
            "active_fraction": totals.active / totals.steps if metric else math.nan,
            "lr": training.optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's may be scaled)
+    validated = training.ema.module if training.ema else training.raw_model  # what best.pth keeps
     if ctx.world_size > 1:  # every rank validates rank 0's BatchNorm statistics, the model best.pth holds
-        for buffer in training.raw_model.buffers():
+        for buffer in validated.buffers():
             dist.broadcast(buffer, 0)
     try:
-        row.update(validate(training.raw_model, splits["train"], splits["validation"], config, ctx, training.amp))
+        row.update(validate(validated, splits["train"], splits["validation"], config, ctx, training.amp))
     except ValueError as error:  # diverged: say what is on disk
         raise ValueError(f"{error}. {saved_so_far(ctx.outputs)}") from None
     row["seconds"] = time.time() - started
@@ -557,7 +567,7 @@ def validate_and_save(training, config, epoch, totals, started, state, splits, c
     if state.best is None or key > state.best:
         state.best = key
         if ctx.rank == 0:
-            save_versioned({"model": training.raw_model.state_dict(), "config": config.as_dict(),
+            save_versioned({"model": validated.state_dict(), "config": config.as_dict(),
                             "epoch": epoch + 1, "select": config.select, "select_value": row[config.select]}, best)
         ctx.say(f"  best {config.select} so far ({row[config.select]:.4f}): saved {best}")
     state.epoch, state.step, state.partial = epoch + 1, 0, None

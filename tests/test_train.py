@@ -64,7 +64,8 @@ def test_bad_flags_are_refused_with_the_flag_named(flags, message, tmp_path):
 @pytest.mark.parametrize("flag, value, key", [
     ("--epochs", "0", "epochs"), ("--val-batch-size", "0", "val_batch_size"), ("--embed-dim", "0", "embed_dim"),
     ("--partners-per-class", "1", "partners_per_class"), ("--per-class", "1", "per_class"),
-    ("--backbone-lr-scale", "2.5", "backbone_lr_scale"), ("--k", "0", "k"), ("--batch-size", "1", "batch_size")])
+    ("--backbone-lr-scale", "2.5", "backbone_lr_scale"), ("--k", "0", "k"), ("--batch-size", "1", "batch_size"),
+    ("--ema", "1", "ema")])
 def test_a_setting_is_refused_by_its_one_rule_naming_the_flag(flag, value, key, tmp_path):
     """The rule that checks a saved config (config.SETTINGS) checks the flag too."""
     with pytest.raises(ValueError) as refused:

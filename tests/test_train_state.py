@@ -101,6 +101,34 @@ def test_run_stopped_after_epoch_1_and_resumed_equals_the_uninterrupted_run(refe
     assert torch_load(project / "outputs" / "last.pth")["best"] == torch_load(reference_run.outputs / "last.pth")["best"]
 
 
+def test_ema_validates_and_keeps_the_weights_average_and_resumes_to_the_uninterrupted_run(broken_data_dir, tmp_path,
+                                                                                           monkeypatch, no_test_eval):
+    """--ema: validation scores the average of the weights, best.pth keeps it, last.pth holds the
+    model and the average, and a run stopped after epoch 1 and resumed equals the uninterrupted one."""
+    validated, real_validate = [], train.validate
+
+    def spy(model, *args):
+        validated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_validate(model, *args)
+
+    monkeypatch.setattr(train, "validate", spy)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert call_main(train.main, train_argv(whole, broken_data_dir, 2, "--ema", "0.9")) == (0, "")
+    last = torch_load(whole / "outputs" / "last.pth")
+    best = torch_load(whole / "outputs" / "best.pth")
+    assert last["config"]["ema"] == 0.9 and len(validated) == 2
+    assert all(torch.equal(validated[1][k], last["ema"][k]) for k in last["ema"])
+    assert not torch.equal(last["ema"]["backbone.conv1.weight"], last["model"]["backbone.conv1.weight"])
+    assert all(torch.equal(best["model"][k], validated[best["epoch"] - 1][k]) for k in best["model"])
+    assert call_main(train.main, train_argv(stopped, broken_data_dir, 1, "--ema", "0.9")) == (0, "")
+    assert call_main(train.main, train_argv(stopped, broken_data_dir, 2, "--ema", "0.9", "--resume")) == (0, "")
+    assert history_without_seconds(stopped / "outputs") == history_without_seconds(whole / "outputs")
+    for name in ("best.pth", "last.pth"):
+        assert_same_weights(stopped / "outputs" / name, whole / "outputs" / name)
+    resumed = torch_load(stopped / "outputs" / "last.pth")["ema"]
+    assert all(torch.equal(resumed[k], last["ema"][k]) for k in resumed)
+
+
 class Killed(BaseException):
     """kill -9: nothing of train.py runs after it, no handler sees it."""
 
