@@ -82,12 +82,14 @@ def load_checkpoint(path):
         values = {**{key: value for key, value in values.items() if key != "classify"}, "score": values["classify"]}
     config = checked_config(values, path)
     model = build_model(config, weights="none")
+    # a last.pth of an --ema run holds the model and the average: the average is what its best.pth keeps
+    weights = checkpoint["ema"] if isinstance(checkpoint.get("ema"), dict) else checkpoint["model"]
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError):
         raise WeightsError(f"checkpoint {path}: its weights do not fit the {config.loss} "
                            f"model its config describes; the file was edited or mixed up") from None
-    check_finite_weights(checkpoint["model"], path)
+    check_finite_weights(weights, path)
     return model.eval(), config, checkpoint
 
 
@@ -109,6 +111,11 @@ def load_last(path):
             raise WeightsError(f"--resume {path}: {key} = {state[key]!r} is not a count; the file was edited or "
                                f"damaged, start over with --force")
     check_finite_weights(state["model"], path)
+    if config.ema:
+        if not isinstance(state.get("ema"), dict):
+            raise WeightsError(f"--resume {path}: its run keeps a weight average (--ema {config.ema}) but the file "
+                               f"holds none; the file was edited or damaged, start over with --force")
+        check_finite_weights(state["ema"], path)
     return state, config
 
 

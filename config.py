@@ -175,7 +175,8 @@ class RunConfig:
 STUDY = RunConfig()
 SETTINGS = {f.name: f for f in fields(RunConfig)}
 RULES = {name: setting_.metadata["rule"] for name, setting_ in SETTINGS.items()}  # each setting's Rule
-# Settings added after checkpoint format 2: a last.pth or config.yaml without one ran with its default.
+# Settings added while checkpoints.FORMAT is 2: a last.pth or config.yaml without one ran with its
+# default. (Bump FORMAT instead when a later setting changes what a file must hold.)
 LATER_SETTINGS = ("ema",)
 SAVED_SETTINGS = tuple(name for name in SETTINGS if name not in LATER_SETTINGS)  # in every saved config
 # What evaluation needs of a checkpoint's config; the other settings take the study's value if absent.

@@ -442,10 +442,10 @@ def build_training(args, config, raw_model, splits, resume, ctx):
     use_scaler = device.type == "cuda" and not args.no_amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     state = RunState()
-    # the average's decay warms up from 0 (1 - (1 + step) ** -0.75), so the first steps' random head fades
+    # the decay at the n-th update is 1 - n ** -0.75 (0 at the first), at most --ema: the random head fades
     ema = ModelEmaV3(raw_model, decay=config.ema, use_warmup=True, warmup_power=3 / 4) if config.ema else None
     if resume:
-        restore(resume, raw_model, optimizer, scaler if use_scaler else None, ema, ctx.outputs)
+        restore(resume, raw_model, optimizer, scaler if use_scaler else None, ema, config, ctx.outputs)
         state = RunState(resume["epoch"], resume["step"], resume["partial"], resume["best"], resume["history"])
     model = raw_model
     if world_size > 1:
@@ -469,17 +469,17 @@ def build_training(args, config, raw_model, splits, resume, ctx):
                     not args.no_amp, data_fingerprint(splits), ema), state
 
 
-def restore(resume, raw_model, optimizer, scaler, ema, outputs):
+def restore(resume, raw_model, optimizer, scaler, ema, config, outputs):
     """last.pth's weights, optimizer (and scaler) state, weight average and random streams."""
     try:
         raw_model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         if ema:
             ema.module.load_state_dict(resume["ema"])
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError):
+    except (RuntimeError, ValueError, KeyError, TypeError):
         raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights, optimizer state or weight average do "
-                           f"not fit the model its config describes; the file was edited or mixed up, "
-                           f"start over with --force") from None
+                           f"not fit the {config.loss} model its config describes; the file was edited or mixed "
+                           f"up, start over with --force") from None
     if resume["scaler"] and scaler is not None:
         scaler.load_state_dict(resume["scaler"])
     set_rng_state(resume["rng"])

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoints
 import files
 import predict
 import scoring
@@ -127,6 +128,12 @@ def test_ema_validates_and_keeps_the_weights_average_and_resumes_to_the_uninterr
         assert_same_weights(stopped / "outputs" / name, whole / "outputs" / name)
     resumed = torch_load(stopped / "outputs" / "last.pth")["ema"]
     assert all(torch.equal(resumed[k], last["ema"][k]) for k in resumed)
+    evaluated = checkpoints.load_checkpoint(whole / "outputs" / "last.pth")[0].state_dict()  # predict.py --checkpoint
+    assert all(torch.equal(evaluated[k], last["ema"][k]) for k in evaluated)
+    del last["ema"]
+    torch.save(last, whole / "outputs" / "last.pth")
+    code, message = call_main(train.main, train_argv(whole, broken_data_dir, 3, "--ema", "0.9", "--resume"))
+    assert code == 1 and "holds none" in message and "start over with --force" in message and "\n" not in message
 
 
 class Killed(BaseException):
