@@ -158,6 +158,10 @@ class RunConfig:
     backbone_lr_scale: float = setting(1.0, "the backbone's learning rate as a fraction of --lr, the head's being "
                                        "--lr; 0 freezes the backbone (its BatchNorm statistics too) and trains only "
                                        "what sits on it", number(0, 1), type=float)
+    probe_epochs: int = setting(0, "epochs at the start that train only what sits on the backbone (a linear probe: "
+                                "its weights and BatchNorm statistics stay as loaded), then the whole network "
+                                "(LP-FT, Kumar et al. 2022); 0: the whole network from the start", at_least(0),
+                                type=int)
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, which validation, best.pth "
                          "and the evaluation use (timm's ModelEmaV3, its decay warming up from 0 to this); 0: off",
                          Rule(lambda v: _finite(v) and 0 <= v < 1, "a number from 0 up to, not including, 1"),
@@ -177,7 +181,7 @@ SETTINGS = {f.name: f for f in fields(RunConfig)}
 RULES = {name: setting_.metadata["rule"] for name, setting_ in SETTINGS.items()}  # each setting's Rule
 # Settings added while checkpoints.FORMAT is 2: a last.pth or config.yaml without one ran with its
 # default. (Bump FORMAT instead when a later setting changes what a file must hold.)
-LATER_SETTINGS = ("ema",)
+LATER_SETTINGS = ("ema", "probe_epochs")
 SAVED_SETTINGS = tuple(name for name in SETTINGS if name not in LATER_SETTINGS)  # in every saved config
 # What evaluation needs of a checkpoint's config; the other settings take the study's value if absent.
 MODEL_KEYS = ("loss", "image_size", "seed", "benign_limit", "embed_dim")

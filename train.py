@@ -43,7 +43,7 @@ from metrics import auc_or_nan
 from near_duplicates import leaks
 from plots import plot_history
 from predict import EvaluationSettings, evaluate
-from scheduler import learning_rate, parameter_groups
+from scheduler import parameter_groups, set_learning_rates
 from scoring import Embedding, applicable_scores, embed_and_score, embed_gallery, embedder, resolve_score
 
 VALIDATION_GALLERY_CAP = 256  # gallery images per class when validating each epoch (0 = all would cost an epoch's time)
@@ -97,6 +97,9 @@ def check_args(args):
     if config.aux_weight > 0 and (not LOSSES[config.loss].network.pair_head or config.pairing != "embed-once"):
         raise ValueError("--aux-weight trains a classifier on the Siamese features: it needs --loss bce "
                          "with --pairing embed-once")
+    if config.probe_epochs >= config.epochs:
+        raise ValueError(f"--probe-epochs {config.probe_epochs}: must be below --epochs {config.epochs}, or the "
+                         f"backbone never trains (for that, pass --backbone-lr-scale 0)")
     check_settings(config)
 
 
@@ -297,9 +300,8 @@ def run_in_project(args, ctx, stop):
             raise
         reason = (str(error).splitlines() or [type(error).__name__])[0][:100]
         if args.resume:  # its sizes are last.pth's, and --resume keeps them
-            raise ValueError(f"out of memory resuming {args.project} ({reason}); its --image-size and "
-                             f"--batch-size need more memory than this machine has: start a new run with lower "
-                             f"ones") from None
+            raise ValueError(f"out of memory resuming {args.project} ({reason}); its --image-size and --batch-size "
+                             f"need more memory than this machine has: start a new run with lower ones") from None
         raise ValueError(f"out of memory at --image-size {args.image_size} and --batch-size {args.batch_size} "
                          f"({reason}); lower --batch-size or --image-size") from None
     finally:
@@ -437,8 +439,8 @@ def build_training(args, config, raw_model, splits, resume, ctx):
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(parameter_groups(raw_model, config.backbone_lr_scale), lr=config.lr,
-                                weight_decay=config.weight_decay)
+    groups = parameter_groups(raw_model, config.backbone_lr_scale, probe=config.probe_epochs > 0)
+    optimizer = optimizer_class(groups, lr=config.lr, weight_decay=config.weight_decay)
     use_scaler = device.type == "cuda" and not args.no_amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     state = RunState()
@@ -477,9 +479,8 @@ def restore(resume, raw_model, optimizer, scaler, ema, config, outputs):
         if ema:
             ema.module.load_state_dict(resume["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError):
-        raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights, optimizer state or weight average do "
-                           f"not fit the {config.loss} model its config describes; the file was edited or mixed "
-                           f"up, start over with --force") from None
+        raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights, optimizer state or average do not fit "
+                           f"the {config.loss} model of its config; start over with --force") from None
     if resume["scaler"] and scaler is not None:
         scaler.load_state_dict(resume["scaler"])
     set_rng_state(resume["rng"])
@@ -506,14 +507,13 @@ def train_one_epoch(training, config, epoch, state, stop, ctx):
     totals = EpochTotals(*state.partial) if resumed else EpochTotals()
     training.sampler.set_epoch(epoch, first_step)
     training.model.train()
-    if config.backbone_lr_scale == 0:  # frozen: its BatchNorm statistics stay the pretrained ones
+    if config.backbone_lr_scale == 0 or epoch < config.probe_epochs:  # its BatchNorm statistics stay as loaded
         training.raw_model.backbone.eval()
     bar = progress(training.loader, f"epoch {epoch + 1}/{config.epochs}", disable=ctx.rank != 0,
                    initial=first_step, total=first_step + len(training.sampler), leave=False)
     for step, batch in enumerate(bar, start=first_step + 1):
-        for group in training.optimizer.param_groups:
-            group["lr"] = group["lr_scale"] * learning_rate(epoch * steps_per_epoch + step - 1,
-                                                            config.epochs * steps_per_epoch, config)
+        set_learning_rates(training.optimizer, epoch * steps_per_epoch + step - 1, config.epochs * steps_per_epoch,
+                           config)
         generator = torch.Generator().manual_seed(sample_seed(config.seed + 1, epoch, step))
         with autocast(ctx.device, training.amp):
             result = training.loss(training.model, on_device(batch, config, ctx.device, generator))

@@ -1,5 +1,6 @@
 """Tests of scheduler.py: the learning rate over a run (linear warm-up, then constant or cosine
-decay to 0) and the optimizer's parameter groups (--backbone-lr-scale, 0 freezing the backbone)."""
+decay to 0), each group's share of it (--probe-epochs) and the optimizer's parameter groups
+(--backbone-lr-scale, 0 freezing the backbone)."""
 import dataclasses
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn as nn
 
 from config import RunConfig
 from losses import build_model
-from scheduler import learning_rate, parameter_groups
+from scheduler import learning_rate, parameter_groups, set_learning_rates
 
 
 def rates(config, total_steps):
@@ -117,3 +118,22 @@ def test_groups_of_every_network_split_it_at_its_backbone(loss):
     assert ids(backbone["params"]) == ids(model.backbone.parameters())
     assert ids(backbone["params"]) | ids(rest["params"]) == ids(model.parameters())
     assert not ids(backbone["params"]) & ids(rest["params"]) and rest["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# set_learning_rates: --probe-epochs
+
+
+def test_a_probe_gives_the_backbone_no_learning_rate_for_its_epochs_then_the_schedule():
+    config = RunConfig(lr=1e-3, epochs=4, probe_epochs=1, warmup_epochs=0.5, schedule="cosine")
+    model = Tiny()
+    groups = parameter_groups(model, 1.0, probe=True)  # scale 1, yet the backbone in a group of its own
+    assert [g["backbone"] for g in groups] == [True, False]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    seen = []
+    for step in range(40):  # 10 steps an epoch
+        set_learning_rates(optimizer, step, 40, config)
+        seen.append([g["lr"] for g in optimizer.param_groups])
+    assert all(backbone == 0.0 for backbone, _ in seen[:10])
+    assert [backbone for backbone, _ in seen[10:]] == [head for _, head in seen[10:]] == rates(config, 40)[10:]
+    assert [head for _, head in seen[:10]] == rates(config, 40)[:10] and seen[9][1] > 0

@@ -55,7 +55,7 @@ def test_defaults_are_the_studys(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--image-size", "16"], "--image-size 16"), (["--batch-size", "0"], "--batch-size 0"),
     (["--loss", "bce", "--score", "direct"], "--score direct"), (["--benign-limit", "1", "2"], "--benign-limit"),
-    (["--resume", "--force"], "--resume and --force")])
+    (["--resume", "--force"], "--resume and --force"), (["--probe-epochs", "3", "--epochs", "3"], "--probe-epochs 3")])
 def test_bad_flags_are_refused_with_the_flag_named(flags, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.check_args(train.parse_args(["--project", "p", "--data", str(tmp_path), *flags]))

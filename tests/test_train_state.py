@@ -136,6 +136,32 @@ def test_ema_validates_and_keeps_the_weights_average_and_resumes_to_the_uninterr
     assert code == 1 and "holds none" in message and "start over with --force" in message and "\n" not in message
 
 
+def test_probe_epochs_train_what_sits_on_the_backbone_then_the_whole_network(broken_data_dir, tmp_path, monkeypatch,
+                                                                             no_test_eval):
+    """--probe-epochs 1 of 2: after epoch 1 the backbone's weights and BatchNorm statistics are as
+    built and the head has moved; after epoch 2 the backbone has moved too."""
+    built, validated, real_build, real_validate = [], [], train.build_model, train.validate
+
+    def build_spy(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    def validate_spy(model, *args):
+        validated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_validate(model, *args)
+
+    monkeypatch.setattr(train, "build_model", build_spy)
+    monkeypatch.setattr(train, "validate", validate_spy)
+    assert call_main(train.main, train_argv(tmp_path / "p", broken_data_dir, 2, "--probe-epochs", "1")) == (0, "")
+    initial, probed, tuned = built[0], *validated
+    backbone = [k for k in initial if k.startswith("backbone.")]
+    assert all(torch.equal(probed[k], initial[k]) for k in backbone)  # running_mean and _var included
+    assert any(not torch.equal(probed[k], initial[k]) for k in initial if k not in backbone)
+    assert not torch.equal(tuned["backbone.conv1.weight"], initial["backbone.conv1.weight"])
+    assert not torch.equal(tuned["backbone.bn1.running_mean"], initial["backbone.bn1.running_mean"])
+
+
 class Killed(BaseException):
     """kill -9: nothing of train.py runs after it, no handler sees it."""
 
