@@ -19,7 +19,7 @@ PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-siz
 SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
 .PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch \
-	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-ham-losses bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
+	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-ham-levers bench-ham-losses bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
 
 install: $(VENV)/installed
 
@@ -90,6 +90,16 @@ bench-ham-long: bench-ham-seeds
 bench-ham-long-160: bench-ham-long
 	$(PY) compare.py --project runs/ham-6ep-160 --data data/ham10000 $(HAM_FLAGS) --image-size 160 --epochs 6 \
 		--augment dermoscopy --tta --seeds 0 1 2 --runs bce:transfer --against runs/ham-6ep
+
+# Levers on top of the longer recipe, each paired with runs/ham-6ep run for run. Screened at seed 0
+# (Lite2, 12 epochs, pooled features were stopped there); EMA and LP-FT over 3 seeds.
+LONG_FLAGS := $(HAM_FLAGS) --epochs 6 --augment dermoscopy --tta --runs bce:transfer --against runs/ham-6ep
+bench-ham-levers: bench-ham-long
+	$(PY) compare.py --project runs/ham-6ep-lite2 --data data/ham10000 $(LONG_FLAGS) --backbone efficientnet_lite2 --seeds 0
+	$(PY) compare.py --project runs/ham-12ep --data data/ham10000 $(LONG_FLAGS) --epochs 12 --seeds 0
+	$(PY) compare.py --project runs/ham-6ep-pooled --data data/ham10000 $(LONG_FLAGS) --features pooled --seeds 0
+	$(PY) compare.py --project runs/ham-6ep-ema --data data/ham10000 $(LONG_FLAGS) --ema 0.998 --seeds 0 1 2
+	$(PY) compare.py --project runs/ham-6ep-probe --data data/ham10000 $(LONG_FLAGS) --probe-epochs 1 --seeds 0 1 2
 
 # Every loss under --recipe long on HAM10000 validation, one seed, each paired with the classifier
 bench-ham-losses: install
