@@ -102,9 +102,13 @@ bench-ham-levers: bench-ham-long
 	$(PY) compare.py --project runs/ham-6ep-probe --data data/ham10000 $(LONG_FLAGS) --probe-epochs 1 --seeds 0 1 2
 
 # Every loss under --recipe long on HAM10000 validation, one seed, each paired with the classifier
+# (comparison-every-loss.md); then the Siamese model and the classifier over 3 seeds (comparison.md)
 bench-ham-losses: install
 	$(PY) compare.py --project runs/ham-long-losses --data data/ham10000 $(HAM_FLAGS) --seeds 0 \
 		--runs bce:long ce:long triplet:long contrastive:long
+	mv runs/ham-long-losses/results/comparison.md runs/ham-long-losses/results/comparison-every-loss.md
+	$(PY) compare.py --project runs/ham-long-losses --data data/ham10000 $(HAM_FLAGS) --seeds 0 1 2 \
+		--runs bce:long ce:long
 
 # A HAM10000 model meets ISIC 2017 as a new clinic with k labelled images per class
 bench-new-clinic: bench-ham-seeds
