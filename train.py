@@ -75,7 +75,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Bad flags end here, before any work, with one line each: the paths, the flags the config
-    does not keep, the combinations of flags, then every setting by its rule (config.py)."""
+    does not keep, the combinations of flags, every setting by its rule (config.py), then --probe-epochs."""
     if not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data}: no such folder; make it with to_subdirectories.py "
                          f"or `python synthetic.py --out {args.data}`")
@@ -97,10 +97,10 @@ def check_args(args):
     if config.aux_weight > 0 and (not LOSSES[config.loss].network.pair_head or config.pairing != "embed-once"):
         raise ValueError("--aux-weight trains a classifier on the Siamese features: it needs --loss bce "
                          "with --pairing embed-once")
+    check_settings(config)
     if config.probe_epochs >= config.epochs:
         raise ValueError(f"--probe-epochs {config.probe_epochs}: must be below --epochs {config.epochs}, or the "
                          f"backbone never trains (for that, pass --backbone-lr-scale 0)")
-    check_settings(config)
 
 
 def make_config(args):
