@@ -48,8 +48,8 @@ def newer_format(state):
 def load_state(path, what="checkpoint"):
     """files.load_state, refusing a file written by a newer version of this repository."""
     state = files.load_state(path, what)
-    if newer_format(state):
-        raise WeightsError(f"{what} {path}: {newer_format(state)} to read it")
+    if problem := newer_format(state):
+        raise WeightsError(f"{what} {path}: {problem} to read it")
     return state
 
 
@@ -252,8 +252,8 @@ def load_gallery(checkpoint, width):
         return None, "unreadable (truncated, corrupt or not written by this repository)"
     if not isinstance(gallery, dict):
         return None, "not a gallery file"
-    if newer_format(gallery):
-        return None, newer_format(gallery)
+    if problem := newer_format(gallery):
+        return None, problem
     if gallery.get("checkpoint_stamp") != checkpoint_stamp(checkpoint):
         return None, "made for another checkpoint"
     problem = gallery_problem(gallery, width)

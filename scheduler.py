@@ -17,10 +17,9 @@ def learning_rate(step, total_steps, config):
 def set_learning_rates(optimizer, step, total_steps, config):
     """Each parameter group's learning rate at a global step: learning_rate times its lr_scale, and
     0 for the backbone during the first --probe-epochs (a linear probe before fine-tuning)."""
-    probing = step < config.probe_epochs * total_steps / config.epochs
+    rate, probing = learning_rate(step, total_steps, config), step < config.probe_epochs * total_steps / config.epochs
     for group in optimizer.param_groups:  # a last.pth saved before --probe-epochs has no "backbone" key
-        probed = probing and group.get("backbone", False)
-        group["lr"] = 0.0 if probed else group["lr_scale"] * learning_rate(step, total_steps, config)
+        group["lr"] = 0.0 if probing and group.get("backbone", False) else group["lr_scale"] * rate
 
 
 def parameter_groups(model, backbone_lr_scale, probe=False):

@@ -479,7 +479,7 @@ def restore(resume, raw_model, optimizer, scaler, ema, config, outputs):
         if ema:
             ema.module.load_state_dict(resume["ema"])
     except (RuntimeError, ValueError, KeyError, TypeError):
-        raise WeightsError(f"--resume {outputs / 'last.pth'}: its weights, optimizer state or average do not fit "
+        raise WeightsError(f"--resume {last_path(outputs.parent)}: its weights, optimizer state or average do not fit "
                            f"the {config.loss} model of its config; start over with --force") from None
     if resume["scaler"] and scaler is not None:
         scaler.load_state_dict(resume["scaler"])
@@ -512,8 +512,8 @@ def train_one_epoch(training, config, epoch, state, stop, ctx):
     bar = progress(training.loader, f"epoch {epoch + 1}/{config.epochs}", disable=ctx.rank != 0,
                    initial=first_step, total=first_step + len(training.sampler), leave=False)
     for step, batch in enumerate(bar, start=first_step + 1):
-        set_learning_rates(training.optimizer, epoch * steps_per_epoch + step - 1, config.epochs * steps_per_epoch,
-                           config)
+        done = epoch * steps_per_epoch + step  # the run's optimizer steps, this one included
+        set_learning_rates(training.optimizer, done - 1, config.epochs * steps_per_epoch, config)
         generator = torch.Generator().manual_seed(sample_seed(config.seed + 1, epoch, step))
         with autocast(ctx.device, training.amp):
             result = training.loss(training.model, on_device(batch, config, ctx.device, generator))
@@ -529,7 +529,7 @@ def train_one_epoch(training, config, epoch, state, stop, ctx):
         training.scaler.step(training.optimizer)
         training.scaler.update()
         if training.ema:
-            training.ema.update(training.raw_model, step=epoch * steps_per_epoch + step)
+            training.ema.update(training.raw_model, step=done)
         totals.update(loss_value, result)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{totals.loss / totals.count:.4f}", acc=f"{totals.correct / totals.count:.3f}",
