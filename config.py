@@ -212,8 +212,9 @@ COMMAND_FLAGS = {
     "force": Flag("start over: replace what an earlier run wrote there", options={"action": "store_true"}),
     "recipe": Flag("a recipe from recipes/ (study: the design's settings; tuned: the best Siamese setting found on "
                    "HAM10000 validation from random weights; transfer: for fine-tuning --weights imagenet; long: "
-                   "transfer for 6 epochs with dermoscopy augmentation and flip TTA), or a recipe file. Each setting below lists its value under each recipe; a flag given explicitly "
-                   "overrides it", default="study"),
+                   "transfer for 6 epochs with dermoscopy augmentation and flip TTA), or a recipe file. Each "
+                   "setting below lists its value under each recipe; a flag given explicitly overrides it",
+                   default="study"),
     "config": Flag("a YAML file of settings (e.g. another run's outputs/config.yaml), applied over the recipe; "
                    "a flag given explicitly overrides it", options={"metavar": "FILE"}),
 }

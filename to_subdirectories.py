@@ -99,7 +99,7 @@ def find_columns(header, csv_path):
     if name_column is None or "target" not in index:
         hint = " (is it comma-separated?)" if len(columns) == 1 and any(s in columns[0] for s in ";\t") else ""
         raise ValueError(f"--csv {csv_path}: expected columns isic_id (or image_name) and target, "
-            f"found {', '.join(columns)}{hint}")
+                         f"found {', '.join(columns)}{hint}")
     return columns, index, name_column
 
 
@@ -192,7 +192,7 @@ def check_splittable(labels, groups, n_splits):
         if images < n_splits or patients < n_splits:
             of = f" of {patients} patients" if groups is not None else ""
             raise ValueError(f"class {c} ({class_name}) has only {images} usable images{of}; each of the {n_splits} "
-                f"splits needs at least one, so add more {class_name} images to the CSV and image folder")
+                             f"splits needs at least one, so add more {class_name} images to the CSV and image folder")
 
 
 def draw_split(rows, labels, grouped, has_patient_id, ratios, seed, csv_path):
@@ -320,7 +320,7 @@ def checked_ratios(args):
     ratios = [float(r) for r in args.ratios]
     if not all(r > 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:  # 'r > 0' is False for NaN too
         raise ValueError(f"--ratios {' '.join(f'{r:g}' for r in ratios)}: need three fractions > 0 that sum to 1, "
-            f"e.g. --ratios 0.7 0.15 0.15")
+                         f"e.g. --ratios 0.7 0.15 0.15")
     check_flags(args, ("seed",))
     return ratios
 
@@ -336,17 +336,17 @@ def check_folders(images, out, force):
     """--images exists, --out is a folder (or absent) apart from --images and empty unless --force."""
     if not images.is_dir():
         raise ValueError(f"--images {images}: no such folder; point it at the folder with the .jpg files "
-            f"(train-image/image in the Kaggle download)")
+                         f"(train-image/image in the Kaggle download)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder; choose another --out")
     # --force replaces folders in --out: never where the source images are, nor inside their folder;
     # without it, only a new --out inside the image folder is harmless
     if overlaps(images, out) and (force or images.resolve() not in out.resolve().parents):
         raise ValueError(f"--out {out} and --images {images} overlap (one folder is inside the other), so --force "
-            f"could delete source images; choose an --out outside the image folder")
+                         f"could delete source images; choose an --out outside the image folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {out}: folder is not empty; pass --force to replace the split in it, "
-            f"or choose another --out")
+                         f"or choose another --out")
 
 
 def read_rows(csv_path, split_column):
@@ -355,12 +355,12 @@ def read_rows(csv_path, split_column):
     rows, report = read_metadata(csv_path, split_column or "split")
     if split_column and not report["split_column"]:
         raise ValueError(f"--split-column {split_column}: {csv_path} has no such column (it has "
-            f"{', '.join(report['columns'])}); name another or leave the flag out to draw a split")
+                         f"{', '.join(report['columns'])}); name another or leave the flag out to draw a split")
     print(f"{csv_path}: {report['rows_read']:,} rows, file name column {report['name_column']}")
     print_report(report, csv_path)
     if not rows:
         raise ValueError(f"--csv {csv_path}: no usable rows left (see the warnings above); "
-            f"every row needs a file name and a target of 0 or 1")
+                         f"every row needs a file name and a target of 0 or 1")
     return rows, report
 
 
@@ -393,7 +393,7 @@ def keep_rows_on_disk(rows, images, csv_path):
     if not rows:
         hint = f" (did you mean --images {images / 'image'}?)" if (images / "image").is_dir() else ""
         raise ValueError(f"--images {images}: none of the images listed in {csv_path} is there{hint}; "
-            f"expected files like {images / missing[0]}")
+                         f"expected files like {images / missing[0]}")
     return rows, missing
 
 

@@ -22,13 +22,13 @@ from images import DataError
 from config import RECIPES, RunConfig
 from losses import LOSSES, build_model
 
-FLAGS = ("--help", "--project", "--data", "--config", "--epochs", "--recipe", "--batch-size", "--val-batch-size", "--lr",
-         "--weight-decay", "--optimizer", "--schedule", "--warmup-epochs", "--augment", "--aux-weight",
-         "--backbone-lr-scale", "--probe-epochs", "--ema", "--sampler", "--image-size", "--extra-train", "--benign-limit", "--backbone", "--features", "--weights",
-         "--loss", "--pairing", "--partners-per-class", "--embed-dim",
-         "--margin", "--miner", "--per-class", "--select", "--gallery-size", "--score", "--tta", "--no-tta", "--k",
-         "--target-sensitivity", "--save-every", "--device", "--seed", "--workers", "--cache", "--no-amp",
-         "--compile", "--sync-bn", "--resume", "--accept-changed-data", "--force")
+FLAGS = ("--help", "--project", "--data", "--config", "--epochs", "--recipe", "--batch-size", "--val-batch-size",
+         "--lr", "--weight-decay", "--optimizer", "--schedule", "--warmup-epochs", "--augment", "--aux-weight",
+         "--backbone-lr-scale", "--probe-epochs", "--ema", "--sampler", "--image-size", "--extra-train",
+         "--benign-limit", "--backbone", "--features", "--weights", "--loss", "--pairing", "--partners-per-class",
+         "--embed-dim", "--margin", "--miner", "--per-class", "--select", "--gallery-size", "--score", "--tta",
+         "--no-tta", "--k", "--target-sensitivity", "--save-every", "--device", "--seed", "--workers", "--cache",
+         "--no-amp", "--compile", "--sync-bn", "--resume", "--accept-changed-data", "--force")
 
 
 def test_help_explains_every_flag(parse_help, capsys):
