@@ -2,7 +2,7 @@
 compare them by the same image-level metrics. Writes PROJECT/results/comparison.md.
 
     python compare.py --project runs/compare --data DATA [--recipes study tuned] [--seeds 0 1 2]
-                      [--losses bce ce] [--baseline ce:transfer] [--against runs/other]
+                      [--losses bce ce] [--baseline ce:transfer] [--against runs/other] [--ensemble 3]
                       [train.py flags, e.g. --epochs 8 --image-size 96]
 
 Each run trains into PROJECT/<loss>-<recipe>-seed<seed>/ with train.py, which evaluates the test
@@ -17,7 +17,8 @@ every row's AUC minus the baseline's (--baseline, default the ce run: the plain 
 seed and averaged over the seeds, each with a 95 % interval from 1,000 resamples of the images
 that score both models (metrics.paired_auc_difference). With --against OTHER_PROJECT (another
 compare.py project on the same data, e.g. trained without --extra-train) a fourth table compares
-every row with the same loss, recipe, seed and score there.
+every row with the same loss, recipe, seed and score there. With --ensemble K a last table scores
+ensembles of K seeds' runs (the mean of their calibrated P(malignant)), each paired with its members.
 """
 import csv
 import json
@@ -30,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration import calibration_metrics
 from checkpoints import last_path
 from config import CONFIG_FILE, RECIPES, make_parser, read_config
 from files import folder_problem, write_text_atomic
 from losses import LOSSES
-from metrics import paired_auc_difference
+from metrics import auc_or_nan, bootstrap_auc, paired_auc_difference
 from train import make_config, parse_args as train_args
 
 
@@ -116,15 +118,16 @@ def rows_of(metrics, history):
     return [(name, m, seconds, len(history)) for name, m in rows]
 
 
-def read_scores(folder):
-    """(images, labels, {score: per-image values}) of one run's results/scores.csv."""
+def read_scores(folder, probabilities=False):
+    """(images, labels, {score: per-image values}) of one run's results/scores.csv: the raw scores,
+    or with probabilities=True each score's calibrated P(malignant) (which ranks as its score does)."""
     path = folder / "results" / "scores.csv"
     try:
         with open(path, newline="") as file:
             header, *rows = list(csv.reader(file))
         return ([row[0] for row in rows], np.array([int(row[1]) for row in rows]),
-                {name: np.array([float(row[i]) for row in rows]) for i, name in enumerate(header[2:], 2)
-                 if not name.endswith("_probability")})  # the calibrated columns rank as their scores do
+                {name.removesuffix("_probability"): np.array([float(row[i]) for row in rows])
+                 for i, name in enumerate(header[2:], 2) if name.endswith("_probability") == probabilities})
     except (OSError, ValueError, IndexError) as error:
         sys.exit(f"compare.py: error: {path}: unreadable ({error}); delete {folder} to train that run again")
 
@@ -181,6 +184,44 @@ def paired_lines(runs, seeds, baseline_of, baseline_name):
     return lines
 
 
+def ensemble_lines(args):
+    """Ensembles of --ensemble K runs of each loss and recipe, the seeds taken K at a time in their
+    order. An ensemble's P(malignant) of an image is the mean of its members' calibrated
+    P(malignant), each by its own score (scores.csv's first). Each ensemble's AUC and calibration
+    error, and its paired difference from each member and from the members' mean AUC; with several
+    ensembles, that difference pooled over all of them."""
+    k = args.ensemble
+    groups = [args.seeds[i:i + k] for i in range(0, len(args.seeds), k)]
+    lines = ["", f"Ensembles of {k} runs: the mean of the members' calibrated P(malignant), each by its own score "
+                 f"(the paired difference: 95 % interval over 1,000 resamples of the images; pooled: over every "
+                 f"member of every ensemble):", "",
+             "| loss | recipe | seeds | ensemble AUC (95% CI) | ECE calibrated | members' AUC | ensemble minus each "
+             "member | ensemble minus the members' mean |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for loss, recipe in args.pairs:
+        ensembles, members = [], []
+        for group in groups:
+            runs = [read_scores(Path(args.project) / f"{loss}-{recipe}-seed{seed}", probabilities=True)
+                    for seed in group]
+            images, labels, _ = runs[0]
+            if any(run[0] != images for run in runs):
+                sys.exit(f"compare.py: error: the {loss}-{recipe} runs of seeds {' '.join(map(str, group))} were "
+                         f"scored on different images; an ensemble needs them scored on the same --data")
+            probabilities = np.stack([next(iter(scores.values())) for *_, scores in runs])
+            ensemble = probabilities.mean(0)
+            ensembles += [ensemble] * k
+            members.append(probabilities)
+            low, high = bootstrap_auc(labels, ensemble)
+            each = ", ".join(signed(*paired_auc_difference(labels, ensemble, member)) for member in probabilities)
+            lines.append(f"| {loss} | {recipe} | {' '.join(map(str, group))} | {auc_or_nan(labels, ensemble):.3f} "
+                         f"({low:.3f}-{high:.3f}) | {calibration_metrics(labels, ensemble)['ece']:.3f} | "
+                         f"{', '.join(f'{auc_or_nan(labels, m):.3f}' for m in probabilities)} | {each} | "
+                         f"{signed(*paired_auc_difference(labels, np.stack([ensemble] * k), probabilities))} |")
+        if len(groups) > 1:
+            lines.append(f"| {loss} | {recipe} | all {len(groups)} ensembles | | | | | "
+                         f"{signed(*paired_auc_difference(labels, np.stack(ensembles), np.concatenate(members)))} |")
+    return lines
+
+
 def parse_args(argv=None):
     """compare.py's flags, and the train.py flags it passes on to every run."""
     parser = make_parser("compare.py", __doc__, ("project", "data"), required=("project", "data"),
@@ -198,6 +239,10 @@ def parse_args(argv=None):
     parser.add_argument("--against", metavar="PROJECT",
                         help="another compare.py project on the same data: compare each row with its twin there "
                              "(same loss, recipe, seed and score) instead of with --baseline")
+    parser.add_argument("--ensemble", type=int, metavar="K",
+                        help="also score ensembles of K runs of each loss and recipe: the seeds taken K at a time "
+                             "(--seeds 0 1 2 3 4 5 --ensemble 3: seeds 0-2 and 3-5), each ensemble paired with its "
+                             "members")
     args, train_flags = parser.parse_known_args(argv)
     refused = [flag for flag in train_flags if flag.split("=")[0] in ROW_FLAGS]
     if refused:
@@ -223,6 +268,9 @@ def run_pairs(args):
         bad = [":".join(pair) for pair in pairs if len(pair) != 2 or pair[0] not in LOSSES or pair[1] not in RECIPES]
         if bad:
             raise ValueError(f"--runs {' '.join(bad)}: each is LOSS:RECIPE, e.g. bce:tuned")
+    if args.ensemble is not None and (args.ensemble < 2 or len(args.seeds) % args.ensemble):
+        raise ValueError(f"--ensemble {args.ensemble}: takes the {len(args.seeds)} --seeds {args.ensemble} at a time; "
+                         f"give a K of at least 2 that divides the number of seeds")
     if args.baseline and tuple(args.baseline.split(":", 1)) not in pairs:
         raise ValueError(f"--baseline {args.baseline}: not one of the runs ({' '.join(':'.join(p) for p in pairs)})")
     if args.against and not (Path(args.against) / "results" / "comparison.md").is_file():
@@ -302,7 +350,7 @@ def main(argv=None):
     args, train_flags = parse_args(argv)
     table, runs, metrics = train_all(args, train_flags)
     lines = (results_lines(args, train_flags, table, metrics["evaluated_split"]) + calibration_lines(table)
-             + difference_lines(args, runs))
+             + difference_lines(args, runs) + (ensemble_lines(args) if args.ensemble else []))
     results = Path(args.project) / "results"
     results.mkdir(parents=True, exist_ok=True)
     write_text_atomic(results / "comparison.md", "\n".join(lines) + "\n")

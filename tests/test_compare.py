@@ -80,6 +80,8 @@ def test_compare_reports_each_row_paired_with_the_baseline_and_with_its_twin_els
     (["--seeds", "0", "0"], "must not repeat"),
     (["--runs", "bce:study", "--baseline", "ce:study"], "--baseline ce:study: not one of the runs"),
     (["--runs", "bce:study", "--against", "nowhere"], "--against nowhere: no compare.py results there"),
+    (["--seeds", "0", "1", "2", "--ensemble", "2"], "--ensemble 2: takes the 3 --seeds 2 at a time"),
+    (["--seeds", "0", "1", "--ensemble", "1"], "--ensemble 1: takes the 2 --seeds 1 at a time"),
 ])
 def test_compare_refuses_what_would_make_its_table_lie(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -119,3 +121,40 @@ def test_a_signal_to_compare_reaches_its_train_py_which_saves_and_the_next_compa
     assert "--resume" in resumed and "--save-every 5" in resumed  # the flags last.pth does not keep, too
     assert "resuming" in again.stdout
     assert (run / "results" / "metrics.json").is_file()
+
+
+def write_run(folder, images, labels, probabilities, power=1):
+    """A run's results/scores.csv as predict.py writes it: the raw score (ranked as its P(malignant)
+    but on another scale, probability ** power), then its P(malignant)."""
+    (folder / "results").mkdir(parents=True)
+    rows = [f"{image},{label},{p ** power:.6f},{p:.6f}" for image, label, p in zip(images, labels, probabilities)]
+    (folder / "results" / "scores.csv").write_text("\n".join(["image,label,gallery,gallery_probability", *rows]) + "\n")
+
+
+def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    images = [f"{i}.jpg" for i in range(200)]
+    members = [1 / (1 + np.exp(-(labels + rng.normal(0, 1, 200)))) for _ in range(4)]  # independent errors
+    for seed, member in enumerate(members):
+        write_run(tmp_path / f"bce-study-seed{seed}", images, labels, member, power=1 + 4 * (seed % 2))
+    args = compare.parse_args(["--project", str(tmp_path), "--data", str(tmp_path), "--runs", "bce:study",
+                               "--seeds", "0", "1", "2", "3", "--ensemble", "2"])[0]
+    lines = compare.ensemble_lines(args)
+    rows = [line for line in lines if line.startswith("| bce | study |")]
+    assert [row.split(" | ")[2] for row in rows] == ["0 1", "2 3", "all 2 ensembles"]
+    first = (members[0] + members[1]) / 2  # the mean of the probabilities, not of the raw scores:
+    assert f"{compare.auc_or_nan(labels, first):.3f}" != f"{compare.auc_or_nan(labels, members[0] + members[1] ** 5):.3f}"
+    assert rows[0].split(" | ")[3].startswith(f"{compare.auc_or_nan(labels, first):.3f} (")
+    each = [paired_auc_difference(labels, first, m) for m in members[:2]]
+    assert rows[0].split(" | ")[6] == ", ".join(compare.signed(*difference) for difference in each)
+    assert all(difference > 0 for difference, _, _ in each)  # the members' independent noise averages out
+    second = (members[2] + members[3]) / 2
+    pooled = paired_auc_difference(labels, np.stack([first, first, second, second]), np.stack(members))
+    assert rows[2].endswith(f"| {compare.signed(*pooled)} |")
+
+    write_run(tmp_path / "other" / "bce-study-seed0", images[::-1], labels, members[0])
+    write_run(tmp_path / "other" / "bce-study-seed1", images, labels, members[1])
+    args.project, args.seeds = str(tmp_path / "other"), [0, 1]
+    with pytest.raises(SystemExit, match="seeds 0 1 were scored on different images"):
+        compare.ensemble_lines(args)
