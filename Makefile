@@ -19,7 +19,8 @@ PRETRAINED_FLAGS := --backbone efficientnet_lite0 --weights imagenet --image-siz
 SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0 --cache cache --save-every 500
 
 .PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch \
-	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-ham-levers bench-ham-losses bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
+	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-ham-levers bench-ham-losses bench-ham-ensemble \
+	bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
 
 install: $(VENV)/installed
 
@@ -109,6 +110,12 @@ bench-ham-losses: install
 	mv runs/ham-long-losses/results/comparison.md runs/ham-long-losses/results/comparison-every-loss.md
 	$(PY) compare.py --project runs/ham-long-losses --data data/ham10000 $(HAM_FLAGS) --seeds 0 1 2 \
 		--runs bce:long ce:long
+
+# Ensembles of 3 runs of --recipe long on HAM10000 validation: 9 seeds, 3 ensembles (seeds 0-2, 3-5
+# and 6-8), each paired with its members
+bench-ham-ensemble: install
+	$(PY) compare.py --project runs/ham-ensemble --data data/ham10000 $(HAM_FLAGS) --runs bce:long \
+		--seeds 0 1 2 3 4 5 6 7 8 --ensemble 3
 
 # A HAM10000 model meets ISIC 2017 as a new clinic with k labelled images per class
 bench-new-clinic: bench-ham-seeds

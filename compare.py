@@ -184,41 +184,51 @@ def paired_lines(runs, seeds, baseline_of, baseline_name):
     return lines
 
 
+def ensemble_of(folders):
+    """(labels, members, ensemble) of runs scored on the same images: each run's calibrated
+    P(malignant) by its own score (scores.csv's first), a (runs, images) array, and their mean."""
+    runs = [read_scores(folder, probabilities=True) for folder in folders]
+    if any(images != runs[0][0] for images, *_ in runs):
+        sys.exit(f"compare.py: error: {', '.join(map(str, folders))} were scored on different images; an ensemble "
+                 f"needs them scored on the same --data")
+    members = np.stack([next(iter(scores.values())) for *_, scores in runs])
+    return runs[0][1], members, members.mean(0)
+
+
 def ensemble_lines(args):
     """Ensembles of --ensemble K runs of each loss and recipe, the seeds taken K at a time in their
-    order. An ensemble's P(malignant) of an image is the mean of its members' calibrated
-    P(malignant), each by its own score (scores.csv's first). Each ensemble's AUC and calibration
-    error, and its paired difference from each member and from the members' mean AUC; with several
-    ensembles, that difference pooled over all of them."""
-    k = args.ensemble
+    order; an ensemble's P(malignant) of an image is the mean of its members'. Each ensemble's AUC
+    and calibration error, its paired difference from each member and from the members' mean AUC,
+    and from the baseline's ensemble of the same seeds; with several ensembles, pooled over them."""
+    k, baseline = args.ensemble, baseline_of(args)
     groups = [args.seeds[i:i + k] for i in range(0, len(args.seeds), k)]
+    made = {(loss, recipe): [ensemble_of([Path(args.project) / f"{loss}-{recipe}-seed{seed}" for seed in group])
+                             for group in groups] for loss, recipe in args.pairs}
+    against = made.get(tuple(baseline.split(":", 1)) if baseline else None)
     lines = ["", f"Ensembles of {k} runs: the mean of the members' calibrated P(malignant), each by its own score "
-                 f"(the paired difference: 95 % interval over 1,000 resamples of the images; pooled: over every "
-                 f"member of every ensemble):", "",
-             "| loss | recipe | seeds | ensemble AUC (95% CI) | ECE calibrated | members' AUC | ensemble minus each "
-             "member | ensemble minus the members' mean |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for loss, recipe in args.pairs:
-        ensembles, members = [], []
-        for group in groups:
-            runs = [read_scores(Path(args.project) / f"{loss}-{recipe}-seed{seed}", probabilities=True)
-                    for seed in group]
-            images, labels, _ = runs[0]
-            if any(run[0] != images for run in runs):
-                sys.exit(f"compare.py: error: the {loss}-{recipe} runs of seeds {' '.join(map(str, group))} were "
-                         f"scored on different images; an ensemble needs them scored on the same --data")
-            probabilities = np.stack([next(iter(scores.values())) for *_, scores in runs])
-            ensemble = probabilities.mean(0)
-            ensembles += [ensemble] * k
-            members.append(probabilities)
+                 f"(paired differences: 95 % interval over 1,000 resamples of the images; pooled: the mean over the "
+                 f"members, or over the ensembles):", "",
+             f"| loss | recipe | seeds | ensemble AUC (95% CI) | ECE calibrated | members' AUC | ensemble minus each "
+             f"member | ensemble minus the members' mean | ensemble minus {baseline or 'the baseline'}'s ensemble |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (loss, recipe), ensembles in made.items():
+        versus = against if against is not None and against is not ensembles else None
+        for i, (group, (labels, members, ensemble)) in enumerate(zip(groups, ensembles)):
             low, high = bootstrap_auc(labels, ensemble)
-            each = ", ".join(signed(*paired_auc_difference(labels, ensemble, member)) for member in probabilities)
+            each = ", ".join(signed(*paired_auc_difference(labels, ensemble, member)) for member in members)
             lines.append(f"| {loss} | {recipe} | {' '.join(map(str, group))} | {auc_or_nan(labels, ensemble):.3f} "
                          f"({low:.3f}-{high:.3f}) | {calibration_metrics(labels, ensemble)['ece']:.3f} | "
-                         f"{', '.join(f'{auc_or_nan(labels, m):.3f}' for m in probabilities)} | {each} | "
-                         f"{signed(*paired_auc_difference(labels, np.stack([ensemble] * k), probabilities))} |")
+                         f"{', '.join(f'{auc_or_nan(labels, m):.3f}' for m in members)} | {each} | "
+                         f"{signed(*paired_auc_difference(labels, np.stack([ensemble] * k), members))} | "
+                         f"{signed(*paired_auc_difference(labels, ensemble, versus[i][2])) if versus else ''} |")
         if len(groups) > 1:
-            lines.append(f"| {loss} | {recipe} | all {len(groups)} ensembles | | | | | "
-                         f"{signed(*paired_auc_difference(labels, np.stack(ensembles), np.concatenate(members)))} |")
+            labels = ensembles[0][0]
+            mean_of_members = paired_auc_difference(labels, np.concatenate([[e] * k for *_, e in ensembles]),
+                                                    np.concatenate([members for _, members, _ in ensembles]))
+            mean_of_baseline = (signed(*paired_auc_difference(labels, np.stack([e for *_, e in ensembles]),
+                                                              np.stack([e for *_, e in versus]))) if versus else "")
+            lines.append(f"| {loss} | {recipe} | all {len(groups)} ensembles | | | | | {signed(*mean_of_members)} | "
+                         f"{mean_of_baseline} |")
     return lines
 
 
@@ -321,11 +331,16 @@ def results_lines(args, train_flags, table, split):
     return lines
 
 
+def baseline_of(args):
+    """The run every other is paired with, as LOSS:RECIPE: --baseline, or the first ce run (None if
+    there is none)."""
+    return args.baseline or next((f"{loss}:{recipe}" for loss, recipe in args.pairs if loss == "ce"), None)
+
+
 def difference_lines(args, runs):
     """The paired-difference tables: from --baseline (default the first ce run), and from each
     run's twin in --against."""
-    lines = []
-    baseline = args.baseline or next((f"{loss}:{recipe}" for loss, recipe in args.pairs if loss == "ce"), None)
+    lines, baseline = [], baseline_of(args)
     if baseline:
         base_loss, base_recipe = baseline.split(":", 1)
 

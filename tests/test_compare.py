@@ -136,25 +136,33 @@ def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(
     labels = np.repeat([0, 1], 100)
     images = [f"{i}.jpg" for i in range(200)]
     members = [1 / (1 + np.exp(-(labels + rng.normal(0, 1, 200)))) for _ in range(4)]  # independent errors
-    for seed, member in enumerate(members):
+    classifiers = [1 / (1 + np.exp(-(labels + rng.normal(0, 1.5, 200)))) for _ in range(4)]
+    for seed, (member, classifier) in enumerate(zip(members, classifiers)):
         write_run(tmp_path / f"bce-study-seed{seed}", images, labels, member, power=1 + 4 * (seed % 2))
+        write_run(tmp_path / f"ce-study-seed{seed}", images, labels, classifier)
     args = compare.parse_args(["--project", str(tmp_path), "--data", str(tmp_path), "--runs", "bce:study",
-                               "--seeds", "0", "1", "2", "3", "--ensemble", "2"])[0]
+                               "ce:study", "--seeds", "0", "1", "2", "3", "--ensemble", "2"])[0]
     lines = compare.ensemble_lines(args)
     rows = [line for line in lines if line.startswith("| bce | study |")]
     assert [row.split(" | ")[2] for row in rows] == ["0 1", "2 3", "all 2 ensembles"]
+    assert "ensemble minus ce:study's ensemble |" in lines[3]
     first = (members[0] + members[1]) / 2  # the mean of the probabilities, not of the raw scores:
     assert f"{compare.auc_or_nan(labels, first):.3f}" != f"{compare.auc_or_nan(labels, members[0] + members[1] ** 5):.3f}"
     assert rows[0].split(" | ")[3].startswith(f"{compare.auc_or_nan(labels, first):.3f} (")
     each = [paired_auc_difference(labels, first, m) for m in members[:2]]
     assert rows[0].split(" | ")[6] == ", ".join(compare.signed(*difference) for difference in each)
     assert all(difference > 0 for difference, _, _ in each)  # the members' independent noise averages out
+    versus = (classifiers[0] + classifiers[1]) / 2  # the classifiers' ensemble of the same seeds
+    assert rows[0].endswith(f"| {compare.signed(*paired_auc_difference(labels, first, versus))} |")
     second = (members[2] + members[3]) / 2
     pooled = paired_auc_difference(labels, np.stack([first, first, second, second]), np.stack(members))
-    assert rows[2].endswith(f"| {compare.signed(*pooled)} |")
+    against = paired_auc_difference(labels, np.stack([first, second]),
+                                    np.stack([versus, (classifiers[2] + classifiers[3]) / 2]))
+    assert rows[2].endswith(f"| {compare.signed(*pooled)} | {compare.signed(*against)} |")
+    assert [line for line in lines if line.startswith("| ce | study |")][0].endswith(" |  |")  # not with itself
 
     write_run(tmp_path / "other" / "bce-study-seed0", images[::-1], labels, members[0])
     write_run(tmp_path / "other" / "bce-study-seed1", images, labels, members[1])
-    args.project, args.seeds = str(tmp_path / "other"), [0, 1]
-    with pytest.raises(SystemExit, match="seeds 0 1 were scored on different images"):
+    args.project, args.seeds, args.pairs = str(tmp_path / "other"), [0, 1], [("bce", "study")]
+    with pytest.raises(SystemExit, match="bce-study-seed1 were scored on different images"):
         compare.ensemble_lines(args)
