@@ -103,13 +103,14 @@ bench-ham-levers: bench-ham-long
 	$(PY) compare.py --project runs/ham-6ep-probe --data data/ham10000 $(LONG_FLAGS) --probe-epochs 1 --seeds 0 1 2
 
 # Every loss under --recipe long on HAM10000 validation, one seed, each paired with the classifier
-# (comparison-every-loss.md); then the Siamese model and the classifier over 3 seeds (comparison.md)
+# (comparison-every-loss.md); then the Siamese model and the classifier over 3 seeds, and the
+# ensemble of each's 3 runs (comparison.md)
 bench-ham-losses: install
 	$(PY) compare.py --project runs/ham-long-losses --data data/ham10000 $(HAM_FLAGS) --seeds 0 \
 		--runs bce:long ce:long triplet:long contrastive:long
 	mv runs/ham-long-losses/results/comparison.md runs/ham-long-losses/results/comparison-every-loss.md
 	$(PY) compare.py --project runs/ham-long-losses --data data/ham10000 $(HAM_FLAGS) --seeds 0 1 2 \
-		--runs bce:long ce:long
+		--runs bce:long ce:long --ensemble 3
 
 # Ensembles of 3 runs of --recipe long on HAM10000 validation: 9 seeds, 3 ensembles (seeds 0-2, 3-5
 # and 6-8), each paired with its members
