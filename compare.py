@@ -279,8 +279,8 @@ def run_pairs(args):
         if bad:
             raise ValueError(f"--runs {' '.join(bad)}: each is LOSS:RECIPE, e.g. bce:tuned")
     if args.ensemble is not None and (args.ensemble < 2 or len(args.seeds) % args.ensemble):
-        raise ValueError(f"--ensemble {args.ensemble}: takes the {len(args.seeds)} --seeds {args.ensemble} at a time; "
-                         f"give a K of at least 2 that divides the number of seeds")
+        raise ValueError(f"--ensemble {args.ensemble}: takes the {len(args.seeds)} --seeds {args.ensemble} at a "
+                         f"time; give a K of at least 2 that divides the number of seeds")
     if args.baseline and tuple(args.baseline.split(":", 1)) not in pairs:
         raise ValueError(f"--baseline {args.baseline}: not one of the runs ({' '.join(':'.join(p) for p in pairs)})")
     if args.against and not (Path(args.against) / "results" / "comparison.md").is_file():

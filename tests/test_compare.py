@@ -128,7 +128,8 @@ def write_run(folder, images, labels, probabilities, power=1):
     but on another scale, probability ** power), then its P(malignant)."""
     (folder / "results").mkdir(parents=True)
     rows = [f"{image},{label},{p ** power:.6f},{p:.6f}" for image, label, p in zip(images, labels, probabilities)]
-    (folder / "results" / "scores.csv").write_text("\n".join(["image,label,gallery,gallery_probability", *rows]) + "\n")
+    (folder / "results" / "scores.csv").write_text("\n".join(["image,label,gallery,gallery_probability", *rows])
+                                                   + "\n")
 
 
 def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(tmp_path):
@@ -147,7 +148,8 @@ def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(
     assert [row.split(" | ")[2] for row in rows] == ["0 1", "2 3", "all 2 ensembles"]
     assert "ensemble minus ce:study's ensemble |" in lines[3]
     first = (members[0] + members[1]) / 2  # the mean of the probabilities, not of the raw scores:
-    assert f"{compare.auc_or_nan(labels, first):.3f}" != f"{compare.auc_or_nan(labels, members[0] + members[1] ** 5):.3f}"
+    raw_mean = members[0] + members[1] ** 5
+    assert f"{compare.auc_or_nan(labels, first):.3f}" != f"{compare.auc_or_nan(labels, raw_mean):.3f}"
     assert rows[0].split(" | ")[3].startswith(f"{compare.auc_or_nan(labels, first):.3f} (")
     each = [paired_auc_difference(labels, first, m) for m in members[:2]]
     assert rows[0].split(" | ")[6] == ", ".join(compare.signed(*difference) for difference in each)
