@@ -1,7 +1,7 @@
 """P(malignant) of images by several trained models at once: an ensemble of runs. Three seeds of
 --recipe long scored 0.013 AUC above a single run on HAM10000 validation (docs/results.md).
 
-    python ensemble.py --checkpoint runs/s0/outputs/best.pth runs/s1/outputs/best.pth \
+    python ensemble.py --checkpoints runs/s0/outputs/best.pth runs/s1/outputs/best.pth \
         runs/s2/outputs/best.pth --image lesion.jpg [--image other.jpg ...]
 
 An image's P(malignant) is the mean of the models' calibrated P(malignant), each model scoring it
@@ -22,7 +22,7 @@ from cli import one_line_errors
 from config import make_parser
 from gallery import validation_scores
 from metrics import choose_threshold
-from predict import check_inputs, load_predictor, predict_files
+from predict import add_image_flag, check_inputs, load_predictor, predict_files
 
 
 def validated_on(config, gallery):
@@ -44,13 +44,13 @@ def validation_probabilities(model, config, gallery, device):
 
 
 def load_members(checkpoints, data=None, device="auto"):
-    """[(model, config, gallery, device)] of each checkpoint, and (validation labels, threshold):
-    Youden's J on the members' mean P(malignant) of their shared validation images."""
+    """[(model, config, gallery, device)] of each checkpoint, and the threshold: Youden's J on the
+    members' mean P(malignant) of their shared validation images."""
     members = [load_predictor(checkpoint, data, device) for checkpoint in checkpoints]
     first_config, first_gallery = members[0][1], members[0][2]
     for checkpoint, (_, config, gallery, _) in zip(checkpoints[1:], members[1:]):
         if validated_on(config, gallery) != validated_on(first_config, first_gallery):
-            raise ValueError(f"--checkpoint {checkpoint} was validated on other images than {checkpoints[0]} (its "
+            raise ValueError(f"--checkpoints {checkpoint} was validated on other images than {checkpoints[0]} (its "
                              f"--data, --benign-limit or seed differ); an ensemble's threshold needs models "
                              f"validated on the same images")
     labels = first_gallery["validation_labels"].numpy()
@@ -79,23 +79,22 @@ def predict_images(checkpoints, images, data=None, device="auto"):
 def parse_args(argv=None):
     parser = make_parser("ensemble.py", __doc__, ("data", "device"),
                          helps={"data": "the models' split folder, to rebuild a gallery.pt that is missing"})
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
+    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
                         help="the models' checkpoints (two or more), e.g. each seed's outputs/best.pth")
-    parser.add_argument("--image", action="append", required=True, metavar="PATH",
-                        help="P(malignant) of this image (repeat for several images)")
+    add_image_flag(parser, "P(malignant) of this image (repeat for several images)", required=True)
     return parser.parse_args(argv)
 
 
 def run(args):
-    if len(args.checkpoint) < 2:
-        raise ValueError("--checkpoint: give two or more models; predict.py --image scores with one")
-    if len(set(map(str, args.checkpoint))) != len(args.checkpoint):
-        raise ValueError("--checkpoint: a model given twice would count twice; give each once")
-    for flag, paths in (("--checkpoint", args.checkpoint), ("--image", args.image)):
+    if len(args.checkpoints) < 2:
+        raise ValueError("--checkpoints: give two or more models; predict.py --image scores with one")
+    if len(set(map(str, args.checkpoints))) != len(args.checkpoints):
+        raise ValueError("--checkpoints: a model given twice would count twice; give each once")
+    for flag, paths in (("--checkpoints", args.checkpoints), ("--image", args.image)):
         for path in paths:
             if not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: no such file")
-    for line in predict_images(args.checkpoint, args.image, args.data, args.device):
+    for line in predict_images(args.checkpoints, args.image, args.data, args.device):
         print(line)
 
 

@@ -524,6 +524,11 @@ PREDICT_FLAGS = ("project", "data", "checkpoint", "out", "gallery_size", "tta", 
                  "target_sensitivity", "save_every", "batch_size", "device", "workers", "cache")
 
 
+def add_image_flag(parser, help, required=False):
+    """--image, repeatable: the images predict.py and ensemble.py score."""
+    parser.add_argument("--image", action="append", default=[], required=required, metavar="PATH", help=help)
+
+
 def parse_args(argv=None):
     """The flags (config.py declares them); None: as the model was trained."""
     parser = make_parser(
@@ -539,8 +544,7 @@ def parse_args(argv=None):
                "gallery": COMMAND_FLAGS["gallery"].help + " (evaluation needs --out)",
                "batch_size": "images per evaluation batch"})
     images = parser.add_mutually_exclusive_group()
-    images.add_argument("--image", action="append", default=[], metavar="PATH",
-                        help="P(malignant) of this image and a figure explaining it (repeat for several images)")
+    add_image_flag(images, "P(malignant) of this image and a figure explaining it (repeat for several images)")
     images.add_argument("--pair", nargs=2, metavar=("A", "B"),
                         help="the model's similarity of two images: same class or not")
     parser.add_argument("--calibration", choices=CALIBRATIONS, default="platt",

@@ -26,7 +26,7 @@ def test_an_ensemble_averages_its_models_probabilities_and_sets_its_threshold_on
         trained_project, second_project, tiny_data_dir, capsys):
     checkpoints = [trained_project[0] / "outputs" / "best.pth", second_project / "outputs" / "best.pth"]
     images = sorted((tiny_data_dir / "test_data").glob("*/*.jpg"))[::3]
-    ensemble.main(["--checkpoint", *map(str, checkpoints), *[a for image in images for a in ("--image", str(image))]])
+    ensemble.main(["--checkpoints", *map(str, checkpoints), *[a for image in images for a in ("--image", str(image))]])
     lines = capsys.readouterr().out.splitlines()[:len(images)]
 
     each, validation = [], []
@@ -51,17 +51,17 @@ def test_models_validated_on_other_images_are_refused(trained_project, tiny_data
     capped = tmp_path / "capped"  # the same data, its validation split capped at 3 benign images
     run_script("train.py", "--project", capped, "--data", tiny_data_dir, *tiny(1), "--benign-limit", "0", "3", "0")
     image = next((tiny_data_dir / "test_data" / "1").glob("*.jpg"))
-    with pytest.raises(SystemExit, match=r"ensemble.py: error: --checkpoint .*capped/outputs/best.pth was validated "
+    with pytest.raises(SystemExit, match=r"ensemble.py: error: --checkpoints .*capped/outputs/best.pth was validated "
                                          r"on other images than .*; an ensemble's threshold needs models validated "
                                          r"on the same images"):
-        ensemble.main(["--checkpoint", str(trained_project[0] / "outputs" / "best.pth"),
+        ensemble.main(["--checkpoints", str(trained_project[0] / "outputs" / "best.pth"),
                        str(capped / "outputs" / "best.pth"), "--image", str(image)])
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "a.pth", "--image", "x.jpg"], "--checkpoint: give two or more models"),
-    (["--checkpoint", "a.pth", "a.pth", "--image", "x.jpg"], "--checkpoint: a model given twice would count twice"),
-    (["--checkpoint", "a.pth", "b.pth", "--image", "x.jpg"], "--checkpoint a.pth: no such file"),
+    (["--checkpoints", "a.pth", "--image", "x.jpg"], "--checkpoints: give two or more models"),
+    (["--checkpoints", "a.pth", "a.pth", "--image", "x.jpg"], "--checkpoints: a model given twice would count twice"),
+    (["--checkpoints", "a.pth", "b.pth", "--image", "x.jpg"], "--checkpoints a.pth: no such file"),
 ])
 def test_ensemble_refuses_bad_flags_in_one_line(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -73,7 +73,7 @@ def test_ensemble_refuses_bad_flags_in_one_line(argv, message, tmp_path, monkeyp
 
 def test_ensemble_runs_from_the_command_line(trained_project, second_project, tiny_data_dir):
     image = next((tiny_data_dir / "test_data" / "0").glob("*.jpg"))
-    out = run_script("ensemble.py", "--checkpoint", trained_project[0] / "outputs" / "best.pth",
+    out = run_script("ensemble.py", "--checkpoints", trained_project[0] / "outputs" / "best.pth",
                      second_project / "outputs" / "best.pth", "--image", image)
     assert out.startswith("P(malignant) 0.") and "the mean of 2 models" in out and out.rstrip().endswith(" s")
 
