@@ -20,7 +20,7 @@ SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0
 
 .PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch \
 	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-ham-levers bench-ham-losses bench-ham-ensemble \
-	bench-isic2017-extra bench-isic2017-long bench-new-clinic figure clean
+	bench-isic2017-extra bench-isic2017-long bench-isic2017-ensemble bench-new-clinic figure clean
 
 install: $(VENV)/installed
 
@@ -74,6 +74,13 @@ bench-isic2017-long: install
 	$(PY) compare.py --project runs/isic2017-long --data data/isic2017 $(PRETRAINED_FLAGS) --benign-limit 0 \
 		--epochs 6 --augment dermoscopy --tta --seeds 0 1 2 --runs bce:transfer ce:transfer triplet:transfer \
 		contrastive:transfer --against runs/isic2017
+
+# The ensemble HAM10000 chose (bench-ham-ensemble) on ISIC 2017 test: 3 runs of --recipe long for the
+# Siamese model and for the classifier, each run and each ensemble paired with the classifier's
+bench-isic2017-ensemble: install
+	$(PY) compare.py --project runs/isic2017-ensemble --data data/isic2017 --backbone efficientnet_lite0 \
+		--weights imagenet --image-size 128 --batch-size 32 --cache cache --workers 1 --benign-limit 0 \
+		--seeds 0 1 2 --runs bce:long ce:long --ensemble 3
 
 # HAM10000 validation over 3 seeds, and a longer recipe (6 epochs, dermoscopy augmentation, flip TTA)
 # paired with it, run for run
