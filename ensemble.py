@@ -62,9 +62,11 @@ def predict_images(checkpoints, images, data=None, device="auto"):
     """One line per image: the ensemble's P(malignant), its verdict and each model's P(malignant)."""
     check_inputs(images, "--image")
     members, threshold = load_members(checkpoints, data, device)
-    each = np.array([[p.probability for p in predict_files(model, config, gallery, images, device, checkpoint,
-                                                            explain=False)]
-                     for checkpoint, (model, config, gallery, device) in zip(checkpoints, members)])
+    each = []  # (models, images)
+    for checkpoint, (model, config, gallery, on) in zip(checkpoints, members):
+        each.append([p.probability for p in predict_files(model, config, gallery, images, on, checkpoint,
+                                                          explain=False)])
+    each = np.array(each)
     prevalence = members[0][2]["calibration"]["prevalence"]
     lines = []
     for path, probability, models in zip(images, each.mean(0), each.T):
