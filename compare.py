@@ -200,7 +200,7 @@ def ensemble_lines(args):
     order; an ensemble's P(malignant) of an image is the mean of its members'. Each ensemble's AUC
     and calibration error, its paired difference from each member and from the members' mean AUC,
     and from the baseline's ensemble of the same seeds; with several ensembles, pooled over them."""
-    k, baseline = args.ensemble, baseline_of(args)
+    k, baseline = args.ensemble, chosen_baseline(args)
     groups = [args.seeds[i:i + k] for i in range(0, len(args.seeds), k)]
     made = {(loss, recipe): [ensemble_of([Path(args.project) / f"{loss}-{recipe}-seed{seed}" for seed in group])
                              for group in groups] for loss, recipe in args.pairs}
@@ -331,7 +331,7 @@ def results_lines(args, train_flags, table, split):
     return lines
 
 
-def baseline_of(args):
+def chosen_baseline(args):
     """The run every other is paired with, as LOSS:RECIPE: --baseline, or the first ce run (None if
     there is none)."""
     return args.baseline or next((f"{loss}:{recipe}" for loss, recipe in args.pairs if loss == "ce"), None)
@@ -340,7 +340,7 @@ def baseline_of(args):
 def difference_lines(args, runs):
     """The paired-difference tables: from --baseline (default the first ce run), and from each
     run's twin in --against."""
-    lines, baseline = [], baseline_of(args)
+    lines, baseline = [], chosen_baseline(args)
     if baseline:
         base_loss, base_recipe = baseline.split(":", 1)
 
