@@ -20,7 +20,8 @@ SCRATCH_FLAGS := --weights none --image-size 96 --batch-size 64 --benign-limit 0
 
 .PHONY: install demo test app bench compare bench-ham bench-isic2017 bench-frozen bench-ham-scratch bench-isic2017-scratch \
 	bench-ham-seeds bench-ham-long bench-ham-long-160 bench-ham-levers bench-ham-losses bench-ham-ensemble \
-	bench-isic2017-extra bench-isic2017-long bench-isic2017-ensemble bench-new-clinic figure clean
+	bench-isic2017-extra bench-isic2017-long bench-isic2017-ensemble bench-isic2017-extra-long bench-new-clinic \
+	figure clean
 
 install: $(VENV)/installed
 
@@ -81,6 +82,13 @@ bench-isic2017-ensemble: install
 	$(PY) compare.py --project runs/isic2017-ensemble --data data/isic2017 --backbone efficientnet_lite0 \
 		--weights imagenet --image-size 128 --batch-size 32 --cache cache --workers 1 --benign-limit 0 \
 		--seeds 0 1 2 --runs bce:long ce:long --ensemble 3
+
+# HAM10000 added to training under --recipe long, the Siamese model, seed 0 (30 minutes a run),
+# paired with its twin in runs/isic2017-ensemble
+bench-isic2017-extra-long: bench-isic2017-ensemble
+	$(PY) compare.py --project runs/isic2017-ensemble-extra --data data/isic2017 --backbone efficientnet_lite0 \
+		--weights imagenet --image-size 128 --batch-size 32 --cache cache --workers 1 --benign-limit 0 \
+		--extra-train data/ham10000 --seeds 0 --runs bce:long --against runs/isic2017-ensemble
 
 # HAM10000 validation over 3 seeds, and a longer recipe (6 epochs, dermoscopy augmentation, flip TTA)
 # paired with it, run for run
