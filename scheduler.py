@@ -14,12 +14,18 @@ def learning_rate(step, total_steps, config):
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def probing(step, total_steps, config):
+    """Whether a global step lies in the first --probe-epochs, which train only what sits on the
+    backbone (a linear probe before fine-tuning)."""
+    return step < config.probe_epochs * total_steps / config.epochs
+
+
 def set_learning_rates(optimizer, step, total_steps, config):
     """Each parameter group's learning rate at a global step: learning_rate times its lr_scale, and
-    0 for the backbone during the first --probe-epochs (a linear probe before fine-tuning)."""
-    rate, probing = learning_rate(step, total_steps, config), step < config.probe_epochs * total_steps / config.epochs
+    0 for the backbone while probing."""
+    rate, probe = learning_rate(step, total_steps, config), probing(step, total_steps, config)
     for group in optimizer.param_groups:  # a last.pth saved before --probe-epochs has no "backbone" key
-        group["lr"] = 0.0 if probing and group.get("backbone", False) else group["lr_scale"] * rate
+        group["lr"] = 0.0 if probe and group.get("backbone", False) else group["lr_scale"] * rate
 
 
 def parameter_groups(model, backbone_lr_scale, probe=False):

@@ -43,7 +43,7 @@ from metrics import auc_or_nan
 from near_duplicates import leaks
 from plots import plot_history
 from predict import EvaluationSettings, evaluate
-from scheduler import parameter_groups, set_learning_rates
+from scheduler import parameter_groups, probing, set_learning_rates
 from scoring import Embedding, applicable_scores, embed_and_score, embed_gallery, embedder, resolve_score
 
 VALIDATION_GALLERY_CAP = 256  # gallery images per class when validating each epoch (0 = all would cost an epoch's time)
@@ -500,20 +500,20 @@ def save_last(training, config, state, ctx):
 def train_one_epoch(training, config, epoch, state, stop, ctx):
     """One epoch (or the rest of a resumed one). Returns (its EpochTotals over all ranks, the step
     a signal stopped it at or None)."""
-    steps_per_epoch = training.steps_per_epoch
+    steps_per_epoch, total_steps = training.steps_per_epoch, config.epochs * training.steps_per_epoch
     first_step = state.step if epoch == state.epoch else 0
     # a resumed epoch's saved totals are already sums over ranks: rank 0 alone starts from them
     resumed = epoch == state.epoch and state.partial and ctx.rank == 0
     totals = EpochTotals(*state.partial) if resumed else EpochTotals()
     training.sampler.set_epoch(epoch, first_step)
     training.model.train()
-    if config.backbone_lr_scale == 0 or epoch < config.probe_epochs:  # its BatchNorm statistics stay as loaded
+    if config.backbone_lr_scale == 0 or probing(epoch * steps_per_epoch, total_steps, config):  # BatchNorm as loaded
         training.raw_model.backbone.eval()
     bar = progress(training.loader, f"epoch {epoch + 1}/{config.epochs}", disable=ctx.rank != 0,
                    initial=first_step, total=first_step + len(training.sampler), leave=False)
     for step, batch in enumerate(bar, start=first_step + 1):
         done = epoch * steps_per_epoch + step  # the run's optimizer steps, this one included
-        set_learning_rates(training.optimizer, done - 1, config.epochs * steps_per_epoch, config)
+        set_learning_rates(training.optimizer, done - 1, total_steps, config)
         generator = torch.Generator().manual_seed(sample_seed(config.seed + 1, epoch, step))
         with autocast(ctx.device, training.amp):
             result = training.loss(training.model, on_device(batch, config, ctx.device, generator))
