@@ -34,9 +34,11 @@ import numpy as np
 from calibration import calibration_metrics
 from checkpoints import last_path
 from config import CONFIG_FILE, RECIPES, make_parser, read_config
+from ensemble import ensemble_of
 from files import folder_problem, write_text_atomic
 from losses import LOSSES
-from metrics import auc_or_nan, bootstrap_auc, paired_auc_difference
+from metrics import auc_or_nan, bootstrap_auc, paired_auc_difference, signed
+from predict import read_scores
 from train import make_config, parse_args as train_args
 
 
@@ -118,18 +120,12 @@ def rows_of(metrics, history):
     return [(name, m, seconds, len(history)) for name, m in rows]
 
 
-def read_scores(folder, probabilities=False):
-    """(images, labels, {score: per-image values}) of one run's results/scores.csv: the raw scores,
-    or with probabilities=True each score's calibrated P(malignant) (which ranks as its score does)."""
-    path = folder / "results" / "scores.csv"
+def read_run_scores(folder, probabilities=False):
+    """predict.read_scores of one run's results/scores.csv; one that cannot be read stops compare.py."""
     try:
-        with open(path, newline="") as file:
-            header, *rows = list(csv.reader(file))
-        return ([row[0] for row in rows], np.array([int(row[1]) for row in rows]),
-                {name.removesuffix("_probability"): np.array([float(row[i]) for row in rows])
-                 for i, name in enumerate(header[2:], 2) if name.endswith("_probability") == probabilities})
-    except (OSError, ValueError, IndexError) as error:
-        sys.exit(f"compare.py: error: {path}: unreadable ({error}); delete {folder} to train that run again")
+        return read_scores(folder / "results" / "scores.csv", probabilities)
+    except ValueError as error:
+        sys.exit(f"compare.py: error: {error}; delete {folder} to train that run again")
 
 
 def calibration_lines(table):
@@ -151,10 +147,6 @@ def calibration_lines(table):
         lines.append(f"| {loss} | {recipe} | {seed} | {score} | {m['raw_ece']:.3f} | {m['ece']:.3f} | "
                      f"{m['raw_brier']:.3f} | {m['brier']:.3f} | {' | '.join(near)} |")
     return lines
-
-
-def signed(difference, low, high):
-    return f"{difference:+.3f} ({low:+.3f}, {high:+.3f})"
 
 
 def paired_lines(runs, seeds, baseline_of, baseline_name):
@@ -184,51 +176,63 @@ def paired_lines(runs, seeds, baseline_of, baseline_name):
     return lines
 
 
-def ensemble_of(folders):
-    """(labels, members, ensemble) of runs scored on the same images: each run's calibrated
-    P(malignant) by its own score (scores.csv's first), a (runs, images) array, and their mean."""
-    runs = [read_scores(folder, probabilities=True) for folder in folders]
-    if any(images != runs[0][0] for images, *_ in runs):
-        sys.exit(f"compare.py: error: {', '.join(map(str, folders))} were scored on different images; an ensemble "
-                 f"needs them scored on the same --data")
-    members = np.stack([next(iter(scores.values())) for *_, scores in runs])
-    return runs[0][1], members, members.mean(0)
+def project_ensembles(project, pairs, groups):
+    """{(loss, recipe): [ensemble.ensemble_of each group of seeds' runs]} of a project, leaving out a
+    loss and recipe whose runs are not all there (an --against project may lack some)."""
+    made = {}
+    for loss, recipe in pairs:
+        files = [[Path(project) / f"{loss}-{recipe}-seed{seed}" / "results" / "scores.csv" for seed in group]
+                 for group in groups]
+        if all(path.is_file() for group in files for path in group):
+            try:
+                made[loss, recipe] = [ensemble_of(group) for group in files]
+            except ValueError as error:
+                sys.exit(f"compare.py: error: {error}")
+    return made
 
 
 def ensemble_lines(args):
     """Ensembles of --ensemble K runs of each loss and recipe, the seeds taken K at a time in their
     order; an ensemble's P(malignant) of an image is the mean of its members'. Each ensemble's AUC
     and calibration error, its paired difference from each member and from the members' mean AUC,
-    and from the baseline's ensemble of the same seeds; with several ensembles, pooled over them."""
+    from the baseline's ensemble of the same seeds and, with --against, from the same ensemble
+    there; with several ensembles, pooled over them."""
     k, baseline = args.ensemble, chosen_baseline(args)
     groups = [args.seeds[i:i + k] for i in range(0, len(args.seeds), k)]
-    made = {(loss, recipe): [ensemble_of([Path(args.project) / f"{loss}-{recipe}-seed{seed}" for seed in group])
-                             for group in groups] for loss, recipe in args.pairs}
-    against = made.get(tuple(baseline.split(":", 1)) if baseline else None)
+    made = project_ensembles(args.project, args.pairs, groups)
+    twins = project_ensembles(args.against, args.pairs, groups) if args.against else None
+    others = [f"{baseline or 'the baseline'}'s ensemble"] + ([f"the same ensemble in {args.against}"] if args.against
+                                                              else [])
     lines = ["", f"Ensembles of {k} runs: the mean of the members' calibrated P(malignant), each by its own score "
                  f"(paired differences: 95 % interval over 1,000 resamples of the images; pooled: the mean over the "
                  f"members, or over the ensembles):", "",
              f"| loss | recipe | seeds | ensemble AUC (95% CI) | ECE calibrated | members' AUC | ensemble minus each "
-             f"member | ensemble minus the members' mean | ensemble minus {baseline or 'the baseline'}'s ensemble |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"member | ensemble minus the members' mean | {' | '.join(f'ensemble minus {o}' for o in others)} |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(others)]
     for (loss, recipe), ensembles in made.items():
-        versus = against if against is not None and against is not ensembles else None
-        for i, (group, (labels, members, ensemble)) in enumerate(zip(groups, ensembles)):
+        base = tuple(baseline.split(":", 1)) if baseline else None
+        versus = [made.get(base) if base != (loss, recipe) else None] + ([twins.get((loss, recipe))] if twins is not None
+                                                                         else [])
+        for i, (group, (images, labels, members, ensemble)) in enumerate(zip(groups, ensembles)):
+            if any(other and other[i][0] != images for other in versus):
+                sys.exit(f"compare.py: error: the ensemble of {loss}-{recipe} seeds {' '.join(map(str, group))} and one it "
+                         f"is paired with were scored on different images; compare runs evaluated on the same --data")
             low, high = bootstrap_auc(labels, ensemble)
             each = ", ".join(signed(*paired_auc_difference(labels, ensemble, member)) for member in members)
+            against = [signed(*paired_auc_difference(labels, ensemble, other[i][3])) if other else "" for other in versus]
             lines.append(f"| {loss} | {recipe} | {' '.join(map(str, group))} | {auc_or_nan(labels, ensemble):.3f} "
                          f"({low:.3f}-{high:.3f}) | {calibration_metrics(labels, ensemble)['ece']:.3f} | "
                          f"{', '.join(f'{auc_or_nan(labels, m):.3f}' for m in members)} | {each} | "
                          f"{signed(*paired_auc_difference(labels, np.stack([ensemble] * k), members))} | "
-                         f"{signed(*paired_auc_difference(labels, ensemble, versus[i][2])) if versus else ''} |")
+                         f"{' | '.join(against)} |")
         if len(groups) > 1:
-            labels = ensembles[0][0]
+            labels, ours = ensembles[0][1], np.stack([e for *_, e in ensembles])
             mean_of_members = paired_auc_difference(labels, np.concatenate([[e] * k for *_, e in ensembles]),
-                                                    np.concatenate([members for _, members, _ in ensembles]))
-            mean_of_baseline = (signed(*paired_auc_difference(labels, np.stack([e for *_, e in ensembles]),
-                                                              np.stack([e for *_, e in versus]))) if versus else "")
+                                                    np.concatenate([members for _, _, members, _ in ensembles]))
+            against = [signed(*paired_auc_difference(labels, ours, np.stack([e for *_, e in other]))) if other else ""
+                       for other in versus]
             lines.append(f"| {loss} | {recipe} | all {len(groups)} ensembles | | | | | {signed(*mean_of_members)} | "
-                         f"{mean_of_baseline} |")
+                         f"{' | '.join(against)} |")
     return lines
 
 
@@ -304,7 +308,7 @@ def train_all(args, train_flags):
                 sys.exit(128 + stopped.signum)
             history = list(csv.DictReader(open(folder / "outputs" / "history.csv")))
             table += [(loss, recipe, seed, *row) for row in rows_of(metrics, history)]
-            runs[loss, recipe, seed] = read_scores(folder)
+            runs[loss, recipe, seed] = read_run_scores(folder)
     return table, runs, metrics
 
 
@@ -355,7 +359,7 @@ def difference_lines(args, runs):
             folder = Path(args.against) / f"{loss}-{recipe}-seed{seed}"
             if not (folder / "results" / "scores.csv").is_file():
                 return None
-            images, labels, scores = read_scores(folder)
+            images, labels, scores = read_run_scores(folder)
             return (images, labels, scores[score]) if score in scores else None
         lines += paired_lines(runs, args.seeds, twin, f"the same run in {args.against}")
     return lines

@@ -3,6 +3,7 @@
 
     python ensemble.py --checkpoints runs/s0/outputs/best.pth runs/s1/outputs/best.pth \
         runs/s2/outputs/best.pth --image lesion.jpg [--image other.jpg ...]
+    python ensemble.py --scores runs/s0/results runs/s1/results runs/s2/results
 
 An image's P(malignant) is the mean of the models' calibrated P(malignant), each model scoring it
 against its own gallery.pt as predict.py --image does (compare.py --ensemble scores the same mean
@@ -10,6 +11,11 @@ on a whole split). The verdict's threshold is chosen as one model's is, by Youde
 validation images, here on their mean P(malignant): each gallery.pt keeps its model's validation
 features, so the models must have been validated on the same images (the same --data, every
 validation image or the same seed).
+
+--scores scores the ensemble on the images its models were evaluated on, from each model's
+scores.csv (train.py's PROJECT/results, or predict.py's --out: the same --data for all): its ROC
+AUC with a 95 % interval, the ECE of its P(malignant), and its paired AUC difference from each
+model and from the models' mean.
 """
 import time
 from pathlib import Path
@@ -17,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration import calibrated, digits_to_agree
+from calibration import calibrated, digits_to_agree, expected_calibration_error
 from cli import one_line_errors
 from config import make_parser
 from gallery import validation_scores
-from metrics import choose_threshold
-from predict import add_image_flag, check_inputs, load_predictor, predict_files
+from metrics import auc_or_nan, bootstrap_auc, choose_threshold, paired_auc_difference, signed
+from predict import add_image_flag, check_inputs, load_predictor, predict_files, read_scores
 
 
 def validated_on(config, gallery):
@@ -78,20 +84,71 @@ def predict_images(checkpoints, images, data=None, device="auto"):
     return lines
 
 
+def ensemble_of(score_files):
+    """(images, labels, members, ensemble) of models evaluated on the same images: each model's
+    calibrated P(malignant) by its own score (the first of its scores.csv), a (models, images)
+    array, and their mean, the ensemble's P(malignant)."""
+    read = [read_scores(path, probabilities=True) for path in score_files]
+    for path, (images, _, probabilities) in zip(score_files, read):
+        if not probabilities:
+            raise ValueError(f"{path}: holds no calibrated P(malignant) (a <score>_probability column); evaluate "
+                             f"its model again with predict.py")
+        if images != read[0][0]:
+            raise ValueError(f"{path}: scores other images than {score_files[0]}; an ensemble needs its models "
+                             f"evaluated on the same images (the same --data)")
+    members = np.stack([next(iter(probabilities.values())) for *_, probabilities in read])
+    return read[0][0], read[0][1], members, members.mean(0)
+
+
+def score_lines(score_files):
+    """The ensemble of the models' scores.csv files on their images: AUC, ECE and paired differences."""
+    _, labels, members, ensemble = ensemble_of(score_files)
+    low, high = bootstrap_auc(labels, ensemble)
+    lines = [f"ensemble of {len(members)} models on {len(labels)} images ({int(labels.sum())} malignant): ROC AUC "
+             f"{auc_or_nan(labels, ensemble):.3f} (95% CI {low:.3f}-{high:.3f}), ECE of its P(malignant) "
+             f"{expected_calibration_error(labels, ensemble):.3f}",
+             "AUC of each model, and the ensemble's minus it on the same images (95% interval over 1,000 "
+             "resamples of the images):"]
+    for path, member in zip(score_files, members):
+        lines.append(f"  {auc_or_nan(labels, member):.3f}  {signed(*paired_auc_difference(labels, ensemble, member))}"
+                     f"  {path}")
+    mean = np.mean([auc_or_nan(labels, member) for member in members])
+    difference = paired_auc_difference(labels, np.stack([ensemble] * len(members)), members)
+    lines.append(f"  {mean:.3f}  {signed(*difference)}  the models' mean")
+    return lines
+
+
 def parse_args(argv=None):
     parser = make_parser("ensemble.py", __doc__, ("data", "device"),
                          helps={"data": "the models' split folder, to rebuild a gallery.pt that is missing"})
-    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
-                        help="the models' checkpoints (two or more), e.g. each seed's outputs/best.pth")
-    add_image_flag(parser, "P(malignant) of this image (repeat for several images)", required=True)
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument("--checkpoints", nargs="+", metavar="PATH",
+                        help="the models' checkpoints (two or more), e.g. each seed's outputs/best.pth; with --image")
+    models.add_argument("--scores", nargs="+", metavar="PATH",
+                        help="the models' evaluations (two or more): results folders holding scores.csv, e.g. each "
+                             "seed's PROJECT/results, or the scores.csv files")
+    add_image_flag(parser, "P(malignant) of this image by the --checkpoints (repeat for several images)")
     return parser.parse_args(argv)
 
 
 def run(args):
-    if len(args.checkpoints) < 2:
-        raise ValueError("--checkpoints: give two or more models; predict.py --image scores with one")
-    if len(set(map(str, args.checkpoints))) != len(args.checkpoints):
-        raise ValueError("--checkpoints: a model given twice would count twice; give each once")
+    flag, paths = ("--checkpoints", args.checkpoints) if args.checkpoints else ("--scores", args.scores)
+    if len(paths) < 2:
+        raise ValueError(f"{flag}: give two or more models; predict.py scores with one")
+    if len(set(map(str, paths))) != len(paths):
+        raise ValueError(f"{flag}: a model given twice would count twice; give each once")
+    if args.scores:
+        if args.image:
+            raise ValueError("--image: scored by --checkpoints, not --scores; give the models' checkpoints")
+        files = [Path(path) / "scores.csv" if Path(path).is_dir() else Path(path) for path in args.scores]
+        for path in files:
+            if not path.is_file():
+                raise ValueError(f"--scores {path}: no such file; evaluate the model with predict.py (train.py "
+                                 f"does at its end) to write it")
+        print("\n".join(score_lines(files)))
+        return
+    if not args.image:
+        raise ValueError("--image: give an image for the --checkpoints to score, or --scores to score an evaluation")
     for flag, paths in (("--checkpoints", args.checkpoints), ("--image", args.image)):
         for path in paths:
             if not Path(path).is_file():
@@ -105,7 +162,8 @@ def main(argv=None):
     started = time.time()
     with one_line_errors("ensemble.py", "free disk space or fix permissions"):
         run(args)
-    print(f"{len(args.image)} image(s) in {time.time() - started:.0f} s")
+    print(f"{len(args.image or args.scores)} {'image(s)' if args.image else 'evaluations'} in "
+          f"{time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

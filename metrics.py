@@ -69,6 +69,11 @@ def paired_auc_difference(labels, scores, baseline_scores, n=1000, seed=0, level
     return (float(difference), *percentile_interval(resampled, level))
 
 
+def signed(difference, low, high):
+    """A paired difference and its interval as the tables print it: '+0.012 (+0.003, +0.020)'."""
+    return f"{difference:+.3f} ({low:+.3f}, {high:+.3f})"
+
+
 def retrieval_metrics(similarity, labels, gallery_labels, k=5):
     """How well a similarity finds same-class gallery images for each query image: precision@k
     per class (the share of the k most similar gallery images of the query's class, averaged over

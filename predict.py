@@ -92,6 +92,19 @@ def write_scores(split, scores, probabilities, path):
     write_atomic(path, write)
 
 
+def read_scores(path, probabilities=False):
+    """(images, labels, {score: per-image values}) of a scores.csv (write_scores): the raw scores, or
+    with probabilities=True each score's calibrated P(malignant) (which ranks as its score does)."""
+    try:
+        with open(path, newline="") as file:
+            header, *rows = list(csv.reader(file))
+        return ([row[0] for row in rows], np.array([int(row[1]) for row in rows]),
+                {name.removesuffix("_probability"): np.array([float(row[i]) for row in rows])
+                 for i, name in enumerate(header[2:], 2) if name.endswith("_probability") == probabilities})
+    except (OSError, ValueError, IndexError) as error:
+        raise ValueError(f"{path}: unreadable ({error})") from None
+
+
 def load_evaluation_splits(data, config, workers, cache=None, from_gallery=False):
     """{train, validation, evaluated}: the split layout's test split is evaluated, or its
     validation split when it has none; a plain labelled folder (DATA/0, DATA/1: another
@@ -524,9 +537,9 @@ PREDICT_FLAGS = ("project", "data", "checkpoint", "out", "gallery_size", "tta", 
                  "target_sensitivity", "save_every", "batch_size", "device", "workers", "cache")
 
 
-def add_image_flag(parser, help, required=False):
+def add_image_flag(parser, help):
     """--image, repeatable: the images predict.py and ensemble.py score."""
-    parser.add_argument("--image", action="append", default=[], required=required, metavar="PATH", help=help)
+    parser.add_argument("--image", action="append", default=[], metavar="PATH", help=help)
 
 
 def parse_args(argv=None):

@@ -110,3 +110,12 @@ def tiny_config(loss, **settings):
 
     return RunConfig(**{"loss": loss, "weights": "none", "embed_dim": 16, "image_size": 32, "seed": 0,
                         "benign_limit": [0, 0, 0], **settings})
+
+
+def write_scores_csv(folder, images, labels, probabilities, power=1):
+    """FOLDER/results/scores.csv as predict.py writes it: the raw score (ranked as its P(malignant)
+    but on another scale, probability ** power), then its P(malignant)."""
+    (folder / "results").mkdir(parents=True)
+    rows = [f"{image},{label},{p ** power:.6f},{p:.6f}" for image, label, p in zip(images, labels, probabilities)]
+    (folder / "results" / "scores.csv").write_text("\n".join(["image,label,gallery,gallery_probability", *rows])
+                                                   + "\n")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import compare
-from helpers import ROOT, SUBPROCESS_ENV, TINY, tiny
+from helpers import ROOT, SUBPROCESS_ENV, TINY, tiny, write_scores_csv
 from metrics import paired_auc_difference
 
 ONE_EPOCH = tiny(1)  # four runs: one epoch each is enough to pair them
@@ -46,7 +46,7 @@ def test_compare_reports_each_row_paired_with_the_baseline_and_with_its_twin_els
     assert "from ce:study (its own score)" in table
     # the gallery row against the classifier's own score, recomputed from the scores.csv files:
     # per seed, and pooled over both seeds
-    scores = {(loss, seed): compare.read_scores(tmp_path / "cmp" / f"{loss}-study-seed{seed}")
+    scores = {(loss, seed): compare.read_run_scores(tmp_path / "cmp" / f"{loss}-study-seed{seed}")
               for loss in ("bce", "ce") for seed in (0, 1)}
     labels = scores["bce", 0][1]
     assert scores["bce", 0][0] == scores["ce", 1][0]
@@ -123,15 +123,6 @@ def test_a_signal_to_compare_reaches_its_train_py_which_saves_and_the_next_compa
     assert (run / "results" / "metrics.json").is_file()
 
 
-def write_run(folder, images, labels, probabilities, power=1):
-    """A run's results/scores.csv as predict.py writes it: the raw score (ranked as its P(malignant)
-    but on another scale, probability ** power), then its P(malignant)."""
-    (folder / "results").mkdir(parents=True)
-    rows = [f"{image},{label},{p ** power:.6f},{p:.6f}" for image, label, p in zip(images, labels, probabilities)]
-    (folder / "results" / "scores.csv").write_text("\n".join(["image,label,gallery,gallery_probability", *rows])
-                                                   + "\n")
-
-
 def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 100)
@@ -139,8 +130,8 @@ def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(
     members = [1 / (1 + np.exp(-(labels + rng.normal(0, 1, 200)))) for _ in range(4)]  # independent errors
     classifiers = [1 / (1 + np.exp(-(labels + rng.normal(0, 1.5, 200)))) for _ in range(4)]
     for seed, (member, classifier) in enumerate(zip(members, classifiers)):
-        write_run(tmp_path / f"bce-study-seed{seed}", images, labels, member, power=1 + 4 * (seed % 2))
-        write_run(tmp_path / f"ce-study-seed{seed}", images, labels, classifier)
+        write_scores_csv(tmp_path / f"bce-study-seed{seed}", images, labels, member, power=1 + 4 * (seed % 2))
+        write_scores_csv(tmp_path / f"ce-study-seed{seed}", images, labels, classifier)
     args = compare.parse_args(["--project", str(tmp_path), "--data", str(tmp_path), "--runs", "bce:study",
                                "ce:study", "--seeds", "0", "1", "2", "3", "--ensemble", "2"])[0]
     lines = compare.ensemble_lines(args)
@@ -163,8 +154,32 @@ def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(
     assert rows[2].endswith(f"| {compare.signed(*pooled)} | {compare.signed(*against)} |")
     assert [line for line in lines if line.startswith("| ce | study |")][0].endswith(" |  |")  # not with itself
 
-    write_run(tmp_path / "other" / "bce-study-seed0", images[::-1], labels, members[0])
-    write_run(tmp_path / "other" / "bce-study-seed1", images, labels, members[1])
+    write_scores_csv(tmp_path / "other" / "bce-study-seed0", images[::-1], labels, members[0])
+    write_scores_csv(tmp_path / "other" / "bce-study-seed1", images, labels, members[1])
     args.project, args.seeds, args.pairs = str(tmp_path / "other"), [0, 1], [("bce", "study")]
-    with pytest.raises(SystemExit, match="bce-study-seed1 were scored on different images"):
+    with pytest.raises(SystemExit, match=r"compare.py: error: .*bce-study-seed1/results/scores.csv: scores other images "
+                                         r"than .*bce-study-seed0/results/scores.csv"):
         compare.ensemble_lines(args)
+
+
+def test_an_ensemble_is_paired_with_the_same_seeds_ensemble_in_against(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 60)
+    images = [f"{i}.jpg" for i in range(120)]
+    runs = {(project, seed): 1 / (1 + np.exp(-(labels + rng.normal(0, 1, 120))))
+            for project in ("extra", "plain") for seed in (0, 1)}
+    for (project, seed), probabilities in runs.items():
+        write_scores_csv(tmp_path / project / f"bce-study-seed{seed}", images, labels, probabilities)
+    (tmp_path / "plain" / "results").mkdir()
+    (tmp_path / "plain" / "results" / "comparison.md").write_text("")  # what --against looks for
+    args = compare.parse_args(["--project", str(tmp_path / "extra"), "--data", str(tmp_path), "--runs", "bce:study",
+                               "--seeds", "0", "1", "--ensemble", "2", "--against", str(tmp_path / "plain")])[0]
+    lines = compare.ensemble_lines(args)
+    assert lines[3].endswith(f"| ensemble minus the same ensemble in {tmp_path / 'plain'} |")
+    ours, theirs = [(runs[project, 0] + runs[project, 1]) / 2 for project in ("extra", "plain")]
+    row = next(line for line in lines if line.startswith("| bce | study | 0 1 |"))
+    assert row.endswith(f"|  | {compare.signed(*paired_auc_difference(labels, ours, theirs))} |")  # no ce baseline
+
+    (tmp_path / "plain" / "bce-study-seed1" / "results" / "scores.csv").unlink()  # the twin is incomplete: no cell
+    assert next(line for line in compare.ensemble_lines(args) if line.startswith("| bce | study | 0 1 |")).endswith(
+        "|  |  |")

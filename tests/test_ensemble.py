@@ -1,5 +1,6 @@
 """ensemble.py on tiny trained projects: the mean of the models' P(malignant), the threshold chosen
-on the mean of their validation P(malignant), and models validated on other images refused."""
+on the mean of their validation P(malignant), and models validated on other images refused; on
+saved evaluations (--scores): the ensemble's AUC and its paired differences from its models."""
 import subprocess
 import sys
 
@@ -9,8 +10,9 @@ import pytest
 import ensemble
 from calibration import calibrated
 from gallery import validation_scores
-from helpers import ROOT, SUBPROCESS_ENV, run_script, tiny
-from metrics import choose_threshold
+from helpers import ROOT, SUBPROCESS_ENV, run_script, tiny, write_scores_csv
+from calibration import expected_calibration_error
+from metrics import auc_or_nan, bootstrap_auc, choose_threshold, paired_auc_difference, signed
 from predict import load_predictor, predict_files
 
 
@@ -62,6 +64,11 @@ def test_models_validated_on_other_images_are_refused(trained_project, tiny_data
     (["--checkpoints", "a.pth", "--image", "x.jpg"], "--checkpoints: give two or more models"),
     (["--checkpoints", "a.pth", "a.pth", "--image", "x.jpg"], "--checkpoints: a model given twice would count twice"),
     (["--checkpoints", "a.pth", "b.pth", "--image", "x.jpg"], "--checkpoints a.pth: no such file"),
+    (["--checkpoints", "a.pth", "b.pth"], "--image: give an image for the --checkpoints to score"),
+    (["--scores", "a"], "--scores: give two or more models"),
+    (["--scores", "a", "a"], "--scores: a model given twice would count twice"),
+    (["--scores", "a", "b"], "--scores a: no such file; evaluate the model with predict.py"),
+    (["--scores", "a", "b", "--image", "x.jpg"], "--image: scored by --checkpoints, not --scores"),
 ])
 def test_ensemble_refuses_bad_flags_in_one_line(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -77,3 +84,50 @@ def test_ensemble_runs_from_the_command_line(trained_project, second_project, ti
                      second_project / "outputs" / "best.pth", "--image", image)
     assert out.startswith("P(malignant) 0.") and "the mean of 2 models" in out and out.rstrip().endswith(" s")
 
+
+
+def evaluations(folder, n_models=3, n_images=200):
+    """Three models' scores.csv on the same images, each raw score on another scale than its
+    P(malignant); (labels, their P(malignant) as a (models, images) array, the results folders)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], n_images // 2)
+    images = [f"{i}.jpg" for i in range(n_images)]
+    members = np.stack([1 / (1 + np.exp(-(labels + rng.normal(0, 1, n_images)))) for _ in range(n_models)])
+    for i, member in enumerate(members):
+        write_scores_csv(folder / f"s{i}", images, labels, member, power=1 + 4 * (i % 2))
+    return labels, members, [folder / f"s{i}" / "results" for i in range(n_models)]
+
+
+def test_scores_gives_the_ensembles_auc_and_its_paired_difference_from_each_model(tmp_path, capsys):
+    labels, members, results = evaluations(tmp_path)
+    ensemble.main(["--scores", *map(str, results)])
+    lines = capsys.readouterr().out.splitlines()
+    mean = members.mean(0)  # of the probabilities, not of the raw scores, which rank otherwise:
+    assert f"{auc_or_nan(labels, mean):.3f}" != f"{auc_or_nan(labels, members[0] + members[1] ** 5):.3f}"
+    low, high = bootstrap_auc(labels, mean)
+    assert lines[0] == (f"ensemble of 3 models on 200 images (100 malignant): ROC AUC {auc_or_nan(labels, mean):.3f} "
+                        f"(95% CI {low:.3f}-{high:.3f}), ECE of its P(malignant) "
+                        f"{expected_calibration_error(labels, mean):.3f}")
+    for line, member, folder in zip(lines[2:5], members, results):
+        assert line == (f"  {auc_or_nan(labels, member):.3f}  {signed(*paired_auc_difference(labels, mean, member))}  "
+                        f"{folder / 'scores.csv'}")
+    pooled = paired_auc_difference(labels, np.stack([mean] * 3), members)
+    assert pooled[0] > 0  # the models' independent errors average out
+    assert lines[5] == f"  {np.mean([auc_or_nan(labels, m) for m in members]):.3f}  {signed(*pooled)}  the models' mean"
+    assert lines[6].startswith("3 evaluations in ")
+
+
+def test_scores_of_other_images_or_without_probabilities_are_refused(tmp_path):
+    _, _, results = evaluations(tmp_path, n_models=2)
+    moved = results[1] / "scores.csv"
+    header, first, *rows = moved.read_text().splitlines()
+    moved.write_text("\n".join([header, *rows, first]) + "\n")  # the same images in another order
+    with pytest.raises(ValueError, match=r"s1/results/scores.csv: scores other images than .*s0/results/scores.csv; "
+                                         r"an ensemble needs its models evaluated on the same images"):
+        ensemble.ensemble_of([folder / "scores.csv" for folder in results])
+    moved.write_text("\n".join(["image,label,gallery", *(",".join(r.split(",")[:3]) for r in rows)]) + "\n")
+    with pytest.raises(ValueError, match=r"s1/results/scores.csv: holds no calibrated P\(malignant\)"):
+        ensemble.ensemble_of([folder / "scores.csv" for folder in results])
+    moved.write_text("image,label\nx.jpg,benign\n")
+    with pytest.raises(ValueError, match=r"s1/results/scores.csv: unreadable"):
+        ensemble.ensemble_of([folder / "scores.csv" for folder in results])
