@@ -135,7 +135,7 @@ def run(args):
     flag, paths = ("--checkpoints", args.checkpoints) if args.checkpoints else ("--scores", args.scores)
     if len(paths) < 2:
         raise ValueError(f"{flag}: give two or more models; predict.py scores with one")
-    if len(set(map(str, paths))) != len(paths):
+    if len({Path(path).resolve() for path in paths}) != len(paths):
         raise ValueError(f"{flag}: a model given twice would count twice; give each once")
     if args.scores:
         if args.image:
