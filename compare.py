@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import calibration_metrics
 from checkpoints import last_path
 from config import CONFIG_FILE, RECIPES, make_parser, read_config
-from ensemble import ensemble_of
+from ensemble import ensemble_of, ensemble_statistics
 from files import folder_problem, write_text_atomic
 from losses import LOSSES
-from metrics import auc_or_nan, bootstrap_auc, paired_auc_difference, signed
+from metrics import paired_auc_difference, signed
 from predict import read_scores
 from train import make_config, parse_args as train_args
 
@@ -217,14 +216,13 @@ def ensemble_lines(args):
             if any(other and other[i][0] != images for other in versus):
                 sys.exit(f"compare.py: error: the ensemble of {loss}-{recipe} seeds {' '.join(map(str, group))} and one it "
                          f"is paired with were scored on different images; compare runs evaluated on the same --data")
-            low, high = bootstrap_auc(labels, ensemble)
-            each = ", ".join(signed(*paired_auc_difference(labels, ensemble, member)) for member in members)
+            stats = ensemble_statistics(labels, members, ensemble)
             against = [signed(*paired_auc_difference(labels, ensemble, other[i][3])) if other else "" for other in versus]
-            lines.append(f"| {loss} | {recipe} | {' '.join(map(str, group))} | {auc_or_nan(labels, ensemble):.3f} "
-                         f"({low:.3f}-{high:.3f}) | {calibration_metrics(labels, ensemble)['ece']:.3f} | "
-                         f"{', '.join(f'{auc_or_nan(labels, m):.3f}' for m in members)} | {each} | "
-                         f"{signed(*paired_auc_difference(labels, np.stack([ensemble] * k), members))} | "
-                         f"{' | '.join(against)} |")
+            lines.append(f"| {loss} | {recipe} | {' '.join(map(str, group))} | {stats['auc']:.3f} "
+                         f"({stats['interval'][0]:.3f}-{stats['interval'][1]:.3f}) | {stats['ece']:.3f} | "
+                         f"{', '.join(f'{auc:.3f}' for auc in stats['member_aucs'])} | "
+                         f"{', '.join(signed(*difference) for difference in stats['minus_each'])} | "
+                         f"{signed(*stats['minus_mean'])} | {' | '.join(against)} |")
         if len(groups) > 1:
             labels, ours = ensembles[0][1], np.stack([e for *_, e in ensembles])
             mean_of_members = paired_auc_difference(labels, np.concatenate([[e] * k for *_, e in ensembles]),

@@ -7,10 +7,10 @@
 
 An image's P(malignant) is the mean of the models' calibrated P(malignant), each model scoring it
 against its own gallery.pt as predict.py --image does (compare.py --ensemble scores the same mean
-on a whole split). The verdict's threshold is chosen as one model's is, by Youden's J on the
-validation images, here on their mean P(malignant): each gallery.pt keeps its model's validation
-features, so the models must have been validated on the same images (the same --data, every
-validation image or the same seed).
+on a whole split). The verdict's threshold is chosen as one model's is, by Youden's J (or the
+--target-sensitivity the models were evaluated with) on the validation images, here on their mean
+P(malignant): each gallery.pt keeps its model's validation features, so the models must have been
+validated on the same images (the same --data, every validation image or the same seed).
 
 --scores scores the ensemble on the images its models were evaluated on, from each model's
 scores.csv (train.py's PROJECT/results, or predict.py's --out: the same --data for all): its ROC
@@ -50,8 +50,9 @@ def validation_probabilities(model, config, gallery, device):
 
 
 def load_members(checkpoints, data=None, device="auto"):
-    """[(model, config, gallery, device)] of each checkpoint, and the threshold: Youden's J on the
-    members' mean P(malignant) of their shared validation images."""
+    """[(model, config, gallery, device)] of each checkpoint, and the threshold chosen by the
+    members' rule (Youden's J, or --target-sensitivity) on their mean P(malignant) of their shared
+    validation images."""
     members = [load_predictor(checkpoint, data, device) for checkpoint in checkpoints]
     first_config, first_gallery = members[0][1], members[0][2]
     for checkpoint, (_, config, gallery, _) in zip(checkpoints[1:], members[1:]):
@@ -59,9 +60,12 @@ def load_members(checkpoints, data=None, device="auto"):
             raise ValueError(f"--checkpoints {checkpoint} was validated on other images than {checkpoints[0]} (its "
                              f"--data, --benign-limit or seed differ); an ensemble's threshold needs models "
                              f"validated on the same images")
+        if gallery["target_sensitivity"] != first_gallery["target_sensitivity"]:
+            raise ValueError(f"--checkpoints {checkpoint} chose its threshold by another --target-sensitivity than "
+                             f"{checkpoints[0]}; an ensemble's threshold needs one rule: evaluate them alike")
     labels = first_gallery["validation_labels"].numpy()
     mean = np.mean([validation_probabilities(*member) for member in members], axis=0)
-    return members, choose_threshold(labels, mean)
+    return members, choose_threshold(labels, mean, first_gallery["target_sensitivity"])
 
 
 def predict_images(checkpoints, images, data=None, device="auto"):
@@ -89,10 +93,13 @@ def ensemble_of(score_files):
     calibrated P(malignant) by its own score (the first of its scores.csv), a (models, images)
     array, and their mean, the ensemble's P(malignant)."""
     read = [read_scores(path, probabilities=True) for path in score_files]
-    for path, (images, _, probabilities) in zip(score_files, read):
+    for path, (images, labels, probabilities) in zip(score_files, read):
         if not probabilities:
             raise ValueError(f"{path}: holds no calibrated P(malignant) (a <score>_probability column); evaluate "
                              f"its model again with predict.py")
+        if len(set(labels.tolist())) < 2:
+            raise ValueError(f"{path}: holds {int((labels == 0).sum())} benign and {int(labels.sum())} malignant "
+                             f"images; an AUC needs both classes")
         if images != read[0][0]:
             raise ValueError(f"{path}: scores other images than {score_files[0]}; an ensemble needs its models "
                              f"evaluated on the same images (the same --data)")
@@ -100,22 +107,42 @@ def ensemble_of(score_files):
     return read[0][0], read[0][1], members, members.mean(0)
 
 
+def ensemble_statistics(labels, members, ensemble):
+    """What an ensemble's table shows: its AUC with the interval of 1,000 resamples of the images,
+    the ECE of its P(malignant), each member's AUC, and the paired AUC difference from each member
+    and from the members' mean (the same resamples for both)."""
+    return {"auc": auc_or_nan(labels, ensemble), "interval": bootstrap_auc(labels, ensemble),
+            "ece": expected_calibration_error(labels, ensemble),
+            "member_aucs": [auc_or_nan(labels, member) for member in members],
+            "minus_each": [paired_auc_difference(labels, ensemble, member) for member in members],
+            "minus_mean": paired_auc_difference(labels, np.stack([ensemble] * len(members)), members)}
+
+
 def score_lines(score_files):
     """The ensemble of the models' scores.csv files on their images: AUC, ECE and paired differences."""
     _, labels, members, ensemble = ensemble_of(score_files)
-    low, high = bootstrap_auc(labels, ensemble)
+    stats = ensemble_statistics(labels, members, ensemble)
     lines = [f"ensemble of {len(members)} models on {len(labels)} images ({int(labels.sum())} malignant): ROC AUC "
-             f"{auc_or_nan(labels, ensemble):.3f} (95% CI {low:.3f}-{high:.3f}), ECE of its P(malignant) "
-             f"{expected_calibration_error(labels, ensemble):.3f}",
+             f"{stats['auc']:.3f} (95% CI {stats['interval'][0]:.3f}-{stats['interval'][1]:.3f}), ECE of its "
+             f"P(malignant) {stats['ece']:.3f}",
              "AUC of each model, and the ensemble's minus it on the same images (95% interval over 1,000 "
              "resamples of the images):"]
-    for path, member in zip(score_files, members):
-        lines.append(f"  {auc_or_nan(labels, member):.3f}  {signed(*paired_auc_difference(labels, ensemble, member))}"
-                     f"  {path}")
-    mean = np.mean([auc_or_nan(labels, member) for member in members])
-    difference = paired_auc_difference(labels, np.stack([ensemble] * len(members)), members)
-    lines.append(f"  {mean:.3f}  {signed(*difference)}  the models' mean")
+    for path, auc, difference in zip(score_files, stats["member_aucs"], stats["minus_each"]):
+        lines.append(f"  {auc:.3f}  {signed(*difference)}  {path}")
+    lines.append(f"  {np.mean(stats['member_aucs']):.3f}  {signed(*stats['minus_mean'])}  the models' mean")
     return lines
+
+
+def score_files(paths):
+    """--scores as scores.csv files: a results folder stands for the scores.csv in it."""
+    files = [Path(path) / "scores.csv" if Path(path).is_dir() else Path(path) for path in paths]
+    for path in files:
+        if not path.is_file():
+            inside = path.parent / "results" / "scores.csv"
+            raise ValueError(f"--scores {path}: no such file; " + (
+                f"pass {inside.parent}, the project's results folder" if inside.is_file() else
+                "evaluate the model with predict.py (train.py does at its end) to write it"))
+    return files
 
 
 def parse_args(argv=None):
@@ -135,17 +162,14 @@ def run(args):
     flag, paths = ("--checkpoints", args.checkpoints) if args.checkpoints else ("--scores", args.scores)
     if len(paths) < 2:
         raise ValueError(f"{flag}: give two or more models; predict.py scores with one")
-    if len({Path(path).resolve() for path in paths}) != len(paths):
-        raise ValueError(f"{flag}: a model given twice would count twice; give each once")
     if args.scores:
         if args.image:
             raise ValueError("--image: scored by --checkpoints, not --scores; give the models' checkpoints")
-        files = [Path(path) / "scores.csv" if Path(path).is_dir() else Path(path) for path in args.scores]
-        for path in files:
-            if not path.is_file():
-                raise ValueError(f"--scores {path}: no such file; evaluate the model with predict.py (train.py "
-                                 f"does at its end) to write it")
-        print("\n".join(score_lines(files)))
+        paths = score_files(paths)
+    if len({Path(path).resolve() for path in paths}) != len(paths):
+        raise ValueError(f"{flag}: a model given twice would count twice; give each once")
+    if args.scores:
+        print("\n".join(score_lines(paths)))
         return
     if not args.image:
         raise ValueError("--image: give an image for the --checkpoints to score, or --scores to score an evaluation")

@@ -12,7 +12,8 @@ import pytest
 
 import compare
 from helpers import ROOT, SUBPROCESS_ENV, TINY, tiny, write_scores_csv
-from metrics import paired_auc_difference
+from calibration import expected_calibration_error
+from metrics import auc_or_nan, paired_auc_difference
 
 ONE_EPOCH = tiny(1)  # four runs: one epoch each is enough to pair them
 
@@ -140,11 +141,15 @@ def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(
     assert "ensemble minus ce:study's ensemble |" in lines[3]
     first = (members[0] + members[1]) / 2  # the mean of the probabilities, not of the raw scores:
     raw_mean = members[0] + members[1] ** 5
-    assert f"{compare.auc_or_nan(labels, first):.3f}" != f"{compare.auc_or_nan(labels, raw_mean):.3f}"
-    assert rows[0].split(" | ")[3].startswith(f"{compare.auc_or_nan(labels, first):.3f} (")
+    assert f"{auc_or_nan(labels, first):.3f}" != f"{auc_or_nan(labels, raw_mean):.3f}"
+    assert rows[0].split(" | ")[3].startswith(f"{auc_or_nan(labels, first):.3f} (")
     each = [paired_auc_difference(labels, first, m) for m in members[:2]]
     assert rows[0].split(" | ")[6] == ", ".join(compare.signed(*difference) for difference in each)
     assert all(difference > 0 for difference, _, _ in each)  # the members' independent noise averages out
+    assert rows[0].split(" | ")[4] == f"{expected_calibration_error(labels, first):.3f}"
+    assert rows[0].split(" | ")[5] == f"{auc_or_nan(labels, members[0]):.3f}, {auc_or_nan(labels, members[1]):.3f}"
+    minus_mean = paired_auc_difference(labels, np.stack([first, first]), np.stack(members[:2]))
+    assert rows[0].split(" | ")[7] == compare.signed(*minus_mean)
     versus = (classifiers[0] + classifiers[1]) / 2  # the classifiers' ensemble of the same seeds
     assert rows[0].endswith(f"| {compare.signed(*paired_auc_difference(labels, first, versus))} |")
     second = (members[2] + members[3]) / 2
@@ -180,6 +185,15 @@ def test_an_ensemble_is_paired_with_the_same_seeds_ensemble_in_against(tmp_path)
     row = next(line for line in lines if line.startswith("| bce | study | 0 1 |"))
     assert row.endswith(f"|  | {compare.signed(*paired_auc_difference(labels, ours, theirs))} |")  # no ce baseline
 
-    (tmp_path / "plain" / "bce-study-seed1" / "results" / "scores.csv").unlink()  # the twin is incomplete: no cell
+    twin = tmp_path / "plain" / "bce-study-seed1"
+    shutil.rmtree(twin)  # its twin scored other images: refused
+    write_scores_csv(twin, images[::-1], labels[::-1], runs["plain", 1][::-1])
+    write_scores_csv(tmp_path / "plain" / "reordered", images[::-1], labels[::-1], runs["plain", 0][::-1])
+    (tmp_path / "plain" / "reordered" / "results" / "scores.csv").replace(tmp_path / "plain" / "bce-study-seed0" /
+                                                                           "results" / "scores.csv")
+    with pytest.raises(SystemExit, match=r"compare.py: error: the ensemble of bce-study seeds 0 1 and one it is paired "
+                                         r"with were scored on different images"):
+        compare.ensemble_lines(args)
+    (twin / "results" / "scores.csv").unlink()  # the twin is incomplete: no cell
     assert next(line for line in compare.ensemble_lines(args) if line.startswith("| bce | study | 0 1 |")).endswith(
         "|  |  |")

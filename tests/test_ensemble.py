@@ -50,14 +50,35 @@ def test_an_ensemble_averages_its_models_probabilities_and_sets_its_threshold_on
 
 
 def test_models_validated_on_other_images_are_refused(trained_project, tiny_data_dir, tmp_path, capsys):
-    capped = tmp_path / "capped"  # the same data, its validation split capped at 3 benign images
-    run_script("train.py", "--project", capped, "--data", tiny_data_dir, *tiny(1), "--benign-limit", "0", "3", "0")
+    capped = {seed: tmp_path / f"capped{seed}" for seed in (0, 1)}  # validation capped at 3 benign images,
+    for seed, project in capped.items():                          # drawn by each seed
+        run_script("train.py", "--project", project, "--data", tiny_data_dir, *tiny(1), "--benign-limit", "0", "3",
+                   "0", "--seed", seed)
     image = next((tiny_data_dir / "test_data" / "1").glob("*.jpg"))
-    with pytest.raises(SystemExit, match=r"ensemble.py: error: --checkpoints .*capped/outputs/best.pth was validated "
-                                         r"on other images than .*; an ensemble's threshold needs models validated "
-                                         r"on the same images"):
-        ensemble.main(["--checkpoints", str(trained_project[0] / "outputs" / "best.pth"),
-                       str(capped / "outputs" / "best.pth"), "--image", str(image)])
+    for first, second in ((trained_project[0], capped[0]), (capped[0], capped[1])):  # the second: by the seed alone
+        with pytest.raises(SystemExit, match=rf"ensemble.py: error: --checkpoints .*{second.name}/outputs/best.pth was "
+                                             r"validated on other images than .*; an ensemble's threshold needs "
+                                             r"models validated on the same images"):
+            ensemble.main(["--checkpoints", str(first / "outputs" / "best.pth"), str(second / "outputs" / "best.pth"),
+                           "--image", str(image)])
+
+
+def test_the_threshold_follows_the_models_target_sensitivity(trained_project, second_project, monkeypatch):
+    checkpoints = [trained_project[0] / "outputs" / "best.pth", second_project / "outputs" / "best.pth"]
+    targets = {checkpoints[0]: 0.5, checkpoints[1]: 0.5}
+
+    def evaluated_with_a_target(checkpoint, data=None, device="auto"):  # as predict.py --target-sensitivity saves it
+        model, config, gallery, on = load_predictor(checkpoint, data, device)
+        return model, config, {**gallery, "target_sensitivity": targets[checkpoint]}, on
+    monkeypatch.setattr(ensemble, "load_predictor", evaluated_with_a_target)
+    members, threshold = ensemble.load_members(checkpoints)
+    labels = members[0][2]["validation_labels"].numpy()
+    mean = np.mean([ensemble.validation_probabilities(*member) for member in members], axis=0)
+    assert threshold == choose_threshold(labels, mean, 0.5) != choose_threshold(labels, mean)
+    targets[checkpoints[1]] = None
+    with pytest.raises(ValueError, match=r"--checkpoints .*best.pth chose its threshold by another "
+                                         r"--target-sensitivity than"):
+        ensemble.load_members(checkpoints)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -66,7 +87,6 @@ def test_models_validated_on_other_images_are_refused(trained_project, tiny_data
     (["--checkpoints", "a.pth", "b.pth", "--image", "x.jpg"], "--checkpoints a.pth: no such file"),
     (["--checkpoints", "a.pth", "b.pth"], "--image: give an image for the --checkpoints to score"),
     (["--scores", "a"], "--scores: give two or more models"),
-    (["--scores", "a", "a"], "--scores: a model given twice would count twice"),
     (["--scores", "a", "b"], "--scores a: no such file; evaluate the model with predict.py"),
     (["--scores", "a", "b", "--image", "x.jpg"], "--image: scored by --checkpoints, not --scores"),
 ])
@@ -131,3 +151,18 @@ def test_scores_of_other_images_or_without_probabilities_are_refused(tmp_path):
     moved.write_text("image,label\nx.jpg,benign\n")
     with pytest.raises(ValueError, match=r"s1/results/scores.csv: unreadable"):
         ensemble.ensemble_of([folder / "scores.csv" for folder in results])
+    for rows, counts in (([], "0 benign and 0 malignant"), (["0.jpg,0,0.2,0.2"], "1 benign and 0 malignant")):
+        moved.write_text("\n".join(["image,label,gallery,gallery_probability", *rows]) + "\n")
+        with pytest.raises(ValueError, match=rf"s1/results/scores.csv: holds {counts} images; an AUC needs both"):
+            ensemble.ensemble_of([folder / "scores.csv" for folder in results])
+
+
+@pytest.mark.parametrize("given, message", [
+    (lambda results: [results[0], results[0] / "scores.csv"], "--scores: a model given twice would count twice"),
+    (lambda results: [results[0].parent, results[1]], r"--scores .*s0/scores.csv: no such file; pass .*s0/results, "
+                                                      r"the project's results folder"),
+])
+def test_scores_refuses_a_model_twice_and_names_a_projects_results(given, message, tmp_path):
+    _, _, results = evaluations(tmp_path, n_models=2)
+    with pytest.raises(ValueError, match=message):
+        ensemble.run(ensemble.parse_args(["--scores", *map(str, given(results))]))
