@@ -2,12 +2,17 @@
 
     python app.py --project runs/exp1                      # then open http://127.0.0.1:7860
     python app.py --checkpoint runs/exp1/outputs/best.pth --port 8000
+    python app.py --checkpoints runs/s0/outputs/best.pth runs/s1/outputs/best.pth runs/s2/outputs/best.pth
 
 One image in: P(malignant), the verdict at the model's saved threshold, the Grad-CAM heat map and
 its five nearest gallery images with their class and similarity. Two images in: their
 similarity and whether the model puts them in the same class. The numbers come from predict.py's
 own functions (load_predictor, predict_files, compare_pair), so the page shows what
 `predict.py --image` and `--pair` print.
+
+With --checkpoints the page serves an ensemble: P(malignant) and the verdict are ensemble.py's
+(the mean of the models' P(malignant), their threshold); the heat map, the nearest gallery images
+and the pair tab are the first model's.
 
 The model and its gallery are loaded once, at start. Uploads and the images the page shows
 live in a temporary folder that is removed when the page stops; nothing is written into the
@@ -34,6 +39,7 @@ from PIL import Image
 from checkpoints import best_path
 from config import make_parser
 from dataset import CLASS_NAMES, has_split, list_split
+from ensemble import ensemble_text, load_members, member_probabilities
 from files import write_atomic
 from images import DataError, check_image
 from plots import gallery_thumbnail, heat_overlay
@@ -86,14 +92,23 @@ def refusal(path, reason):
 
 
 class LesionChecker:
-    """The loaded model, gallery and threshold, and the page's two requests. Requests take
-    turns (one lock): Grad-CAM hooks into the model, so two at once would mix."""
+    """The loaded model (or models: an ensemble, the first of which explains), gallery and
+    threshold, and the page's two requests. Requests take turns (one lock): Grad-CAM hooks into
+    the model, so two at once would mix."""
 
-    def __init__(self, checkpoint, data=None, device="auto", clinic=None, images_dir=None):
-        self.checkpoint = Path(checkpoint)
+    def __init__(self, checkpoints, data=None, device="auto", clinic=None, images_dir=None):
+        self.checkpoints = [Path(checkpoint) for checkpoint in checkpoints]
+        self.checkpoint = self.checkpoints[0]
         self.images_dir = Path(images_dir or tempfile.mkdtemp(prefix="lesion-app-images-"))
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        self.model, self.config, self.gallery, self.device = load_predictor(checkpoint, data, device, clinic)
+        self.members, self.threshold = None, None  # an ensemble's models and threshold
+        if len(self.checkpoints) > 1:
+            if clinic:
+                raise ValueError("--gallery: serves one model; drop it, or serve one --checkpoint")
+            self.members, self.threshold = load_members(self.checkpoints, data, device)
+            self.model, self.config, self.gallery, self.device = self.members[0]
+        else:
+            self.model, self.config, self.gallery, self.device = load_predictor(self.checkpoint, data, device, clinic)
         self.clinic = clinic
         self.examples = example_lesions(self.config.data)
         self.lock = threading.Lock()
@@ -109,6 +124,13 @@ class LesionChecker:
         else:
             gallery = f"a gallery of {len(self.gallery['labels'])} training images"
             source = "a validation split"
+        if self.members:
+            return (f"Ensemble of {len(self.members)} models ({', '.join(f'`{c}`' for c in self.checkpoints)}): "
+                    f"P(malignant) is the mean of their P(malignant), each calibrated on a validation split where "
+                    f"{prevalence:.0%} are melanomas, threshold **{self.threshold:.4f}**, chosen by "
+                    f"{threshold_rule(self.gallery)}, applied to their mean. The heat map, the nearest images and the pair "
+                    f"tab are the first model's ({self.config.loss}, {self.config.image_size} px, {gallery}). "
+                    f"{NOT_A_DIAGNOSIS}")
         return (f"Model `{self.checkpoint}` ({self.config.loss}, {self.config.image_size} px), {gallery}, score "
                 f"{threshold}. P(malignant) is calibrated on {source} where {prevalence:.0%} are melanomas: refit it "
                 f"on your own clinic's images where that differs (--gallery). {NOT_A_DIAGNOSIS}")
@@ -123,10 +145,15 @@ class LesionChecker:
             with self.lock:
                 prediction, = predict_files(self.model, self.config, self.gallery, [path], self.device,
                                             self.checkpoint)
+                headline, nearest = probability_text(prediction, self.gallery), nearest_text(prediction)
+                if self.members:
+                    models = member_probabilities(self.members, self.checkpoints, [path])[:, 0]
+                    headline = ensemble_text(models.mean(), self.threshold, models,
+                                             self.gallery["calibration"]["prevalence"])
+                    nearest += " (the first model's gallery)"
         except Exception as error:  # the page keeps serving; the terminal keeps the details
             return refusal(path, failure(error)), None, None, []
-        text = (f"### {probability_text(prediction, self.gallery)}\n{nearest_text(prediction)}; "
-                f"{Path(path).name}{conversion_note(path)}")
+        text = f"### {headline}\n{nearest}; {Path(path).name}{conversion_note(path)}"
         image = (prediction.image * 255).round().astype(np.uint8)
         overlay = heat_overlay(prediction.image, prediction.heat)
         return (text, enlarged(image), enlarged(overlay),
@@ -266,7 +293,7 @@ def check_address(host, port):
 
 def parse_args(argv=None):
     parser = make_parser(
-        "app.py", __doc__, ("project", "checkpoint", "data", "gallery", "device"),
+        "app.py", __doc__, ("project", "checkpoint", "checkpoints", "data", "gallery", "device"),
         helps={"project": "project folder written by train.py (serves PROJECT/outputs/best.pth)",
                "checkpoint": "checkpoint to serve (default PROJECT/outputs/best.pth); its gallery.pt beside it "
                              "holds the gallery and the threshold",
@@ -285,19 +312,25 @@ def main(argv=None):
     try:
         if not 1 <= args.port <= 65535:
             raise ValueError(f"--port {args.port}: must be 1-65535")
-        checkpoint = args.checkpoint or (args.project and best_path(args.project))
-        if not checkpoint:
-            raise ValueError("pass --project P or --checkpoint PATH")
-        if not Path(checkpoint).is_file():
-            raise ValueError(f"{checkpoint}: no such checkpoint; train one with train.py (make demo for runs/demo)")
+        if args.checkpoints and (args.checkpoint or args.project):
+            raise ValueError("--checkpoints: serves these models; drop --checkpoint and --project")
+        if args.checkpoints and len({Path(path).resolve() for path in args.checkpoints}) < 2:
+            raise ValueError("--checkpoints: give two or more models; --checkpoint serves one")
+        checkpoints = args.checkpoints or [args.checkpoint or (args.project and best_path(args.project))]
+        if not checkpoints[0]:
+            raise ValueError("pass --project P, --checkpoint PATH or --checkpoints PATH PATH ...")
+        for checkpoint in checkpoints:
+            if not Path(checkpoint).is_file():
+                raise ValueError(f"{checkpoint}: no such checkpoint; train one with train.py (make demo for "
+                                 f"runs/demo)")
         check_address(args.host, args.port)
         try:
             gr = offline_gradio(temp_dir)
         except ImportError:
             raise ValueError("gradio is not installed; pip install -r requirements-app.txt (or make app)") from None
         started = time.time()
-        checker = LesionChecker(checkpoint, args.data, args.device, args.gallery, temp_dir / "shown")
-        print(f"loaded {checkpoint} and a gallery of {len(checker.gallery['labels'])} images "
+        checker = LesionChecker(checkpoints, args.data, args.device, args.gallery, temp_dir / "shown")
+        print(f"loaded {' '.join(map(str, checkpoints))} and a gallery of {len(checker.gallery['labels'])} images "
               f"in {time.time() - started:.1f} s")
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops it like Ctrl+C: temp files go
         build_page(gr, checker).launch(server_name=args.host, server_port=args.port, share=False,

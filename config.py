@@ -191,6 +191,8 @@ COMMAND_FLAGS = {
     "data": Flag("split folder made by to_subdirectories.py (train_data, validation_data, test_data, each with "
                  "0/ and 1/)"),
     "checkpoint": Flag("checkpoint to use (default PROJECT/outputs/best.pth)"),
+    "checkpoints": Flag("two or more checkpoints used as an ensemble, e.g. each seed's outputs/best.pth: an image's "
+                        "P(malignant) is the mean of theirs", options={"nargs": "+", "metavar": "PATH"}),
     "gallery": Flag("a clinic's own labelled images (FOLDER/0 and FOLDER/1, or a split folder, pooled) as the "
                     "gallery: they set the threshold and P(malignant)'s calibration too, by cross-fitting; nothing "
                     "is retrained", options={"metavar": "FOLDER"}),

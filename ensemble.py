@@ -68,24 +68,32 @@ def load_members(checkpoints, data=None, device="auto"):
     return members, choose_threshold(labels, mean, first_gallery["target_sensitivity"])
 
 
+def member_probabilities(members, checkpoints, images):
+    """(models, images): each member's calibrated P(malignant) of the image files, against its own
+    gallery, as predict.py --image scores them."""
+    return np.array([[p.probability for p in predict_files(model, config, gallery, images, on, checkpoint,
+                                                           explain=False)]
+                     for checkpoint, (model, config, gallery, on) in zip(checkpoints, members)])
+
+
+def ensemble_text(probability, threshold, models, prevalence):
+    """'P(malignant) 0.39  malignant  (malignant from 0.12; the mean of 3 models: 0.30 0.33 0.52;
+    calibrated where 11% are melanomas)': the ensemble's P(malignant), its verdict and each model's."""
+    digits = digits_to_agree(probability, threshold)
+    verdict = "malignant" if probability >= threshold else "benign"
+    return (f"P(malignant) {probability:.{digits}f}  {verdict}  (malignant from {threshold:.{digits}f}; the mean of "
+            f"{len(models)} models: {' '.join(f'{p:.2f}' for p in models)}; calibrated where {prevalence:.0%} are "
+            f"melanomas)")
+
+
 def predict_images(checkpoints, images, data=None, device="auto"):
     """One line per image: the ensemble's P(malignant), its verdict and each model's P(malignant)."""
     check_inputs(images, "--image")
     members, threshold = load_members(checkpoints, data, device)
-    each = []  # (models, images)
-    for checkpoint, (model, config, gallery, on) in zip(checkpoints, members):
-        each.append([p.probability for p in predict_files(model, config, gallery, images, on, checkpoint,
-                                                          explain=False)])
-    each = np.array(each)
+    each = member_probabilities(members, checkpoints, images)
     prevalence = members[0][2]["calibration"]["prevalence"]
-    lines = []
-    for path, probability, models in zip(images, each.mean(0), each.T):
-        digits = digits_to_agree(probability, threshold)
-        verdict = "malignant" if probability >= threshold else "benign"
-        lines.append(f"P(malignant) {probability:.{digits}f}  {verdict}  (malignant from {threshold:.{digits}f}; "
-                     f"the mean of {len(models)} models: {' '.join(f'{p:.2f}' for p in models)}; calibrated "
-                     f"where {prevalence:.0%} are melanomas)  {path}")
-    return lines
+    return [f"{ensemble_text(probability, threshold, models, prevalence)}  {path}"
+            for path, probability, models in zip(images, each.mean(0), each.T)]
 
 
 def ensemble_of(score_files):
@@ -146,19 +154,18 @@ def score_files(paths):
 
 
 def parse_args(argv=None):
-    parser = make_parser("ensemble.py", __doc__, ("data", "device"),
+    parser = make_parser("ensemble.py", __doc__, ("checkpoints", "data", "device"),
                          helps={"data": "the models' split folder, to rebuild a gallery.pt that is missing"})
-    models = parser.add_mutually_exclusive_group(required=True)
-    models.add_argument("--checkpoints", nargs="+", metavar="PATH",
-                        help="the models' checkpoints (two or more), e.g. each seed's outputs/best.pth; with --image")
-    models.add_argument("--scores", nargs="+", metavar="PATH",
-                        help="the models' evaluations (two or more): results folders holding scores.csv, e.g. each "
-                             "seed's PROJECT/results, or the scores.csv files")
+    parser.add_argument("--scores", nargs="+", metavar="PATH",
+                        help="instead of --checkpoints, the models' evaluations (two or more): results folders "
+                             "holding scores.csv, e.g. each seed's PROJECT/results, or the scores.csv files")
     add_image_flag(parser, "P(malignant) of this image by the --checkpoints (repeat for several images)")
     return parser.parse_args(argv)
 
 
 def run(args):
+    if bool(args.checkpoints) == bool(args.scores):
+        raise ValueError("give --checkpoints (with --image) or --scores, one of the two")
     flag, paths = ("--checkpoints", args.checkpoints) if args.checkpoints else ("--scores", args.scores)
     if len(paths) < 2:
         raise ValueError(f"{flag}: give two or more models; predict.py scores with one")

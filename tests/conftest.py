@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from helpers import TINY, run_script  # noqa: E402
+from helpers import TINY, run_script, tiny  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_COUNTS = {"train": (8, 6), "validation": (6, 4), "test": (6, 4)}  # (benign, malignant) per split
@@ -39,6 +39,15 @@ def trained_project(tiny_data_dir, tmp_path_factory):
     project = tmp_path_factory.mktemp("trained") / "exp"
     stdout = run_script("train.py", "--project", project, "--data", tiny_data_dir, *TINY)
     return project, stdout
+
+
+@pytest.fixture(scope="session")
+def second_project(tiny_data_dir, tmp_path_factory):
+    """A second model of trained_project's data and validation images (another seed, 1 epoch): with
+    it, an ensemble of two."""
+    project = tmp_path_factory.mktemp("second") / "exp"
+    run_script("train.py", "--project", project, "--data", tiny_data_dir, *tiny(1), "--seed", "1")
+    return project
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import app
+import ensemble
 import plots
 import gallery
 import predict
@@ -79,7 +80,7 @@ def checkpoint(trained_project):
 
 @pytest.fixture(scope="module")
 def checker(checkpoint):
-    return app.LesionChecker(checkpoint, device="cpu")
+    return app.LesionChecker([checkpoint], device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,26 @@ def test_one_image_shows_what_predict_computes(checker, checkpoint, lesion):
     for (thumbnail, caption), (path, label, similarity) in zip(nearest, expected.nearest):
         assert thumbnail.shape == (96, 96, 3)
         assert caption == f"{('benign', 'malignant')[label]} {similarity:.3f} · {Path(path).name}"
+
+
+def test_an_ensemble_shows_what_ensemble_py_prints_and_the_first_model_explains(checkpoint, second_project, lesion,
+                                                                                  tmp_path):
+    checkpoints = [checkpoint, second_project / "outputs" / "best.pth"]
+    checker = app.LesionChecker(checkpoints, device="cpu")
+    text, seen, overlay, nearest = checker.check_one(str(lesion))
+    printed = ensemble.predict_images(checkpoints, [lesion], device="cpu")[0]
+    assert text.splitlines()[0] == "### " + printed.removesuffix(f"  {lesion}")
+    assert "the mean of 2 models" in text and "(the first model's gallery)" in text.splitlines()[1]
+    first, = predict.predict_files(checker.model, checker.config, checker.gallery, [lesion], checker.device,
+                                   checkpoint)
+    assert np.array_equal(overlay, app.enlarged(plots.heat_overlay(first.image, first.heat)))
+    assert [caption for _, caption in nearest] == [f"{('benign', 'malignant')[label]} {similarity:.3f} · "
+                                                   f"{Path(path).name}" for path, label, similarity in first.nearest]
+    described = checker.describe()
+    assert described.startswith(f"Ensemble of 2 models (`{checkpoints[0]}`, `{checkpoints[1]}`)")
+    assert f"threshold **{checker.threshold:.4f}**" in described and "not a diagnosis" in described
+    with pytest.raises(ValueError, match="--gallery: serves one model"):
+        app.LesionChecker(checkpoints, device="cpu", clinic=tmp_path)
 
 
 def test_the_page_is_handed_each_image_as_a_file_written_once(checker, lesion):
@@ -225,7 +246,7 @@ def test_pair_with_a_bad_or_missing_upload_is_one_line(checker, tmp_path, lesion
 def test_nothing_is_written_into_the_project(trained_project, tmp_path, lesion):
     project = trained_project[0]
     before = files_of(project)
-    checker = app.LesionChecker(project / "outputs" / "best.pth", device="cpu")
+    checker = app.LesionChecker([project / "outputs" / "best.pth"], device="cpu")
     checker.check_one(str(lesion))
     checker.check_pair(str(lesion), str(lesion))
     checker.check_one(write_upload(tmp_path, "notes.jpg", b"text"))
@@ -236,12 +257,17 @@ def test_every_flag_has_help(parse_help, capsys):
     with pytest.raises(SystemExit):
         app.parse_args(["--help"])
     entries = parse_help(capsys.readouterr().out)
-    assert set(entries) == {"--help", "--project", "--checkpoint", "--data", "--gallery", "--device", "--host", "--port"}
+    assert set(entries) == {"--help", "--project", "--checkpoint", "--checkpoints", "--data", "--gallery", "--device",
+                            "--host", "--port"}
     assert all(entries.values()), entries
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "app.py: error: pass --project P or --checkpoint PATH"),
+    ([], "app.py: error: pass --project P, --checkpoint PATH or --checkpoints PATH PATH ..."),
+    (["--checkpoints", "a.pth"], "app.py: error: --checkpoints: give two or more models; --checkpoint serves one"),
+    (["--checkpoints", "a.pth", "b.pth", "--checkpoint", "c.pth"], "app.py: error: --checkpoints: serves these "
+                                                                   "models; drop --checkpoint and --project"),
+    (["--checkpoints", "a.pth", "b.pth"], "app.py: error: a.pth: no such checkpoint; train one"),
     (["--project", "nowhere"], "app.py: error: nowhere/outputs/best.pth: no such checkpoint; train one"),
     (["--checkpoint", "c.pth", "--port", "0"], "app.py: error: --port 0: must be 1-65535"),
 ])

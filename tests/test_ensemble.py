@@ -16,14 +16,6 @@ from metrics import auc_or_nan, bootstrap_auc, choose_threshold, paired_auc_diff
 from predict import load_predictor, predict_files
 
 
-@pytest.fixture(scope="module")
-def second_project(tiny_data_dir, tmp_path_factory):
-    """A second model of trained_project's data and validation images: another seed, 1 epoch."""
-    project = tmp_path_factory.mktemp("second") / "exp"
-    run_script("train.py", "--project", project, "--data", tiny_data_dir, *tiny(1), "--seed", "1")
-    return project
-
-
 def test_an_ensemble_averages_its_models_probabilities_and_sets_its_threshold_on_their_mean(
         trained_project, second_project, tiny_data_dir, capsys):
     checkpoints = [trained_project[0] / "outputs" / "best.pth", second_project / "outputs" / "best.pth"]
