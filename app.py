@@ -128,8 +128,8 @@ class LesionChecker:
             return (f"Ensemble of {len(self.members)} models ({', '.join(f'`{c}`' for c in self.checkpoints)}): "
                     f"P(malignant) is the mean of their P(malignant), each calibrated on a validation split where "
                     f"{prevalence:.0%} are melanomas, threshold **{self.threshold:.4f}**, chosen by "
-                    f"{threshold_rule(self.gallery)}, applied to their mean. The heat map, the nearest images and the pair "
-                    f"tab are the first model's ({self.config.loss}, {self.config.image_size} px, {gallery}). "
+                    f"{threshold_rule(self.gallery)}, applied to their mean. The heat map, the nearest images and "
+                    f"the pair tab are the first model's ({self.config.loss}, {self.config.image_size} px, {gallery}). "
                     f"{NOT_A_DIAGNOSIS}")
         return (f"Model `{self.checkpoint}` ({self.config.loss}, {self.config.image_size} px), {gallery}, score "
                 f"{threshold}. P(malignant) is calibrated on {source} where {prevalence:.0%} are melanomas: refit it "

@@ -200,24 +200,26 @@ def ensemble_lines(args):
     groups = [args.seeds[i:i + k] for i in range(0, len(args.seeds), k)]
     made = project_ensembles(args.project, args.pairs, groups)
     twins = project_ensembles(args.against, args.pairs, groups) if args.against else None
-    others = [f"{baseline or 'the baseline'}'s ensemble"] + ([f"the same ensemble in {args.against}"] if args.against
-                                                              else [])
+    others = [f"{baseline or 'the baseline'}'s ensemble"] + [f"the same ensemble in {args.against}"] * bool(args.against)
     lines = ["", f"Ensembles of {k} runs: the mean of the members' calibrated P(malignant), each by its own score "
                  f"(paired differences: 95 % interval over 1,000 resamples of the images; pooled: the mean over the "
                  f"members, or over the ensembles):", "",
              f"| loss | recipe | seeds | ensemble AUC (95% CI) | ECE calibrated | members' AUC | ensemble minus each "
              f"member | ensemble minus the members' mean | {' | '.join(f'ensemble minus {o}' for o in others)} |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * len(others)]
+    base = tuple(baseline.split(":", 1)) if baseline else None
     for (loss, recipe), ensembles in made.items():
-        base = tuple(baseline.split(":", 1)) if baseline else None
-        versus = [made.get(base) if base != (loss, recipe) else None] + ([twins.get((loss, recipe))] if twins is not None
-                                                                         else [])
+        versus = [made.get(base) if base != (loss, recipe) else None]  # the columns' ensembles, None for a blank
+        if twins is not None:
+            versus.append(twins.get((loss, recipe)))
         for i, (group, (images, labels, members, ensemble)) in enumerate(zip(groups, ensembles)):
             if any(other and other[i][0] != images for other in versus):
-                sys.exit(f"compare.py: error: the ensemble of {loss}-{recipe} seeds {' '.join(map(str, group))} and one it "
-                         f"is paired with were scored on different images; compare runs evaluated on the same --data")
+                sys.exit(f"compare.py: error: the ensemble of {loss}-{recipe} seeds {' '.join(map(str, group))} and "
+                         f"one it is paired with were scored on different images; compare runs evaluated on the same "
+                         f"--data")
             stats = ensemble_statistics(labels, members, ensemble)
-            against = [signed(*paired_auc_difference(labels, ensemble, other[i][3])) if other else "" for other in versus]
+            against = [signed(*paired_auc_difference(labels, ensemble, other[i][3])) if other else ""
+                       for other in versus]
             lines.append(f"| {loss} | {recipe} | {' '.join(map(str, group))} | {stats['auc']:.3f} "
                          f"({stats['interval'][0]:.3f}-{stats['interval'][1]:.3f}) | {stats['ece']:.3f} | "
                          f"{', '.join(f'{auc:.3f}' for auc in stats['member_aucs'])} | "

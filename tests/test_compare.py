@@ -162,8 +162,8 @@ def test_an_ensemble_averages_its_members_probabilities_and_is_paired_with_each(
     write_scores_csv(tmp_path / "other" / "bce-study-seed0", images[::-1], labels, members[0])
     write_scores_csv(tmp_path / "other" / "bce-study-seed1", images, labels, members[1])
     args.project, args.seeds, args.pairs = str(tmp_path / "other"), [0, 1], [("bce", "study")]
-    with pytest.raises(SystemExit, match=r"compare.py: error: .*bce-study-seed1/results/scores.csv: scores other images "
-                                         r"than .*bce-study-seed0/results/scores.csv"):
+    with pytest.raises(SystemExit, match=r"compare.py: error: .*bce-study-seed1/results/scores.csv: scores other "
+                                         r"images than .*bce-study-seed0/results/scores.csv"):
         compare.ensemble_lines(args)
 
 
