@@ -166,13 +166,13 @@ def parse_args(argv=None):
 def run(args):
     if bool(args.checkpoints) == bool(args.scores):
         raise ValueError("give --checkpoints (with --image) or --scores, one of the two")
+    if args.scores and args.image:
+        raise ValueError("--image: scored by --checkpoints, not --scores; give the models' checkpoints")
     flag, paths = ("--checkpoints", args.checkpoints) if args.checkpoints else ("--scores", args.scores)
     if len(paths) < 2:
-        raise ValueError(f"{flag}: give two or more models; predict.py scores with one")
+        raise ValueError(f"{flag}: give two or more models; predict.py takes one")
     if args.scores:
-        if args.image:
-            raise ValueError("--image: scored by --checkpoints, not --scores; give the models' checkpoints")
-        paths = score_files(paths)
+        paths = score_files(paths)  # so that a results folder and its scores.csv are one model
     if len({Path(path).resolve() for path in paths}) != len(paths):
         raise ValueError(f"{flag}: a model given twice would count twice; give each once")
     if args.scores:
