@@ -83,7 +83,7 @@ bench-isic2017-ensemble: install
 		--weights imagenet --image-size 128 --batch-size 32 --cache cache --workers 1 --benign-limit 0 \
 		--seeds 0 1 2 --runs bce:long ce:long --ensemble 3
 
-# HAM10000 added to training under --recipe long (20-35 minutes a run), each run and each ensemble
+# HAM10000 added to training under --recipe long (30-42 minutes a run), each run and each ensemble
 # paired with its twin in runs/isic2017-ensemble
 bench-isic2017-extra-long: bench-isic2017-ensemble
 	$(PY) compare.py --project runs/isic2017-ensemble-extra --data data/isic2017 --backbone efficientnet_lite0 \
