@@ -37,7 +37,7 @@ from ensemble import ensemble_of, ensemble_statistics
 from files import folder_problem, write_text_atomic
 from losses import LOSSES
 from metrics import paired_auc_difference, signed
-from predict import read_scores
+from scores_csv import read_scores
 from train import make_config, parse_args as train_args
 
 
@@ -120,7 +120,7 @@ def rows_of(metrics, history):
 
 
 def read_run_scores(folder, probabilities=False):
-    """predict.read_scores of one run's results/scores.csv; one that cannot be read stops compare.py."""
+    """scores_csv.read_scores of one run's results/scores.csv; one that cannot be read stops compare.py."""
     try:
         return read_scores(folder / "results" / "scores.csv", probabilities)
     except ValueError as error:

@@ -28,7 +28,8 @@ from cli import one_line_errors
 from config import make_parser
 from gallery import validation_scores
 from metrics import auc_or_nan, bootstrap_auc, choose_threshold, paired_auc_difference, signed
-from predict import add_image_flag, check_inputs, load_predictor, predict_files, read_scores
+from predict import add_image_flag, check_inputs, load_predictor, predict_files
+from scores_csv import read_scores
 
 
 def validated_on(config, gallery):

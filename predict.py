@@ -25,7 +25,6 @@ The gallery is a seeded, class-balanced sample of the training split (--gallery-
 class; 0 = every training image). --tta averages each image's features over its four flips.
 """
 import contextlib
-import csv
 import json
 import shutil
 import time
@@ -43,7 +42,7 @@ from cli import one_line_errors
 from config import COMMAND_FLAGS, at_least, check_flags, make_parser
 from dataset import denormalize, eval_transform, has_split, is_labelled_folder, load_split, load_train_split, write_excluded
 from devices import describe_device, pick_device, to_device
-from files import folder_problem, overlaps, write_atomic, write_text_atomic
+from files import folder_problem, overlaps, write_text_atomic
 from gallery import (Scoring, build_gallery, check_finite, clinic_gallery, feature_width, prediction_gallery,
                      stored_gallery, validation_scores, writes_gallery)
 from images import DataError, attach_cache, check_image, read_rgb
@@ -51,6 +50,7 @@ from metrics import auc_or_nan, choose_threshold, image_metrics, retrieval_metri
 from modules import last_stage
 from plots import (plot_confusion, plot_curves, plot_embeddings, plot_pair_overview, plot_prediction, plot_reliability,
                    save_pair_figures)
+from scores_csv import write_scores
 from scoring import Embedding, cosine_similarity, embedder, flip_views, resolve_score, retrieval_similarities, score_images
 
 # ---------------------------------------------------------------------------------------------
@@ -76,33 +76,6 @@ def probability_metrics(labels, scores, probabilities):
     as probabilities (raw_...)."""
     return {**calibration_metrics(labels, probabilities),
             **{f"raw_{key}": value for key, value in calibration_metrics(labels, scores).items()}}
-
-
-def write_scores(split, scores, probabilities, path):
-    """scores.csv: every evaluated image with its label, its raw score by each score method, then
-    the calibrated P(malignant) by each (columns <method>_probability)."""
-    columns = {**scores, **{f"{name}_probability": values for name, values in probabilities.items()}}
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["image", "label", *columns])
-            for i, image in enumerate(split.paths):
-                writer.writerow([str(image), int(split.labels[i]), *(f"{s[i]:.6f}" for s in columns.values())])
-    write_atomic(path, write)
-
-
-def read_scores(path, probabilities=False):
-    """(images, labels, {score: per-image values}) of a scores.csv (write_scores): the raw scores, or
-    with probabilities=True each score's calibrated P(malignant) (which ranks as its score does)."""
-    try:
-        with open(path, newline="") as file:
-            header, *rows = list(csv.reader(file))
-        return ([row[0] for row in rows], np.array([int(row[1]) for row in rows]),
-                {name.removesuffix("_probability"): np.array([float(row[i]) for row in rows])
-                 for i, name in enumerate(header[2:], 2) if name.endswith("_probability") == probabilities})
-    except (OSError, ValueError, IndexError) as error:
-        raise ValueError(f"{path}: unreadable ({error})") from None
 
 
 def load_evaluation_splits(data, config, workers, cache=None, from_gallery=False):

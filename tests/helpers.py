@@ -7,6 +7,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--weights", "none", "--image-size", "32", "--epochs", "2", "--batch-size", "8", "--val-batch-size", "8",
@@ -95,7 +98,6 @@ def torch_load(path):
 
 def jpeg_bytes(mode="RGB", size=(40, 36), seed=0, fmt="JPEG"):
     """The bytes of a small random image file (JPEG unless FMT says otherwise)."""
-    import numpy as np
     from PIL import Image
 
     rgb = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
@@ -113,9 +115,11 @@ def tiny_config(loss, **settings):
 
 
 def write_scores_csv(folder, images, labels, probabilities, power=1):
-    """FOLDER/results/scores.csv as predict.py writes it: the raw score (ranked as its P(malignant)
-    but on another scale, probability ** power), then its P(malignant)."""
+    """FOLDER/results/scores.csv as predict.py writes it (scores_csv.write_scores): the raw score
+    (ranked as its P(malignant) but on another scale, probability ** power), then its P(malignant)."""
+    from scores_csv import write_scores
+
     (folder / "results").mkdir(parents=True)
-    rows = [f"{image},{label},{p ** power:.6f},{p:.6f}" for image, label, p in zip(images, labels, probabilities)]
-    (folder / "results" / "scores.csv").write_text("\n".join(["image,label,gallery,gallery_probability", *rows])
-                                                   + "\n")
+    probabilities = np.asarray(probabilities)
+    write_scores(SimpleNamespace(paths=images, labels=np.asarray(labels)), {"gallery": probabilities ** power},
+                 {"gallery": probabilities}, folder / "results" / "scores.csv")
