@@ -146,8 +146,9 @@ class LesionChecker:
                 prediction, = predict_files(self.model, self.config, self.gallery, [path], self.device,
                                             self.checkpoint)
                 headline, nearest = probability_text(prediction, self.gallery), nearest_text(prediction)
-                if self.members:
-                    models = member_probabilities(self.members, self.checkpoints, [path])[:, 0]
+                if self.members:  # the first model's P(malignant) is the explained prediction's
+                    models = np.array([prediction.probability, *member_probabilities(
+                        self.members[1:], self.checkpoints[1:], [path])[:, 0]])
                     headline = ensemble_text(models.mean(), self.threshold, models,
                                              self.gallery["calibration"]["prevalence"])
                     nearest += " (the first model's gallery)"
